@@ -1,0 +1,88 @@
+"""``align-harness``: the command line.
+
+    align-harness sweep [hydra overrides...]      train, score, write records and the leaderboard
+    align-harness leaderboard results/<sweep>     rebuild the leaderboard from records alone
+
+Bad input ends with one line ``align-harness: error: ...`` and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+
+USAGE = __doc__
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore")
+    for name in ("transformers", "datasets", "lm-eval", "lm_eval", "accelerate", "trl", "httpx", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _fail(message: str) -> None:
+    print(f"align-harness: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def sweep_main(argv: list[str]) -> None:
+    import hydra
+    from omegaconf import DictConfig
+
+    from harness.errors import HarnessError
+    from harness.registry import CONF_DIR
+
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="sweep")
+    def sweep(cfg: DictConfig) -> None:
+        from harness.sweep import run_sweep
+
+        _quiet_libraries()
+        logging.getLogger("harness").setLevel(logging.INFO)
+        try:
+            leaderboard = run_sweep(cfg)
+        except HarnessError as error:
+            _fail(str(error))
+        print(f"leaderboard: {leaderboard}", flush=True)
+
+    sys.argv = ["align-harness sweep", *argv]
+    sweep()
+
+
+def leaderboard_main(argv: list[str]) -> None:
+    from harness.errors import HarnessError
+    from harness.leaderboard import build_leaderboard
+
+    parser = argparse.ArgumentParser(prog="align-harness leaderboard",
+                                     description="Rebuild leaderboard.md/.csv/.png from a folder of records.")
+    parser.add_argument("folder", help="a results folder holding records.jsonl, e.g. results/smollm2-135m-smoke")
+    arguments = parser.parse_args(argv)
+    try:
+        outputs = build_leaderboard(arguments.folder)
+    except HarnessError as error:
+        _fail(str(error))
+    print(outputs["markdown"].read_text())
+    for kind, path in outputs.items():
+        print(f"{kind}: {path}")
+
+
+COMMANDS = {"sweep": sweep_main, "leaderboard": leaderboard_main}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return
+    command = COMMANDS.get(argv[0])
+    if command is None:
+        _fail(f"unknown command {argv[0]!r}; available: {', '.join(COMMANDS)}")
+    command(argv[1:])
+
+
+if __name__ == "__main__":
+    main()

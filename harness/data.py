@@ -1,0 +1,221 @@
+"""Preference data: load, normalize to one schema, split, and derive the views methods train on.
+
+Normalized schema (one row per human preference pair)::
+
+    {"prompt": [{"role": "user"|"assistant"|"system", "content": str}, ...],  # ends with a user turn
+     "chosen": str, "rejected": str,                                            # the two last assistant turns
+     "source_row": int}                                                          # 1-based line in the source
+
+Views (``view_rows``):
+
+* ``pairs``    — the rows as they are (DPO and its variants, CPO, ORPO, SimPO, IPO, ...);
+* ``unpaired`` — each pair becomes two examples ``{"prompt", "completion", "label"}``: chosen
+  desirable, rejected undesirable (KTO-like methods). One pair = two examples, so matched budgets
+  count an unpaired example as half a pair;
+* ``sft``      — ``{"prompt", "completion"}`` from the chosen side (the SFT stage).
+
+Data sets are declared in ``conf/data/<name>.yaml``. They load from their hub id by default and
+from a local mirror folder when ``data_mirror`` (or ``ALIGN_HARNESS_DATA``) is set.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import re
+from pathlib import Path
+from typing import Iterable
+
+from harness.errors import HarnessError
+
+VIEWS = ("pairs", "unpaired", "sft")
+_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def parse_hh_dialogue(text: str) -> list[dict]:
+    """Split an Anthropic-HH transcript (``\\n\\nHuman: ... \\n\\nAssistant: ...``) into chat messages."""
+    pieces = _TURN.split(text)
+    if len(pieces) < 3 or pieces[0].strip():
+        raise ValueError("does not start with '\\n\\nHuman: '")
+    messages = []
+    for speaker, content in zip(pieces[1::2], pieces[2::2]):
+        messages.append({"role": "user" if speaker == "Human" else "assistant", "content": content.strip()})
+    return messages
+
+
+def normalize_hh_row(row: dict, *, where: str) -> dict | None:
+    """One HH pair → normalized row. Raises HarnessError naming ``where`` and the field when malformed.
+
+    Returns None for a pair whose two dialogues differ before the last assistant turn (5 of the
+    2,312 harmless-base test pairs): such a row is not a preference between two completions of
+    one prompt, so it is dropped and counted, not trained on.
+    """
+    sides = {}
+    for field in ("chosen", "rejected"):
+        value = row.get(field)
+        if not isinstance(value, str) or not value.strip():
+            raise HarnessError(f"{where}: field {field!r} is missing or not a non-empty string; fix or remove the row")
+        try:
+            messages = parse_hh_dialogue(value)
+        except ValueError as error:
+            raise HarnessError(f"{where}: field {field!r} {error}; fix or remove the row") from None
+        if messages[-1]["role"] != "assistant" or len(messages) < 2:
+            raise HarnessError(f"{where}: field {field!r} does not end with an Assistant turn; fix or remove the row")
+        sides[field] = messages
+    if sides["chosen"][:-1] != sides["rejected"][:-1]:
+        return None
+    return {
+        "prompt": sides["chosen"][:-1],
+        "chosen": sides["chosen"][-1]["content"],
+        "rejected": sides["rejected"][-1]["content"],
+    }
+
+
+def normalize_pair_row(row: dict, *, where: str) -> dict | None:
+    """A row already in the normalized layout (``prompt`` as str or messages, ``chosen``, ``rejected``)."""
+    prompt = row.get("prompt")
+    if isinstance(prompt, str) and prompt.strip():
+        prompt = [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, list) or not prompt or not all(
+        isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in ("user", "assistant", "system")
+        for m in prompt
+    ):
+        raise HarnessError(f"{where}: field 'prompt' must be a string or a list of {{role, content}} messages")
+    out = {"prompt": prompt}
+    for field in ("chosen", "rejected"):
+        value = row.get(field)
+        if isinstance(value, list) and value and isinstance(value[-1], dict):
+            value = value[-1].get("content")
+        if not isinstance(value, str) or not value.strip():
+            raise HarnessError(f"{where}: field {field!r} is missing or not a non-empty string; fix or remove the row")
+        out[field] = value
+    return out
+
+
+FORMATS = {"hh": normalize_hh_row, "pairs": normalize_pair_row}
+
+
+def read_json_lines(path: Path) -> Iterable[tuple[int, dict]]:
+    """Yield (line number, object) from a .jsonl or .jsonl.gz file; a bad line names file and line."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        handle = opener(path, "rt", encoding="utf-8")
+    except FileNotFoundError:
+        raise HarnessError(f"data file {path} does not exist; set data_mirror=<folder> (or ALIGN_HARNESS_DATA)") from None
+    with handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise HarnessError(f"{path}:{number}: not valid JSON ({error.msg}); fix or remove the line") from None
+            if not isinstance(value, dict):
+                raise HarnessError(f"{path}:{number}: expected a JSON object per line")
+            yield number, value
+
+
+def load_preference_rows(data_cfg, data_mirror: str | Path | None) -> tuple[list[dict], dict]:
+    """Load and normalize every pair of a data set. Returns (rows, provenance)."""
+    normalize = FORMATS.get(data_cfg.format)
+    if normalize is None:
+        raise HarnessError(f"data.format={data_cfg.format!r} is unknown; available: {', '.join(FORMATS)}")
+    rows, dropped = [], 0
+    if data_mirror:
+        path = Path(data_mirror).expanduser() / data_cfg.mirror_file
+        source = str(path)
+        raw = read_json_lines(path)
+    else:
+        source = f"hub:{data_cfg.hub_id}"
+        raw = _hub_rows(data_cfg)
+    for number, raw_row in raw:
+        row = normalize(raw_row, where=f"{source}:{number}")
+        if row is None:
+            dropped += 1
+            continue
+        row["source_row"] = number
+        rows.append(row)
+    return rows, {"source": source, "rows": len(rows), "dropped_mismatched_prompts": dropped}
+
+
+def _hub_rows(data_cfg) -> Iterable[tuple[int, dict]]:
+    from datasets import load_dataset
+
+    try:
+        dataset = load_dataset(data_cfg.hub_id, split=data_cfg.hub_split, **(data_cfg.get("hub_kwargs") or {}))
+    except Exception as error:
+        raise HarnessError(
+            f"data set {data_cfg.hub_id} could not be loaded ({type(error).__name__}); offline, set "
+            f"data_mirror=<folder holding {data_cfg.mirror_file}> or ALIGN_HARNESS_DATA"
+        ) from None
+    for number, row in enumerate(dataset, start=1):
+        yield number, dict(row)
+
+
+def split_rows(rows: list[dict], *, heldout: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """Shuffle with ``seed`` and cut a fixed-size held-out set off the front; the rest is train."""
+    if heldout >= len(rows):
+        raise HarnessError(f"data.heldout_pairs={heldout} leaves no training pairs (the data set has {len(rows)})")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    shuffled = [rows[i] for i in order]
+    return shuffled[heldout:], shuffled[:heldout]
+
+
+def view_rows(rows: list[dict], view: str) -> list[dict]:
+    """Derive the rows of a view (see module docstring) from normalized pairs."""
+    if view == "pairs":
+        return [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
+    if view == "unpaired":
+        out = []
+        for r in rows:
+            out.append({"prompt": r["prompt"], "completion": r["chosen"], "label": True})
+            out.append({"prompt": r["prompt"], "completion": r["rejected"], "label": False})
+        return out
+    if view == "sft":
+        return [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
+    raise HarnessError(f"unknown data view {view!r}; available: {', '.join(VIEWS)}")
+
+
+def truncate_rows(rows: list[dict], tokenizer, *, max_prompt_tokens: int, max_completion_tokens: int) -> list[dict]:
+    """Cut prompts and completions to the budget's token lengths, the same way for every method.
+
+    Prompts lose their oldest turns first, then the oldest tokens of the first remaining turn;
+    completions keep their first ``max_completion_tokens`` tokens. Lengths are counted on the
+    raw text (the chat template adds a fixed few tokens per turn, allowed for in ``max_length``).
+    """
+
+    def head(text: str, n: int) -> str:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return text if len(ids) <= n else tokenizer.decode(ids[:n])
+
+    def tail(text: str, n: int) -> str:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return text if len(ids) <= n else tokenizer.decode(ids[-n:])
+
+    def cut_prompt(messages: list[dict]) -> list[dict]:
+        lengths = [len(tokenizer(m["content"], add_special_tokens=False)["input_ids"]) for m in messages]
+        start = 0
+        while sum(lengths[start:]) > max_prompt_tokens and start < len(messages) - 1:
+            start += 1
+        kept = [dict(m) for m in messages[start:]]
+        while kept and kept[0]["role"] == "assistant":  # a prompt starts with a user turn
+            kept.pop(0)
+        if not kept:
+            kept = [dict(messages[-1])]
+        overflow = sum(len(tokenizer(m["content"], add_special_tokens=False)["input_ids"]) for m in kept)
+        if overflow > max_prompt_tokens:
+            others = overflow - len(tokenizer(kept[0]["content"], add_special_tokens=False)["input_ids"])
+            kept[0]["content"] = tail(kept[0]["content"], max(1, max_prompt_tokens - others))
+        return kept
+
+    out = []
+    for row in rows:
+        new = dict(row)
+        new["prompt"] = cut_prompt(row["prompt"])
+        for field in ("chosen", "rejected", "completion"):
+            if field in row:
+                new[field] = head(row[field], max_completion_tokens)
+        out.append(new)
+    return out

@@ -1,0 +1,101 @@
+"""The two contracts of the harness: a training ``Method`` and a scoring ``Task``.
+
+A method lives in ``methods/<name>.py`` with its config in ``conf/method/<name>.yaml``;
+a task in ``tasks/<name>.py`` with ``conf/task/<name>.yaml``. The YAML's ``_target_``
+names the class; the harness instantiates it with the YAML's remaining keys.
+Nothing inherits behaviour: shared work lives in plain functions
+(``harness.training``, ``harness.evaluation``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+
+@dataclass
+class TrainingJob:
+    """Everything a method needs to train one run."""
+
+    start_checkpoint: Path          # local HF model directory (policy init and reference)
+    output_dir: Path                # write the trained model here (save_pretrained layout)
+    data: dict                      # {"train": [...], "heldout": [...]}: rows of the method's view, truncated to the budget
+    budget: Any                     # harness.budget.Budget
+    seed: int
+    scratch_dir: Path               # for trainer state; deleted after the run
+    reference_cache_dir: Path | None = None  # shared reference log-prob cache (content-addressed)
+
+
+@dataclass
+class TrainingOutcome:
+    """What a method reports back; the harness adds wall time and peak memory itself."""
+
+    optimizer_steps: int
+    examples: int                   # training examples consumed, in the method's own unit
+    pairs: float                    # the same, counted in preference pairs (an unpaired example = 1/2 pair)
+    policy_tokens: int              # tokens that went through forward+backward
+    reference_tokens: int           # tokens scored forward-only by a frozen model
+    curves: list[dict] = field(default_factory=list)  # per-logging-step metrics (loss, margins, ...)
+    extra: dict = field(default_factory=dict)
+
+
+@runtime_checkable
+class Method(Protocol):
+    """A training technique.
+
+    ``data_view`` chooses the view of the preference data the method trains on:
+    ``pairs`` (prompt, chosen, rejected), ``unpaired`` (prompt, completion, label) or
+    ``sft`` (prompt, completion from the chosen side).
+    """
+
+    name: str
+    data_view: str
+    reference_based: bool
+
+    def hyperparameters(self) -> dict: ...
+
+    def train(self, job: TrainingJob) -> TrainingOutcome: ...
+
+
+@dataclass
+class Checkpoint:
+    """A model ready to be scored."""
+
+    path: Path                      # local HF model directory
+    setting: str                    # pretrained | sft | instruct
+    use_chat_template: bool         # instruct and sft checkpoints are prompted through their template
+    chat_template_sha: str | None = None  # hash of the template text used, for the record
+
+
+@dataclass
+class Metric:
+    value: float
+    stderr: float | None
+    higher_is_better: bool
+
+
+@dataclass
+class TaskResult:
+    metrics: dict[str, Metric]
+    samples: list[dict]             # one dict per scored item (inputs, outputs, per-item scores)
+    details: dict = field(default_factory=dict)  # e.g. the exact prompt format / lm-eval config used
+
+
+@runtime_checkable
+class Task(Protocol):
+    """A scoring task. ``version`` changes whenever its numbers could change."""
+
+    name: str
+    version: str
+
+    def evaluate(self, checkpoint: Checkpoint, context: "TaskContext") -> TaskResult: ...
+
+
+@dataclass
+class TaskContext:
+    data_mirror: Path | None        # local mirror folder, or None to read from the hub
+    cache_dir: Path                 # scratch space for converted data files
+    device: str
+    batch_size: int
+    show_progress: bool = True

@@ -1,0 +1,132 @@
+"""Records: one self-describing JSON object per (run, task) in ``results/<sweep>/records.jsonl``.
+
+A record is the unit of exchange: the leaderboard is rebuilt from records alone, and records
+from several machines can be concatenated. Writing is atomic (the whole file is rewritten to a
+temporary name and renamed, under a lock), so a killed sweep never leaves a half-written line.
+
+Fields: ``run_id`` (hash of the resolved run config), ``task_key`` (task name + config hash),
+``sweep``, ``family``, ``setting``, ``method``, ``task``, ``task_version``, ``metrics``
+(``{name: {value, stderr, higher_is_better}}``), ``budget`` (configured), ``consumed``
+(steps, examples, pairs, policy/reference tokens, FLOPs, wall seconds, peak memory),
+``seed``, ``versions``, ``chat_template``, ``started_at``, ``finished_at``, ``status``
+(``ok`` | ``failed`` | ``skipped``), ``reason``, ``samples_file``, ``run_config``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import subprocess
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+from harness.errors import HarnessError
+from harness.paths import atomic_write_text
+
+RECORDS_FILE = "records.jsonl"
+STATUSES = ("ok", "failed", "skipped")
+REQUIRED_FIELDS = ("run_id", "task_key", "sweep", "family", "setting", "method", "task", "status")
+
+
+def config_hash(value) -> str:
+    """A short stable hash of a JSON-able value (keys sorted)."""
+    text = json.dumps(value, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def versions() -> dict:
+    """Versions of everything that can move a number."""
+    import importlib.metadata as metadata
+
+    out = {"harness_git_sha": _git_sha()}
+    for package in ("alignment-harness", "torch", "transformers", "trl", "lm-eval", "datasets", "peft", "accelerate"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            out[package] = None
+    return out
+
+
+def _git_sha() -> str | None:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).parent,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (sha + ("-dirty" if dirty else "")) or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+@contextmanager
+def _locked(folder: Path):
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".records.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def read_records(folder: Path) -> list[dict]:
+    """All records of a results folder (or of a records file), in write order."""
+    folder = Path(folder)
+    path = folder if folder.is_file() else folder / RECORDS_FILE
+    if not path.exists():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise HarnessError(f"{path}:{number}: not a JSON record ({error.msg}); remove the line") from None
+        missing = [field for field in REQUIRED_FIELDS if field not in record]
+        if missing:
+            raise HarnessError(f"{path}:{number}: record lacks field {missing[0]!r}; remove the line")
+        records.append(record)
+    return records
+
+
+def latest_records(records: list[dict]) -> list[dict]:
+    """The newest record per (run_id, task_key): a re-run after a failure replaces the failure."""
+    latest: dict[tuple, dict] = {}
+    for record in records:
+        latest[(record["run_id"], record["task_key"])] = record
+    return list(latest.values())
+
+
+def append_record(folder: Path, record: dict) -> None:
+    """Add one record atomically; a record for the same (run, task) replaces the older one."""
+    if record.get("status") not in STATUSES:
+        raise ValueError(f"record status must be one of {STATUSES}")
+    line = json.dumps(record, sort_keys=True, default=str)
+    with _locked(folder):
+        kept = [r for r in read_records(folder) if (r["run_id"], r["task_key"]) != (record["run_id"], record["task_key"])]
+        text = "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in kept) + line + "\n"
+        atomic_write_text(folder / RECORDS_FILE, text)
+
+
+def finished_keys(folder: Path) -> set[tuple[str, str]]:
+    """(run_id, task_key) pairs that need no more work: those with an ``ok`` record.
+
+    ``failed`` and ``skipped`` ones are tried again on the next run (a skip is cheap to re-check,
+    and the reason may be gone: the hub reachable, the checkpoint key set).
+    """
+    return {(r["run_id"], r["task_key"]) for r in read_records(folder) if r["status"] == "ok"}
+
+
+def write_samples(folder: Path, run_id: str, task_key: str, samples: list[dict]) -> str:
+    """Per-sample outputs beside the records; returns the path relative to ``folder``."""
+    relative = Path("samples") / run_id / f"{task_key}.jsonl"
+    text = "".join(json.dumps(sample, default=str, ensure_ascii=False) + "\n" for sample in samples)
+    atomic_write_text(folder / relative, text)
+    return str(relative)

@@ -1,0 +1,297 @@
+"""The sweep: train every (setting, method) under one budget, score every checkpoint, write records.
+
+Reads as a checklist (``run_sweep``):
+
+1. validate names, budget and data before any work (bad input stops here, nothing written);
+2. for each starting setting, resolve its checkpoint (a hub id offline → ``skipped`` records;
+   a derived setting runs its stage, cached);
+3. score the untouched starting checkpoint (the reference row, method ``start``);
+4. for each method: train (cached by run id) and score on every task; a failure is recorded and
+   the sweep goes on;
+5. rebuild the leaderboard from the records.
+
+Re-running the same command skips every (run, task) that already has an ``ok`` record.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from harness import registry
+from harness.budget import Budget, ResourceMeter, training_flops
+from harness.data import load_preference_rows, split_rows, truncate_rows, view_rows
+from harness.errors import HarnessError, SkipRun
+from harness.models import resolve_checkpoint
+from harness.paths import atomic_write_text
+from harness.protocols import Checkpoint, TaskContext, TrainingJob
+from harness.records import append_record, config_hash, finished_keys, now, versions, write_samples
+
+log = logging.getLogger("harness")
+SETTINGS = ("pretrained", "sft", "instruct")
+START = "start"  # the method name of a setting's untouched starting checkpoint
+
+
+@dataclass
+class StartPoint:
+    """A setting's starting checkpoint, or why there is none."""
+
+    setting: str
+    identity: dict                       # what the run id hashes: spec, and the stage for derived ones
+    path: Path | None = None
+    skip_reason: str | None = None
+    consumed: dict = field(default_factory=dict)  # a derived stage's own cost
+
+
+class Sweep:
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.results = Path(cfg.paths.results) / cfg.name
+        self.cache = Path(cfg.paths.cache).expanduser()
+        self.mirror = Path(cfg.data_mirror).expanduser() if cfg.data_mirror else None
+        self.method_names = [cfg.method] if cfg.get("method") else list(cfg.methods)
+        self.task_names = [cfg.task] if cfg.get("task") else list(cfg.tasks)
+        self.settings = list(cfg.settings)
+        self._versions = versions()
+        self._starts: dict[str, StartPoint] = {}
+
+    # 1. validation ------------------------------------------------------------------------
+    def validate(self) -> None:
+        cfg = self.cfg
+        for setting in self.settings:
+            if setting not in SETTINGS:
+                raise HarnessError(f"settings: unknown setting {setting!r}; available: {', '.join(SETTINGS)}")
+            if not cfg.model.checkpoints.get(setting):
+                raise HarnessError(f"model {cfg.model.family} names no checkpoint for setting {setting!r}; "
+                                   f"set model.checkpoints.{setting}=<hub id or local path>")
+        if not self.method_names and not cfg.include_start:
+            raise HarnessError("nothing to do: methods is empty and include_start=false")
+        self.methods = {name: registry.instantiate("method", name, cfg.method_params.get(name), params_key="method_params")
+                        for name in self.method_names}
+        self.tasks = {name: registry.instantiate("task", name, cfg.task_params.get(name), params_key="task_params")
+                      for name in self.task_names}
+        self.task_configs = {name: OmegaConf.to_container(registry.group_config("task", name, cfg.task_params.get(name)))
+                             for name in self.task_names}
+        self.budget = Budget.from_config(cfg.budget)
+        self.stage_budget = Budget.from_config(cfg.stage_budget)
+        rows, self.data_provenance = load_preference_rows(cfg.data, self.mirror)
+        self.train_rows, self.heldout_rows = split_rows(rows, heldout=cfg.data.heldout_pairs, seed=cfg.data.split_seed)
+        self.budget.check_fits(len(self.train_rows), cfg.data.name)
+        self.stage_budget.check_fits(len(self.train_rows), cfg.data.name)
+        self.data_identity = {k: v for k, v in OmegaConf.to_container(cfg.data).items()}
+
+    # 2. starting checkpoints --------------------------------------------------------------
+    def start_point(self, setting: str, chain: tuple = ()) -> StartPoint:
+        if setting in self._starts:
+            return self._starts[setting]
+        if setting in chain:
+            raise HarnessError(f"model.checkpoints.{setting}: derived settings form a cycle {' -> '.join(chain + (setting,))}")
+        spec = self.cfg.model.checkpoints.get(setting)
+        if not spec:
+            raise HarnessError(f"model {self.cfg.model.family} names no checkpoint for setting {setting!r}; "
+                               f"set model.checkpoints.{setting}=<hub id or local path>")
+        if spec.startswith("derived:"):
+            point = self._derived_start(setting, spec, chain)
+        else:
+            try:
+                path = resolve_checkpoint(spec, cache_dir=self.cache, config_key=f"model.checkpoints.{setting}")
+                point = StartPoint(setting, {"spec": spec}, path=path)
+            except SkipRun as skip:
+                point = StartPoint(setting, {"spec": spec}, skip_reason=str(skip))
+        self._starts[setting] = point
+        return point
+
+    def _derived_start(self, setting: str, spec: str, chain: tuple) -> StartPoint:
+        try:
+            _, stage, base_setting = spec.split(":")
+        except ValueError:
+            raise HarnessError(f"model.checkpoints.{setting}={spec}: write derived:<stage method>:<base setting>") from None
+        base = self.start_point(base_setting, chain + (setting,))
+        method = registry.instantiate("method", stage, None, params_key="method_params")
+        identity = {"derived": stage, "from": base.identity, "budget": self.stage_budget.as_dict(),
+                    "method": method.hyperparameters(), "data": self.data_identity}
+        if base.path is None:
+            return StartPoint(setting, identity, skip_reason=f"its base setting {base_setting!r} is skipped: {base.skip_reason}")
+        stage_id = config_hash(identity)
+        log.info("setting %s: deriving from %s by %s (stage %s)", setting, base_setting, stage, stage_id)
+        path, consumed = self.train(method, base.path, self.stage_budget, stage_id)
+        return StartPoint(setting, identity, path=path, consumed=consumed)
+
+    # 4. training ------------------------------------------------------------------------
+    def train(self, method, start: Path, budget: Budget, run_id: str) -> tuple[Path, dict]:
+        """Train (or reuse) the checkpoint of ``run_id``; returns (folder, consumed budget)."""
+        from transformers import AutoTokenizer
+
+        target = self.cache / "checkpoints" / run_id
+        marker = target / "harness_run.json"
+        if marker.exists():
+            log.info("  checkpoint %s cached", run_id)
+            return target, json.loads(marker.read_text())["consumed"]
+        tokenizer = AutoTokenizer.from_pretrained(start)
+
+        def prepare(rows):
+            cut = truncate_rows(rows, tokenizer, max_prompt_tokens=budget.max_prompt_tokens,
+                                max_completion_tokens=budget.max_completion_tokens)
+            return view_rows(cut, method.data_view)
+
+        staging = target.with_name(f".{run_id}.{os.getpid()}.tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        job = TrainingJob(start_checkpoint=start, output_dir=staging,
+                          data={"train": prepare(self.train_rows[: budget.pairs]),
+                                "heldout": prepare(self.heldout_rows)},
+                          budget=budget, seed=budget.seed, scratch_dir=self.cache / "scratch" / run_id,
+                          reference_cache_dir=self.cache / "reference_logprobs")
+        with ResourceMeter() as meter:
+            outcome = method.train(job)
+        parameters = _parameter_count(staging)
+        consumed = {
+            "optimizer_steps": outcome.optimizer_steps,
+            "examples": outcome.examples,
+            "pairs": outcome.pairs,
+            "policy_tokens": outcome.policy_tokens,
+            "reference_tokens": outcome.reference_tokens,
+            "parameters": parameters,
+            "flops": training_flops(parameters, outcome.policy_tokens, outcome.reference_tokens),
+            "wall_seconds": round(meter.wall_seconds, 2),
+            "peak_memory_mib": round(meter.peak_memory_mib, 1),
+            **outcome.extra,
+        }
+        atomic_write_text(staging / "curves.jsonl", "".join(json.dumps(c) + "\n" for c in outcome.curves))
+        atomic_write_text(staging / "harness_run.json", json.dumps({"run_id": run_id, "consumed": consumed}, indent=2))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+        return target, consumed
+
+    # 3./4. scoring -----------------------------------------------------------------------
+    def score(self, unit: dict, checkpoint: Checkpoint | None, consumed: dict, done: set) -> None:
+        for task_name, task in self.tasks.items():
+            task_key = f"{task_name}-{config_hash(self.task_configs[task_name])}"
+            if (unit["run_id"], task_key) in done:
+                log.info("  %s: done before, skipped", task_name)
+                continue
+            record = {**unit, "task": task_name, "task_key": task_key, "task_version": str(task.version),
+                      "task_config": self.task_configs[task_name], "consumed": consumed, "metrics": {},
+                      "started_at": now(), "status": "ok", "reason": None}
+            if checkpoint is None:
+                record.update(status=unit["status"], reason=unit["reason"])
+            else:
+                record["chat_template"] = {"used": checkpoint.use_chat_template, "sha": checkpoint.chat_template_sha}
+                try:
+                    context = TaskContext(data_mirror=self.mirror, cache_dir=self.cache / "tasks",
+                                          device=self.device, batch_size=self.cfg.eval_batch_size)
+                    log.info("  %s: scoring", task_name)
+                    result = task.evaluate(checkpoint, context)
+                    record["metrics"] = {name: {"value": m.value, "stderr": m.stderr, "higher_is_better": m.higher_is_better}
+                                         for name, m in result.metrics.items()}
+                    record["task_details"] = result.details
+                    record["samples_file"] = write_samples(self.results, unit["run_id"], task_key, result.samples)
+                except HarnessError:
+                    raise
+                except Exception as error:  # a broken task run is recorded; the sweep goes on
+                    record.update(status="failed", reason=_failure(error, self.results, unit["run_id"]))
+            record["finished_at"] = now()
+            append_record(self.results, record)
+            log.info("  %s: %s %s", task_name, record["status"],
+                     " ".join(f"{k}={v['value']:.4f}±{(v['stderr'] or 0):.4f}" for k, v in record["metrics"].items()))
+
+    # the whole sweep -------------------------------------------------------------------
+    def run(self) -> Path:
+        import torch
+
+        self.validate()
+        self.device = "cuda" if self.cfg.device == "auto" and torch.cuda.is_available() else (
+            "cpu" if self.cfg.device == "auto" else self.cfg.device)
+        self.results.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.results / "sweep_config.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
+        done = finished_keys(self.results)
+        units = [(s, m) for s in self.settings for m in ([START] if self.cfg.include_start else []) + self.method_names]
+        log.info("sweep %s: %d runs × %d tasks → %s", self.cfg.name, len(units), len(self.tasks), self.results)
+        for index, (setting, method_name) in enumerate(units, start=1):
+            log.info("[%d/%d] %s · %s", index, len(units), setting, method_name)
+            start = self.start_point(setting)
+            unit = self._unit(setting, method_name, start)
+            if all((unit["run_id"], f"{t}-{config_hash(self.task_configs[t])}") in done for t in self.tasks):
+                log.info("  done before, skipped")
+                continue
+            if start.path is None:
+                self.score({**unit, "status": "skipped", "reason": start.skip_reason}, None, {}, done)
+                continue
+            if method_name == START:
+                self.score(unit, self._checkpoint(start.path, setting), start.consumed, done)
+                continue
+            try:
+                path, consumed = self.train(self.methods[method_name], start.path, self.budget, unit["run_id"])
+            except HarnessError:
+                raise
+            except Exception as error:
+                reason = _failure(error, self.results, unit["run_id"])
+                log.error("  training failed: %s", reason)
+                self.score({**unit, "status": "failed", "reason": reason}, None, {}, done)
+                continue
+            self.score(unit, self._checkpoint(path, setting), consumed, done)
+        from harness.leaderboard import build_leaderboard
+
+        outputs = build_leaderboard(self.results)
+        return outputs["markdown"]
+
+    def _unit(self, setting: str, method_name: str, start: StartPoint) -> dict:
+        """The part of a record that identifies the run; ``run_id`` hashes ``run_config``."""
+        cfg = self.cfg
+        if method_name == START:
+            run_config = {"family": cfg.model.family, "setting": setting, "start": start.identity, "method": START}
+            budget = None
+        else:
+            method = self.methods[method_name]
+            run_config = {"family": cfg.model.family, "setting": setting, "start": start.identity,
+                          "method": method_name, "method_class": type(method).__module__ + "." + type(method).__qualname__,
+                          "hyperparameters": method.hyperparameters(), "budget": self.budget.as_dict(),
+                          "data": self.data_identity, "seed": self.budget.seed}
+            budget = self.budget.as_dict()
+        return {"run_id": config_hash(run_config), "run_config": run_config, "sweep": cfg.name,
+                "family": cfg.model.family, "setting": setting, "method": method_name, "budget": budget,
+                "seed": self.budget.seed, "versions": self._versions, "data": self.data_provenance,
+                "chat_template": None}
+
+    def _checkpoint(self, path: Path, setting: str) -> Checkpoint:
+        from transformers import AutoTokenizer
+
+        template = getattr(AutoTokenizer.from_pretrained(path), "chat_template", None)
+        use = setting != "pretrained" and bool(template)
+        return Checkpoint(path=path, setting=setting, use_chat_template=use,
+                          chat_template_sha=config_hash(template) if use else None)
+
+
+def _parameter_count(folder: Path) -> int:
+    """Parameters of the saved policy (tied embeddings counted once)."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in folder.glob("*.safetensors"):
+        with safe_open(file, "pt") as handle:
+            for name in handle.keys():
+                shape = handle.get_slice(name).get_shape()
+                count = 1
+                for size in shape:
+                    count *= size
+                total += count
+    return total
+
+
+def _failure(error: Exception, results: Path, run_id: str) -> str:
+    """One line for the record; the whole traceback into ``logs/<run_id>.log``."""
+    atomic_write_text(results / "logs" / f"{run_id}.log", "".join(traceback.format_exception(error)))
+    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {message} (traceback: logs/{run_id}.log)"
+
+
+def run_sweep(cfg: DictConfig) -> Path:
+    return Sweep(cfg).run()

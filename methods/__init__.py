@@ -1,0 +1,1 @@
+"""Method adapters: one file per method, each paired with ``conf/method/<name>.yaml``."""

@@ -1,0 +1,58 @@
+"""KTO — Kahneman-Tversky Optimization (Ethayarajh et al. 2024, arXiv:2402.01306), via TRL's KTOTrainer.
+
+Trains on unpaired desirable / undesirable examples. From preference pairs each pair yields one
+desirable (chosen) and one undesirable (rejected) example, so a KTO batch holds twice as many
+examples as a DPO batch over the same pairs and both take the same optimizer steps.
+
+Loss (eq. 8): L = E[ λ_y − v(x, y) ] with
+  v = λ_D·σ(β(r(x,y) − z0)) for desirable y,  λ_U·σ(β(z0 − r(x,y))) for undesirable y,
+  r = log πθ(y|x)/π_ref(y|x), z0 = a batch estimate of KL(πθ‖π_ref) from mismatched pairs.
+The paper recommends λ_D·n_D / (λ_U·n_U) ∈ [1, 4/3]; with balanced data from pairs λ_D = λ_U = 1.
+"""
+
+from __future__ import annotations
+
+from harness.protocols import TrainingJob, TrainingOutcome
+from harness.training import count_tokens, epochs_fraction, finish, peft_config, to_conversational, trl_arguments
+
+
+class KTO:
+    data_view = "unpaired"
+    reference_based = True
+
+    def __init__(self, name: str = "kto", beta: float = 0.1, learning_rate: float = 5e-7,
+                 desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
+        self.name = name
+        self.beta = beta
+        self.learning_rate = learning_rate
+        self.desirable_weight = desirable_weight
+        self.undesirable_weight = undesirable_weight
+
+    def hyperparameters(self) -> dict:
+        return {"beta": self.beta, "learning_rate": self.learning_rate,
+                "desirable_weight": self.desirable_weight, "undesirable_weight": self.undesirable_weight}
+
+    def train(self, job: TrainingJob) -> TrainingOutcome:
+        from datasets import Dataset
+        from transformers import AutoTokenizer
+        from trl import KTOConfig, KTOTrainer
+
+        arguments = trl_arguments(job, examples_per_pair=2, learning_rate=self.learning_rate)
+        config = KTOConfig(**arguments, beta=self.beta, desirable_weight=self.desirable_weight,
+                           undesirable_weight=self.undesirable_weight)
+        train = Dataset.from_list(to_conversational(job.data["train"]))
+        trainer = KTOTrainer(
+            model=str(job.start_checkpoint),
+            args=config,
+            train_dataset=train,
+            processing_class=AutoTokenizer.from_pretrained(job.start_checkpoint),
+            peft_config=peft_config(job),
+        )
+        trainer.train()
+        passes = epochs_fraction(trainer, len(train), 2 * job.budget.batch_pairs)
+        trained = count_tokens(trainer.train_dataset, ["completion_ids"], config.max_length)
+        kl_columns = ["KL_completion_ids"] if "KL_completion_ids" in trainer.train_dataset.column_names else []
+        kl = count_tokens(trainer.train_dataset, kl_columns, config.max_length) if kl_columns else 0
+        # The policy's KL-estimate pass runs without gradients: forward-only, like the reference's two passes.
+        return finish(trainer, job, examples=round(passes * len(train)), pairs=passes * len(train) / 2,
+                      policy_tokens=round(passes * trained), reference_tokens=round(passes * (trained + 2 * kl)))

@@ -1,0 +1,43 @@
+"""SFT — supervised fine-tuning on the chosen responses, via TRL's SFTTrainer.
+
+Loss: L = −E[ log πθ(y_w|x) ], completion tokens only. Also the harness's stage for *derived*
+starting settings (e.g. ``sft`` = SFT on another setting's checkpoint).
+"""
+
+from __future__ import annotations
+
+from harness.protocols import TrainingJob, TrainingOutcome
+from harness.training import count_tokens, epochs_fraction, finish, peft_config, to_conversational, trl_arguments
+
+
+class SFT:
+    data_view = "sft"
+    reference_based = False
+
+    def __init__(self, name: str = "sft", learning_rate: float = 2e-5):
+        self.name = name
+        self.learning_rate = learning_rate
+
+    def hyperparameters(self) -> dict:
+        return {"learning_rate": self.learning_rate}
+
+    def train(self, job: TrainingJob) -> TrainingOutcome:
+        from datasets import Dataset
+        from transformers import AutoTokenizer
+        from trl import SFTConfig, SFTTrainer
+
+        arguments = trl_arguments(job, examples_per_pair=1, learning_rate=self.learning_rate)
+        config = SFTConfig(**arguments, completion_only_loss=True)
+        train = Dataset.from_list(to_conversational(job.data["train"]))
+        trainer = SFTTrainer(
+            model=str(job.start_checkpoint),
+            args=config,
+            train_dataset=train,
+            processing_class=AutoTokenizer.from_pretrained(job.start_checkpoint),
+            peft_config=peft_config(job),
+        )
+        trainer.train()
+        passes = epochs_fraction(trainer, len(train), job.budget.batch_pairs)
+        lengths = sum(min(len(ids), config.max_length) for ids in trainer.train_dataset["input_ids"])
+        return finish(trainer, job, examples=round(passes * len(train)), pairs=passes * len(train),
+                      policy_tokens=round(passes * lengths), reference_tokens=0)
