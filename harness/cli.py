@@ -49,8 +49,25 @@ def sweep_main(argv: list[str]) -> None:
             _fail(str(error))
         print(f"leaderboard: {leaderboard}", flush=True)
 
+    try:
+        check_group_choices(argv)
+    except HarnessError as error:
+        _fail(str(error))
     sys.argv = ["align-harness sweep", *argv]
     sweep()
+
+
+def check_group_choices(argv: list[str]) -> None:
+    """Name the available options of an unknown config-group choice in one line (before Hydra does, at length)."""
+    from harness.errors import HarnessError
+    from harness.registry import available
+
+    for argument in argv:
+        key, _, value = argument.lstrip("+~").partition("=")
+        group = key.split("@")[0]
+        if group in ("model", "budget", "data") and value and "," not in value:
+            if value not in available(group):
+                raise HarnessError(f"unknown {group} {value!r} in {argument!r}; available: {', '.join(available(group))}")
 
 
 def leaderboard_main(argv: list[str]) -> None:

@@ -43,3 +43,16 @@ def run_cli(*arguments: str, cache: Path, timeout: float = 900, **popen) -> subp
 def cli_env(cache: Path) -> dict:
     return {**os.environ, "ALIGN_HARNESS_CACHE": str(cache), "ALIGN_HARNESS_DATA": str(DATA_MIRROR),
             "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run tests marked slow (the real embedded model)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --slow (CI does)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

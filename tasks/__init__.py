@@ -1,0 +1,1 @@
+"""Scoring tasks: one file per task, each paired with ``conf/task/<name>.yaml``."""

@@ -1,0 +1,196 @@
+"""The real ``align-harness`` entry point end to end on ``tiny-random`` (fast) and on the embedded
+model (slow): training, scoring, records, resume, bad input, and adding a method in two files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, cli_env, run_cli
+from harness.records import read_records
+
+TINY = ["model=tiny-random", "budget=micro", "budget@stage_budget=micro", "+task_params.truthfulqa_mc.limit=2", "eval_batch_size=4"]
+
+
+def sweep_args(results: Path, *overrides: str) -> list[str]:
+    return ["sweep", *TINY, f"paths.results={results}", "name=t", *overrides]
+
+
+def ok_keys(folder: Path) -> list[tuple[str, str]]:
+    return [(r["run_id"], r["task_key"]) for r in read_records(folder) if r["status"] == "ok"]
+
+
+def test_tiny_sweep_end_to_end_with_a_derived_setting(tmp_path, cache_dir):
+    result = run_cli(*sweep_args(tmp_path, "settings=[instruct,sft]", "methods=[dpo,kto]",
+                                 "model.checkpoints.sft=derived:sft:instruct"), cache=cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = tmp_path / "t"
+    assert f"leaderboard: {folder / 'leaderboard.md'}" in result.stdout
+    records = read_records(folder)
+    assert {(r["setting"], r["method"]) for r in records} == {
+        (s, m) for s in ("instruct", "sft") for m in ("start", "dpo", "kto")}
+    assert all(r["status"] == "ok" for r in records), [r["reason"] for r in records]
+    for r in records:
+        assert set(r["metrics"]) == {"mc1", "mc2"}
+        assert 0 <= r["metrics"]["mc1"]["value"] <= 1 and r["metrics"]["mc1"]["stderr"] is not None
+        assert r["versions"]["trl"] and r["versions"]["torch"] and r["chat_template"]["used"] is True
+        assert (folder / r["samples_file"]).exists()
+        assert r["started_at"] <= r["finished_at"]
+    dpo = next(r for r in records if r["method"] == "dpo" and r["setting"] == "instruct")
+    kto = next(r for r in records if r["method"] == "kto" and r["setting"] == "instruct")
+    # matched budget: same optimizer steps over the same pairs; KTO sees each pair as two examples
+    assert dpo["consumed"]["optimizer_steps"] == kto["consumed"]["optimizer_steps"] == 1
+    assert dpo["consumed"]["pairs"] == kto["consumed"]["pairs"] == 4
+    assert kto["consumed"]["examples"] == 2 * dpo["consumed"]["examples"]
+    assert dpo["consumed"]["flops"] > 0 and dpo["consumed"]["peak_memory_mib"] > 0
+    sft_start = next(r for r in records if r["method"] == "start" and r["setting"] == "sft")
+    assert sft_start["run_config"]["start"]["derived"] == "sft"
+    assert sft_start["consumed"]["optimizer_steps"] == 1  # the derived stage's own cost is on its row
+    table = (folder / "leaderboard.md").read_text()
+    assert table.count("| tiny-random |") == 6 and "truthfulqa_mc/mc1" in table
+    assert (folder / "leaderboard.csv").exists() and (folder / "leaderboard.png").exists()
+
+    again = run_cli(*sweep_args(tmp_path, "settings=[instruct,sft]", "methods=[dpo,kto]",
+                                "model.checkpoints.sft=derived:sft:instruct"), cache=cache_dir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "done before, skipped" in again.stdout + again.stderr
+    assert len(read_records(folder)) == len(records)
+
+
+def test_resume_after_a_killed_sweep_loses_and_duplicates_nothing(tmp_path, cache_dir):
+    arguments = sweep_args(tmp_path, "settings=[instruct,pretrained]", "methods=[dpo,kto]")
+    folder = tmp_path / "t"
+    process = subprocess.Popen([sys.executable, "-m", "harness.cli", *arguments], cwd=REPO, env=cli_env(cache_dir),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and len(read_records(folder)) < 2 and process.poll() is None:
+        time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    before = {(r["run_id"], r["task_key"]): r["finished_at"] for r in read_records(folder)}
+    assert 2 <= len(before) < 6, "the kill must land mid-sweep"
+
+    result = run_cli(*arguments, cache=cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_records(folder)
+    keys = [(r["run_id"], r["task_key"]) for r in records]
+    assert len(keys) == len(set(keys)) == 6  # 2 settings × (start, dpo, kto) × 1 task
+    assert all(r["status"] == "ok" for r in records)
+    for key, finished in before.items():  # finished work was not redone
+        assert next(r for r in records if (r["run_id"], r["task_key"]) == key)["finished_at"] == finished
+
+
+def test_hub_checkpoint_offline_is_a_skipped_record_naming_the_key(tmp_path, cache_dir):
+    result = run_cli(*sweep_args(tmp_path, "settings=[pretrained]", "methods=[dpo]",
+                                 "model.checkpoints.pretrained=HuggingFaceTB/SmolLM2-135M"), cache=cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_records(tmp_path / "t")
+    assert {r["status"] for r in records} == {"skipped"} and len(records) == 2
+    assert all("set model.checkpoints.pretrained=" in r["reason"] for r in records)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("methods=[dpo,nope]", "unknown method 'nope'; available: "),
+    ("tasks=[nope]", "unknown task 'nope'; available: "),
+    ("budget.pairs=100000", "budget.pairs=100000 but hh-harmless has only 2051 training pairs"),
+    ("model.checkpoints.instruct=/does/not/exist", "model.checkpoints.instruct=/does/not/exist: no model folder"),
+    ("settings=[chat]", "unknown setting 'chat'"),
+])
+def test_bad_input_is_one_line_nonzero_and_writes_no_record(tmp_path, cache_dir, override, message):
+    result = run_cli(*sweep_args(tmp_path, override), cache=cache_dir)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("align-harness: error: ") and message in last, result.stderr[-2000:]
+    assert not (tmp_path / "t" / "records.jsonl").exists()
+
+
+@pytest.mark.parametrize("override, group", [("model=nope", "model"), ("budget=nope", "budget"),
+                                             ("budget@stage_budget=nope", "budget"), ("data=nope", "data")])
+def test_unknown_family_budget_or_data_lists_the_available_ones(tmp_path, cache_dir, override, group):
+    result = run_cli("sweep", f"paths.results={tmp_path}", override, cache=cache_dir)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith(f"align-harness: error: unknown {group} 'nope'")
+    assert "available: " in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path, cache_dir):
+    result = run_cli(*sweep_args(tmp_path, "settings=[instruct]", "methods=[dpo,kto]",
+                                 "+method_params.dpo.loss_type=no_such_loss"), cache=cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    by_method = {r["method"]: r for r in read_records(tmp_path / "t")}
+    assert by_method["dpo"]["status"] == "failed" and "logs/" in by_method["dpo"]["reason"]
+    assert by_method["kto"]["status"] == "ok" and by_method["start"]["status"] == "ok"
+    assert "failed" in (tmp_path / "t" / "leaderboard.md").read_text()
+
+
+THROWAWAY_METHOD = '''
+"""A throwaway method for the registry test: one SGD step of SFT loss, by hand."""
+from harness.protocols import TrainingJob, TrainingOutcome
+
+
+class Throwaway:
+    data_view = "sft"
+    reference_based = False
+
+    def __init__(self, name="zz_throwaway", learning_rate=1e-3):
+        self.name, self.learning_rate = name, learning_rate
+
+    def hyperparameters(self):
+        return {"learning_rate": self.learning_rate}
+
+    def train(self, job: TrainingJob) -> TrainingOutcome:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(job.start_checkpoint)
+        model = AutoModelForCausalLM.from_pretrained(job.start_checkpoint)
+        text = job.data["train"][0]["completion"]
+        batch = tokenizer(text, return_tensors="pt")
+        loss = model(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        torch.optim.SGD(model.parameters(), lr=self.learning_rate).step()
+        model.save_pretrained(job.output_dir)
+        tokenizer.save_pretrained(job.output_dir)
+        tokens = batch["input_ids"].numel()
+        return TrainingOutcome(optimizer_steps=1, examples=1, pairs=1, policy_tokens=tokens, reference_tokens=0,
+                               curves=[{"step": 1, "loss": loss.item()}])
+'''
+
+
+def test_adding_a_method_touches_only_its_two_files(tmp_path, cache_dir):
+    code, config = REPO / "methods" / "zz_throwaway.py", REPO / "conf" / "method" / "zz_throwaway.yaml"
+    try:
+        code.write_text(textwrap.dedent(THROWAWAY_METHOD))
+        config.write_text("_target_: methods.zz_throwaway.Throwaway\nname: zz_throwaway\nlearning_rate: 0.001\n")
+        result = run_cli(*sweep_args(tmp_path, "settings=[instruct]", "methods=[zz_throwaway]", "include_start=false"),
+                         cache=cache_dir)
+    finally:
+        code.unlink(missing_ok=True)
+        config.unlink(missing_ok=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [record] = read_records(tmp_path / "t")
+    assert record["method"] == "zz_throwaway" and record["status"] == "ok"
+    assert record["consumed"]["optimizer_steps"] == 1 and record["consumed"]["policy_tokens"] > 0
+
+
+@pytest.mark.slow
+def test_embedded_model_micro_sweep(tmp_path, cache_dir):
+    """The shipped default family (SmolLM2-135M-Instruct from PyPI) through the real CLI, shrunk."""
+    result = run_cli("sweep", "budget=micro", "budget@stage_budget=micro", "+task_params.truthfulqa_mc.limit=2",
+                     f"paths.results={tmp_path}", "name=e", cache=cache_dir, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_records(tmp_path / "e")
+    assert {(r["setting"], r["method"]) for r in records} == {
+        (s, m) for s in ("instruct", "sft") for m in ("start", "dpo", "kto")}
+    assert all(r["status"] == "ok" for r in records), [r["reason"] for r in records]
+    start = next(r for r in records if r["setting"] == "instruct" and r["method"] == "start")
+    assert start["run_config"]["start"]["spec"] == "embedded:smollm2-135m-instruct"
+    dpo = next(r for r in records if r["setting"] == "instruct" and r["method"] == "dpo")
+    assert dpo["consumed"]["parameters"] > 100_000_000
