@@ -93,7 +93,23 @@ def normalize_pair_row(row: dict, *, where: str) -> dict | None:
     return out
 
 
-FORMATS = {"hh": normalize_hh_row, "pairs": normalize_pair_row}
+FORMATS = {"hh": normalize_hh_row, "pairs": normalize_pair_row, "toy": normalize_pair_row}
+
+TOY_SUBJECTS = ["the sea", "a lemon", "the sky", "snow", "grass", "coal", "a cherry", "milk", "an orange", "ink",
+                "a banana", "the sun", "a plum", "chalk", "moss", "soot"]
+
+
+def toy_preference_rows(size: int) -> Iterable[tuple[int, dict]]:
+    """A learnable synthetic preference set (like lm-eval's DummyLM: the pipeline without real data).
+
+    Every prompt asks for a polite answer; the chosen completion is always "Certainly, happy to help."
+    and the rejected one "No." — a tiny model learns the preference within a few steps, so tests can
+    assert that loss falls and held-out preference accuracy rises.
+    """
+    for index in range(size):
+        subject = TOY_SUBJECTS[index % len(TOY_SUBJECTS)]
+        yield index + 1, {"prompt": f"Request {index}: please describe {subject}.",
+                          "chosen": "Certainly, happy to help.", "rejected": "No."}
 
 
 def read_json_lines(path: Path) -> Iterable[tuple[int, dict]]:
@@ -122,7 +138,10 @@ def load_preference_rows(data_cfg, data_mirror: str | Path | None) -> tuple[list
     if normalize is None:
         raise HarnessError(f"data.format={data_cfg.format!r} is unknown; available: {', '.join(FORMATS)}")
     rows, dropped = [], 0
-    if data_mirror:
+    if data_cfg.format == "toy":
+        source = "toy"
+        raw = toy_preference_rows(int(data_cfg.size))
+    elif data_mirror:
         path = Path(data_mirror).expanduser() / data_cfg.mirror_file
         source = str(path)
         raw = read_json_lines(path)

@@ -66,6 +66,7 @@ class Checkpoint:
     setting: str                    # pretrained | sft | instruct
     use_chat_template: bool         # instruct and sft checkpoints are prompted through their template
     chat_template_sha: str | None = None  # hash of the template text used, for the record
+    reference_path: Path | None = None    # the run's starting checkpoint (None for the starting checkpoint itself)
 
 
 @dataclass
@@ -99,3 +100,4 @@ class TaskContext:
     device: str
     batch_size: int
     show_progress: bool = True
+    heldout_pairs: list[dict] | None = None  # the sweep's held-out preference pairs, truncated like training data

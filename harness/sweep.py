@@ -30,6 +30,7 @@ from harness import registry
 from harness.budget import Budget, ResourceMeter, training_flops
 from harness.data import load_preference_rows, split_rows, truncate_rows, view_rows
 from harness.errors import HarnessError, SkipRun
+from harness.matching import matched_training
 from harness.models import resolve_checkpoint
 from harness.paths import atomic_write_text
 from harness.protocols import Checkpoint, TaskContext, TrainingJob
@@ -62,6 +63,7 @@ class Sweep:
         self.settings = list(cfg.settings)
         self._versions = versions()
         self._starts: dict[str, StartPoint] = {}
+        self._heldout: dict[str, list[dict]] = {}
 
     # 1. validation ------------------------------------------------------------------------
     def validate(self) -> None:
@@ -144,9 +146,11 @@ class Sweep:
 
         staging = target.with_name(f".{run_id}.{os.getpid()}.tmp")
         shutil.rmtree(staging, ignore_errors=True)
+        pairs = truncate_rows(self.train_rows[: budget.pairs], tokenizer, max_prompt_tokens=budget.max_prompt_tokens,
+                              max_completion_tokens=budget.max_completion_tokens)
+        budget, pairs, matching = matched_training(budget, method, pairs, tokenizer)
         job = TrainingJob(start_checkpoint=start, output_dir=staging,
-                          data={"train": prepare(self.train_rows[: budget.pairs]),
-                                "heldout": prepare(self.heldout_rows)},
+                          data={"train": view_rows(pairs, method.data_view), "heldout": prepare(self.heldout_rows)},
                           budget=budget, seed=budget.seed, scratch_dir=self.cache / "scratch" / run_id,
                           reference_cache_dir=self.cache / "reference_logprobs")
         with ResourceMeter() as meter:
@@ -162,6 +166,7 @@ class Sweep:
             "flops": training_flops(parameters, outcome.policy_tokens, outcome.reference_tokens),
             "wall_seconds": round(meter.wall_seconds, 2),
             "peak_memory_mib": round(meter.peak_memory_mib, 1),
+            **matching,
             **outcome.extra,
         }
         atomic_write_text(staging / "curves.jsonl", "".join(json.dumps(c) + "\n" for c in outcome.curves))
@@ -187,7 +192,8 @@ class Sweep:
                 record["chat_template"] = {"used": checkpoint.use_chat_template, "sha": checkpoint.chat_template_sha}
                 try:
                     context = TaskContext(data_mirror=self.mirror, cache_dir=self.cache / "tasks",
-                                          device=self.device, batch_size=self.cfg.eval_batch_size)
+                                          device=self.device, batch_size=self.cfg.eval_batch_size,
+                                          heldout_pairs=self.heldout_pairs(checkpoint.reference_path or checkpoint.path))
                     log.info("  %s: scoring", task_name)
                     result = task.evaluate(checkpoint, context)
                     record["metrics"] = {name: {"value": m.value, "stderr": m.stderr, "higher_is_better": m.higher_is_better}
@@ -218,7 +224,12 @@ class Sweep:
         for index, (setting, method_name) in enumerate(units, start=1):
             log.info("[%d/%d] %s · %s", index, len(units), setting, method_name)
             start = self.start_point(setting)
-            unit = self._unit(setting, method_name, start)
+            method, tuning = self.methods.get(method_name), None
+            if method_name != START and self.cfg.tune.trials and start.path is not None:
+                method, tuning = self.tune(method_name, start)
+            unit = self._unit(setting, method_name, start, method)
+            if tuning:
+                unit["tuning"] = tuning
             if all((unit["run_id"], f"{t}-{config_hash(self.task_configs[t])}") in done for t in self.tasks):
                 log.info("  done before, skipped")
                 continue
@@ -226,10 +237,10 @@ class Sweep:
                 self.score({**unit, "status": "skipped", "reason": start.skip_reason}, None, {}, done)
                 continue
             if method_name == START:
-                self.score(unit, self._checkpoint(start.path, setting), start.consumed, done)
+                self.score(unit, self._checkpoint(start.path, setting, reference=None), start.consumed, done)
                 continue
             try:
-                path, consumed = self.train(self.methods[method_name], start.path, self.budget, unit["run_id"])
+                path, consumed = self.train(method, start.path, self.budget, unit["run_id"])
             except HarnessError:
                 raise
             except Exception as error:
@@ -237,20 +248,74 @@ class Sweep:
                 log.error("  training failed: %s", reason)
                 self.score({**unit, "status": "failed", "reason": reason}, None, {}, done)
                 continue
-            self.score(unit, self._checkpoint(path, setting), consumed, done)
+            curves = path / "curves.jsonl"
+            if curves.exists():  # training curves travel with the records, for the leaderboard's plots
+                atomic_write_text(self.results / "curves" / f"{unit['run_id']}.jsonl", curves.read_text())
+            self.score(unit, self._checkpoint(path, setting, reference=start.path), consumed, done)
         from harness.leaderboard import build_leaderboard
 
         outputs = build_leaderboard(self.results)
         return outputs["markdown"]
 
-    def _unit(self, setting: str, method_name: str, start: StartPoint) -> dict:
+    def tune(self, name: str, start: StartPoint) -> tuple[object, dict]:
+        """Equal tuning effort: ``tune.trials`` draws from the method's ``tune_grid``, each trained under the
+        sweep's budget and scored by held-out preference accuracy of the method's implicit reward
+        (log-ratio for reference-based methods, mean log-prob for reference-free ones) on the *last*
+        ``tune.heldout_pairs`` held-out pairs — the ``heldout_preference`` task scores the first ones."""
+        import itertools
+        import random
+
+        from harness.logprobs import preference_accuracy
+        from tasks.heldout_preference import cached_pair_logps
+
+        tune = self.cfg.tune
+        grid = registry.group_config("method", name).get("tune_grid")
+        if not grid:
+            raise HarnessError(f"method {name!r} has no tune_grid in conf/method/{name}.yaml; add one or set tune.trials=0")
+        keys = sorted(grid)
+        combinations = [dict(zip(keys, values)) for values in itertools.product(*(list(grid[k]) for k in keys))]
+        if len(combinations) < tune.trials:
+            raise HarnessError(f"method {name!r}: tune_grid has {len(combinations)} combinations but tune.trials="
+                               f"{tune.trials}; every method gets the same number of trials, so lower tune.trials")
+        random.Random(tune.seed).shuffle(combinations)
+        pairs = self.heldout_pairs(start.path)[-tune.heldout_pairs:]
+        reference = cached_pair_logps(start.path, pairs, self.cache / "tasks", batch_size=self.cfg.eval_batch_size,
+                                      device=self.device)
+        trials, best = [], None
+        for index, params in enumerate(combinations[: tune.trials], start=1):
+            overrides = OmegaConf.merge(self.cfg.method_params.get(name) or {}, params)
+            method = registry.instantiate("method", name, overrides, params_key="method_params")
+            kind = "logratio" if method.reference_based else "avg_logp"
+            run_id = self._unit(start.setting, name, start, method)["run_id"]
+            log.info("  tune %s trial %d/%d %s", name, index, tune.trials, params)
+            trial = {"params": params, "run_id": run_id, "selected_by": f"heldout_{kind}_accuracy"}
+            try:
+                path, consumed = self.train(method, start.path, self.budget, run_id)
+                policy = cached_pair_logps(path, pairs, self.cache / "tasks", batch_size=self.cfg.eval_batch_size,
+                                           device=self.device)
+                value, stderr, _ = preference_accuracy(policy, reference)[kind]
+                trial.update(accuracy=value, stderr=stderr, flops=consumed["flops"], status="ok")
+                if best is None or value > best[1]["accuracy"]:
+                    best = (method, trial)
+            except HarnessError:
+                raise
+            except Exception as error:
+                trial.update(status="failed", reason=_failure(error, self.results, run_id))
+            trials.append(trial)
+        if best is None:
+            raise HarnessError(f"method {name!r}: every tuning trial failed (see {self.results / 'logs'})")
+        log.info("  tune %s: chose %s (accuracy %.3f)", name, best[1]["params"], best[1]["accuracy"])
+        return best[0], {"trials": trials, "chosen": best[1]["params"], "heldout_pairs": len(pairs),
+                         "total_flops": sum(t.get("flops", 0) for t in trials)}
+
+    def _unit(self, setting: str, method_name: str, start: StartPoint, method=None) -> dict:
         """The part of a record that identifies the run; ``run_id`` hashes ``run_config``."""
         cfg = self.cfg
         if method_name == START:
             run_config = {"family": cfg.model.family, "setting": setting, "start": start.identity, "method": START}
             budget = None
         else:
-            method = self.methods[method_name]
+            method = method or self.methods[method_name]
             run_config = {"family": cfg.model.family, "setting": setting, "start": start.identity,
                           "method": method_name, "method_class": type(method).__module__ + "." + type(method).__qualname__,
                           "hyperparameters": method.hyperparameters(), "budget": self.budget.as_dict(),
@@ -261,13 +326,24 @@ class Sweep:
                 "seed": self.budget.seed, "versions": self._versions, "data": self.data_provenance,
                 "chat_template": None}
 
-    def _checkpoint(self, path: Path, setting: str) -> Checkpoint:
+    def _checkpoint(self, path: Path, setting: str, reference: Path | None) -> Checkpoint:
         from transformers import AutoTokenizer
 
         template = getattr(AutoTokenizer.from_pretrained(path), "chat_template", None)
         use = setting != "pretrained" and bool(template)
         return Checkpoint(path=path, setting=setting, use_chat_template=use,
-                          chat_template_sha=config_hash(template) if use else None)
+                          chat_template_sha=config_hash(template) if use else None, reference_path=reference)
+
+    def heldout_pairs(self, start: Path) -> list[dict]:
+        """Held-out pairs cut to the budget's lengths by the starting checkpoint's tokenizer (once per tokenizer)."""
+        from transformers import AutoTokenizer
+
+        key = str(start)
+        if key not in self._heldout:
+            self._heldout[key] = truncate_rows(self.heldout_rows, AutoTokenizer.from_pretrained(start),
+                                               max_prompt_tokens=self.budget.max_prompt_tokens,
+                                               max_completion_tokens=self.budget.max_completion_tokens)
+        return self._heldout[key]
 
 
 def _parameter_count(folder: Path) -> int:

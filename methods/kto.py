@@ -19,6 +19,9 @@ from harness.training import count_tokens, epochs_fraction, finish, peft_config,
 class KTO:
     data_view = "unpaired"
     reference_based = True
+    # forward-only tokens per trained token: the reference scores completions and the mismatched KL
+    # completions, and the policy scores the KL completions without gradient (harness.matching)
+    forward_only_ratio = 3.0
 
     def __init__(self, name: str = "kto", beta: float = 0.1, learning_rate: float = 5e-7,
                  desirable_weight: float = 1.0, undesirable_weight: float = 1.0):

@@ -1,0 +1,99 @@
+"""Summed completion log-probabilities of preference pairs, and held-out preference accuracy.
+
+Sequences are rendered the way TRL renders conversational data: the prompt through the chat
+template with the generation prompt, the completion as the assistant turn that follows; only
+completion tokens are scored. Checkpoints without a chat template (pretrained bases) get the
+plain ``\\n\\nHuman: ... \\n\\nAssistant: ...`` format of the HH data.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+PLAIN_ROLES = {"user": "Human", "assistant": "Assistant", "system": "System"}
+
+
+def render(tokenizer, prompt: list[dict], completion: str) -> tuple[list[int], list[int]]:
+    """Token ids of (prompt, completion) as a chat model sees them."""
+    if getattr(tokenizer, "chat_template", None):
+        prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        full_text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": completion}], tokenize=False)
+    else:
+        prompt_text = "".join(f"\n\n{PLAIN_ROLES[m['role']]}: {m['content']}" for m in prompt) + "\n\nAssistant:"
+        full_text = prompt_text + " " + completion + (tokenizer.eos_token or "")
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    full_ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
+    shared = 0
+    while shared < min(len(prompt_ids), len(full_ids)) and prompt_ids[shared] == full_ids[shared]:
+        shared += 1
+    return full_ids[:shared], full_ids[shared:]
+
+
+def completion_logps(model, tokenizer, sequences: list[tuple[list[int], list[int]]], *, batch_size: int = 8,
+                     device: str = "cpu") -> list[tuple[float, int]]:
+    """(summed log-prob, token count) of each completion given its prompt. Batch size does not change results
+    beyond float rounding: every sequence is scored with its own attention mask, right-padded."""
+    import torch
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out: list[tuple[float, int]] = []
+    model.eval()
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start: start + batch_size]
+        width = max(len(p) + len(c) for p, c in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        scored = torch.zeros((len(chunk), width), dtype=torch.bool)
+        for row, (prompt, completion) in enumerate(chunk):
+            ids[row, : len(prompt) + len(completion)] = torch.tensor(prompt + completion)
+            mask[row, : len(prompt) + len(completion)] = 1
+            scored[row, len(prompt): len(prompt) + len(completion)] = True
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
+        logps = (logps * scored[:, 1:].to(device)).sum(dim=1)
+        for row, (_, completion) in enumerate(chunk):
+            out.append((logps[row].item(), len(completion)))
+    return out
+
+
+def pair_logps(path: Path, pairs: list[dict], *, batch_size: int = 8, device: str = "cpu") -> list[dict]:
+    """For each pair: chosen/rejected summed log-probs and lengths under the model at ``path``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    sequences = []
+    for pair in pairs:
+        sequences.append(render(tokenizer, pair["prompt"], pair["chosen"]))
+        sequences.append(render(tokenizer, pair["prompt"], pair["rejected"]))
+    scored = completion_logps(model, tokenizer, sequences, batch_size=batch_size, device=device)
+    return [{"chosen_logp": scored[2 * i][0], "chosen_tokens": scored[2 * i][1],
+             "rejected_logp": scored[2 * i + 1][0], "rejected_tokens": scored[2 * i + 1][1]} for i in range(len(pairs))]
+
+
+def preference_accuracy(policy: list[dict], reference: list[dict] | None) -> dict:
+    """Share of held-out pairs whose implicit reward ranks chosen above rejected (ties count half).
+
+    * ``logratio`` (reference-based methods, DPO eq. 5): r = log π(y|x) − log π_ref(y|x);
+    * ``avg_logp`` (reference-free methods, SimPO eq. 4): r = log π(y|x) / |y|.
+
+    Returns ``{name: (value, standard error, per-pair outcomes)}``.
+    """
+    def score(outcomes: list[float]) -> tuple[float, float, list[float]]:
+        n = len(outcomes)
+        mean = sum(outcomes) / n
+        variance = sum((o - mean) ** 2 for o in outcomes) / (n - 1) if n > 1 else 0.0
+        return mean, math.sqrt(variance / n), outcomes
+
+    def compare(a: float, b: float) -> float:
+        return 1.0 if a > b else 0.5 if a == b else 0.0
+
+    results = {"avg_logp": score([compare(p["chosen_logp"] / max(p["chosen_tokens"], 1),
+                                          p["rejected_logp"] / max(p["rejected_tokens"], 1)) for p in policy])}
+    if reference is not None:
+        results["logratio"] = score([compare(p["chosen_logp"] - r["chosen_logp"], p["rejected_logp"] - r["rejected_logp"])
+                                     for p, r in zip(policy, reference)])
+    return results
