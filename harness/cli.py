@@ -74,17 +74,48 @@ def leaderboard_main(argv: list[str]) -> None:
     from harness.errors import HarnessError
     from harness.leaderboard import build_leaderboard
 
-    parser = argparse.ArgumentParser(prog="align-harness leaderboard",
-                                     description="Rebuild leaderboard.md/.csv/.png from a folder of records.")
+    parser = argparse.ArgumentParser(
+        prog="align-harness leaderboard",
+        description="Rebuild leaderboard .md/.csv/.tex/.html and plots from a folder of records (any machines').")
     parser.add_argument("folder", help="a results folder holding records.jsonl, e.g. results/smollm2-135m-smoke")
+    parser.add_argument("--compare", nargs=2, metavar=("METHOD_A", "METHOD_B"),
+                        help="print paired-bootstrap differences A − B per task instead of rebuilding")
+    parser.add_argument("--experiment", help="show the published numbers of conf/experiment/<name>.yaml beside ours")
     arguments = parser.parse_args(argv)
     try:
+        if arguments.experiment:
+            write_published(arguments.folder, arguments.experiment)
+        if arguments.compare:
+            from harness.leaderboard import Board, compare, compare_text
+
+            rows = compare(Board(arguments.folder), *arguments.compare)
+            print(compare_text(rows, *arguments.compare))
+            return
         outputs = build_leaderboard(arguments.folder)
     except HarnessError as error:
         _fail(str(error))
     print(outputs["markdown"].read_text())
     for kind, path in outputs.items():
         print(f"{kind}: {path}")
+
+
+def write_published(folder: str, experiment: str) -> None:
+    """Copy an experiment config's published reference numbers beside the records."""
+    import json
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from harness.errors import HarnessError
+    from harness.paths import atomic_write_text
+    from harness.registry import available, group_config
+
+    if experiment not in available("experiment"):
+        raise HarnessError(f"unknown experiment {experiment!r}; available: {', '.join(available('experiment'))}")
+    published = OmegaConf.to_container(group_config("experiment", experiment)).get("published") or []
+    if not Path(folder).is_dir():
+        raise HarnessError(f"{folder} is not a folder; pass a results folder, e.g. results/<sweep>")
+    atomic_write_text(Path(folder) / "published.json", json.dumps(published, indent=1))
 
 
 COMMANDS = {"sweep": sweep_main, "leaderboard": leaderboard_main}

@@ -79,7 +79,10 @@ class Metric:
 @dataclass
 class TaskResult:
     metrics: dict[str, Metric]
-    samples: list[dict]             # one dict per scored item (inputs, outputs, per-item scores)
+    # One dict per scored item: inputs, outputs, and — for the leaderboard's paired bootstrap — an
+    # ``item_id`` (stable across checkpoints) and ``scores`` {metric name: this item's contribution},
+    # such that the metric's value is the mean of its per-item scores.
+    samples: list[dict]
     details: dict = field(default_factory=dict)  # e.g. the exact prompt format / lm-eval config used
 
 

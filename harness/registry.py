@@ -42,7 +42,8 @@ def instantiate(group: str, name: str, overrides=None, *, params_key: str):
         raise HarnessError(f"{group} {name!r}: cannot import {target} ({error}); check _target_ in conf/{group}/{name}.yaml") from None
     arguments = OmegaConf.to_container(config, resolve=True)
     arguments.pop("_target_")
-    arguments.pop("tune_grid", None)  # read by the sweep's tune mode, not a constructor argument
+    arguments.pop("tune_grid", None)        # read by the sweep's tune mode, not a constructor argument
+    arguments.pop("primary_metrics", None)  # read by the leaderboard's unified score (from the record)
     try:
         return cls(**arguments)
     except TypeError as error:

@@ -218,6 +218,9 @@ class Sweep:
             "cpu" if self.cfg.device == "auto" else self.cfg.device)
         self.results.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.results / "sweep_config.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
+        if self.cfg.get("published"):  # an experiment's published reference numbers, shown beside ours
+            atomic_write_text(self.results / "published.json",
+                              json.dumps(OmegaConf.to_container(self.cfg.published), indent=1))
         done = finished_keys(self.results)
         units = [(s, m) for s in self.settings for m in ([START] if self.cfg.include_start else []) + self.method_names]
         log.info("sweep %s: %d runs × %d tasks → %s", self.cfg.name, len(units), len(self.tasks), self.results)

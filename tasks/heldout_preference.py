@@ -65,6 +65,8 @@ class HeldoutPreference:
             if reference is not None:
                 sample.update({f"reference_{k}": v for k, v in reference[index].items()})
             sample.update({f"{kind}_correct": outcomes[index] for kind, (_, _, outcomes) in scores.items()})
+            sample["item_id"] = str(pair.get("source_row", index))
+            sample["scores"] = {f"{kind}_accuracy": outcomes[index] for kind, (_, _, outcomes) in scores.items()}
             samples.append(sample)
         return TaskResult(metrics=metrics, samples=samples,
                           details={"pairs": len(pairs), "reference": str(checkpoint.reference_path) if reference else None})

@@ -253,4 +253,7 @@ def sample_record(subtask: str, sample: dict) -> dict:
         "labels": [int(label) for label in targets["labels"]],
         "loglikelihoods": [float(loglikelihood) for loglikelihood, _ in sample["filtered_resps"]],
         "acc": float(sample["acc"]),
+        # the harness-wide per-item convention (paired bootstrap on the leaderboard): item id + metric scores
+        "item_id": str(int(sample["doc_id"])),
+        "scores": {subtask: float(sample["acc"])},
     }

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from harness.errors import HarnessError
-from harness.leaderboard import build_leaderboard, leaderboard_frame
+from harness.leaderboard import Board, build_leaderboard
 from harness.records import append_record, config_hash, finished_keys, latest_records, read_records
 
 
@@ -51,12 +51,11 @@ def test_leaderboard_from_records_alone(tmp_path):
     append_record(tmp_path, record("r1", "start", value=0.5))
     append_record(tmp_path, record("r3", "kto", status="skipped", reason="checkpoint not here; set model.checkpoints.x"))
     outputs = build_leaderboard(tmp_path)
-    frame = leaderboard_frame(read_records(tmp_path))
-    assert list(frame["method"]) == ["start", "dpo", "kto"]  # the starting checkpoint leads its setting
+    assert [key[2] for key in Board(tmp_path).keys] == ["start", "dpo", "kto"]  # the start leads its setting
     markdown = outputs["markdown"].read_text()
     assert "0.7000 ± 0.0100" in markdown and "skipped: checkpoint not here" in markdown
     assert outputs["csv"].read_text().splitlines()[0].startswith("family,setting,method")
-    assert outputs["plot"].stat().st_size > 1000
+    assert outputs["plot tasks"].stat().st_size > 1000
 
 
 def test_leaderboard_on_an_empty_folder_says_what_to_do(tmp_path):

@@ -55,8 +55,9 @@ def test_tiny_sweep_end_to_end_with_a_derived_setting(tmp_path, cache_dir):
     assert sft_start["run_config"]["start"]["derived"] == "sft"
     assert sft_start["consumed"]["optimizer_steps"] == 1  # the derived stage's own cost is on its row
     table = (folder / "leaderboard.md").read_text()
-    assert table.count("| tiny-random |") == 6 and "truthfulqa_mc/mc1" in table
-    assert (folder / "leaderboard.csv").exists() and (folder / "leaderboard.png").exists()
+    assert "## tiny-random · instruct" in table and "## tiny-random · sft" in table and "truthfulqa_mc/mc1" in table
+    assert table.count("| start |") == table.count("| dpo |") == table.count("| kto |") == 3  # 2 settings + matrix
+    assert (folder / "leaderboard.csv").exists() and (folder / "plots" / "tasks.png").exists()
 
     again = run_cli(*sweep_args(tmp_path, "settings=[instruct,sft]", "methods=[dpo,kto]",
                                 "model.checkpoints.sft=derived:sft:instruct"), cache=cache_dir)
