@@ -80,9 +80,10 @@ function cell(row, column) {
   const value = row[column];
   if (value === null || value === undefined) return "—";
   if (typeof value === "number") {
-    const error = row[column + " stderr"];
-    const text = Math.abs(value) >= 1e6 ? value.toExponential(2) : (Number.isInteger(value) ? String(value) : value.toFixed(4));
-    return (error !== undefined && error !== null) ? text + " ± " + error.toFixed(4) : text;
+    const error = row[column + " stderr"], low = row[column + " low"], high = row[column + " high"];
+    if (error !== undefined && error !== null) return value.toFixed(4) + " ± " + error.toFixed(4);
+    if (low !== undefined && low !== null) return (value >= 0 ? "+" : "") + value.toFixed(3) + " [" + low.toFixed(3) + ", " + high.toFixed(3) + "]";
+    return Math.abs(value) >= 1e6 ? value.toExponential(2) : (Number.isInteger(value) ? String(value) : value.toFixed(4));
   }
   return String(value);
 }
