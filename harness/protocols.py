@@ -25,6 +25,7 @@ class TrainingJob:
     seed: int
     scratch_dir: Path               # for trainer state; deleted after the run
     reference_cache_dir: Path | None = None  # shared reference log-prob cache (content-addressed)
+    reward: Any = None              # for methods with ``needs_reward = True``: a harness.rewards reward (see there)
 
 
 @dataclass
@@ -56,6 +57,19 @@ class Method(Protocol):
     def hyperparameters(self) -> dict: ...
 
     def train(self, job: TrainingJob) -> TrainingOutcome: ...
+
+
+@dataclass
+class RewardContext:
+    """What building a reward (``harness.rewards.build_reward``) may use: the sweep's data and budgets."""
+
+    start_checkpoint: Path          # the setting's starting checkpoint (a reward model is initialized from it)
+    train_pairs: list[dict]         # normalized preference pairs (harness.data schema)
+    heldout_pairs: list[dict]
+    budget: Any                     # the stage budget (harness.budget.Budget) for training a reward model
+    cache_dir: Path                 # reward models are cached here by content hash
+    device: str
+    results_dir: Path               # where stage records/curves may be written
 
 
 @dataclass

@@ -33,7 +33,7 @@ from harness.errors import HarnessError, SkipRun
 from harness.matching import matched_training
 from harness.models import resolve_checkpoint
 from harness.paths import atomic_write_text
-from harness.protocols import Checkpoint, TaskContext, TrainingJob
+from harness.protocols import Checkpoint, RewardContext, TaskContext, TrainingJob
 from harness.records import append_record, config_hash, finished_keys, now, versions, write_samples
 
 log = logging.getLogger("harness")
@@ -149,7 +149,14 @@ class Sweep:
         pairs = truncate_rows(self.train_rows[: budget.pairs], tokenizer, max_prompt_tokens=budget.max_prompt_tokens,
                               max_completion_tokens=budget.max_completion_tokens)
         budget, pairs, matching = matched_training(budget, method, pairs, tokenizer)
-        job = TrainingJob(start_checkpoint=start, output_dir=staging,
+        reward = None
+        if getattr(method, "needs_reward", False):  # online / RL methods: a reward model or programmatic reward
+            from harness.rewards import build_reward
+
+            reward = build_reward(self.cfg.reward, RewardContext(
+                start_checkpoint=start, train_pairs=self.train_rows, heldout_pairs=self.heldout_rows,
+                budget=self.stage_budget, cache_dir=self.cache / "rewards", device=self.device, results_dir=self.results))
+        job = TrainingJob(start_checkpoint=start, output_dir=staging, reward=reward,
                           data={"train": view_rows(pairs, method.data_view), "heldout": prepare(self.heldout_rows)},
                           budget=budget, seed=budget.seed, scratch_dir=self.cache / "scratch" / run_id,
                           reference_cache_dir=self.cache / "reference_logprobs")
