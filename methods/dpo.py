@@ -4,9 +4,20 @@ Loss (eq. 7):  L = -E[ log σ( β·log πθ(y_w|x)/π_ref(y_w|x) - β·log πθ(
 
 TRL's ``loss_type`` selects other members of the family with the same trainer (``ipo``,
 ``hinge``, ``robust``, ...); the ``conf/method`` file of each alias sets it.
+
+The reference log-probs are precomputed once per run (``precompute_ref_log_probs=True``) through
+the harness's shared on-disk cache (``harness.trl_extensions``): a later run with the same
+starting checkpoint, pairs and lengths — any reference-based pair method — reads them instead of
+scoring again, and then reports ``reference_tokens = 0`` and ``reference_cache: hit``.
+
+The plain functions below (``pairwise_trainer``, ``pairwise_usage``, ``train_pairwise``) are the
+machinery every pair method with its own loss reuses (``methods/rdpo.py``, ``dpop``,
+``beta_dpo``, ``npo``, ``sdpo``).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from harness.protocols import TrainingJob, TrainingOutcome
 from harness.training import count_tokens, epochs_fraction, finish, peft_config, to_conversational, trl_arguments
@@ -29,22 +40,57 @@ class DPO:
                 "label_smoothing": self.label_smoothing}
 
     def train(self, job: TrainingJob) -> TrainingOutcome:
-        from datasets import Dataset
-        from transformers import AutoTokenizer
-        from trl import DPOConfig, DPOTrainer
+        return train_pairwise(job, beta=self.beta, learning_rate=self.learning_rate,
+                              loss_type=[self.loss_type], label_smoothing=self.label_smoothing)
 
-        arguments = trl_arguments(job, examples_per_pair=1, learning_rate=self.learning_rate)
-        config = DPOConfig(**arguments, beta=self.beta, loss_type=[self.loss_type], label_smoothing=self.label_smoothing)
-        train = Dataset.from_list(to_conversational(job.data["train"]))
-        trainer = DPOTrainer(
-            model=str(job.start_checkpoint),  # TRL builds the frozen reference from the same path
-            args=config,
-            train_dataset=train,
-            processing_class=AutoTokenizer.from_pretrained(job.start_checkpoint),
-            peft_config=peft_config(job),
-        )
-        trainer.train()
-        passes = epochs_fraction(trainer, len(train), job.budget.batch_pairs)
-        tokens = round(passes * count_tokens(trainer.train_dataset, ["chosen_ids", "rejected_ids"], config.max_length))
-        return finish(trainer, job, examples=round(passes * len(train)), pairs=passes * len(train),
-                      policy_tokens=tokens, reference_tokens=tokens)
+
+def pairwise_trainer(job: TrainingJob, rows: list[dict], *, start: Path, beta: float, learning_rate: float,
+                     pairwise_loss=None, **dpo_options):
+    """A DPO trainer on pair ``rows`` starting from (and referenced to) the checkpoint ``start``.
+
+    ``pairwise_loss`` (see ``harness.trl_extensions``) replaces TRL's loss; ``dpo_options`` go to
+    ``DPOConfig`` (``loss_type``, ``label_smoothing``, ...). Reference log-probs are precomputed
+    through ``job.reference_cache_dir``.
+    """
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import DPOConfig
+
+    from harness.trl_extensions import HarnessDPOTrainer
+
+    arguments = trl_arguments(job, examples_per_pair=1, learning_rate=learning_rate)
+    config = DPOConfig(**arguments, beta=beta, precompute_ref_log_probs=True, **dpo_options)
+    return HarnessDPOTrainer(
+        model=str(start),
+        args=config,
+        train_dataset=Dataset.from_list(to_conversational(rows)),
+        processing_class=AutoTokenizer.from_pretrained(start),
+        peft_config=peft_config(job),
+        pairwise_loss=pairwise_loss,
+        reference_cache_dir=job.reference_cache_dir,
+        reference_path=start,
+    )
+
+
+def pairwise_usage(trainer, job: TrainingJob, rows: int) -> dict:
+    """What a trained pair trainer consumed, as ``finish`` keyword arguments.
+
+    Policy tokens count every pass the trainer made; reference tokens are scored once per row
+    (precomputed), and are 0 when the reference log-probs came from the cache.
+    """
+    passes = epochs_fraction(trainer, rows, job.budget.batch_pairs)
+    tokens = count_tokens(trainer.train_dataset, ["chosen_ids", "rejected_ids"], trainer.args.max_length)
+    status = trainer.reference_cache_status.get("train", "off")
+    return dict(examples=round(passes * rows), pairs=passes * rows, policy_tokens=round(passes * tokens),
+                reference_tokens=0 if status == "hit" else tokens,
+                extra={"reference_cache": status, "reference_seconds": round(trainer.reference_seconds, 3)})
+
+
+def train_pairwise(job: TrainingJob, *, beta: float, learning_rate: float, pairwise_loss=None,
+                   **dpo_options) -> TrainingOutcome:
+    """Train on ``job``'s pairs from its starting checkpoint and save the policy (see ``pairwise_trainer``)."""
+    rows = job.data["train"]
+    trainer = pairwise_trainer(job, rows, start=job.start_checkpoint, beta=beta, learning_rate=learning_rate,
+                               pairwise_loss=pairwise_loss, **dpo_options)
+    trainer.train()
+    return finish(trainer, job, **pairwise_usage(trainer, job, len(rows)))

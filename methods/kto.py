@@ -59,3 +59,19 @@ class KTO:
         # The policy's KL-estimate pass runs without gradients: forward-only, like the reference's two passes.
         return finish(trainer, job, examples=round(passes * len(train)), pairs=passes * len(train) / 2,
                       policy_tokens=round(passes * trained), reference_tokens=round(passes * (trained + 2 * kl)))
+
+
+def kto_class_weights(n_desirable: int, n_undesirable: int, ratio: float = 1.0) -> tuple[float, float]:
+    """(λ_D, λ_U) for imbalanced binary feedback, as the KTO paper prescribes: keep
+    λ_D·n_D / (λ_U·n_U) in [1, 4/3] (Ethayarajh et al. 2024; the paper's example: with one desirable
+    per ten undesirable examples, λ_U = 1 and λ_D ∈ [10, 13.33]).
+
+    λ_U stays 1 and λ_D = ratio·n_U/n_D, so the weighted ratio is exactly ``ratio`` (default 1, the lower
+    end: balanced data from pairs gives λ_D = λ_U = 1). Pass the result as ``desirable_weight`` and
+    ``undesirable_weight``.
+    """
+    if n_desirable < 1 or n_undesirable < 1:
+        raise ValueError(f"KTO needs desirable and undesirable examples; got {n_desirable} and {n_undesirable}")
+    if not 1.0 <= ratio <= 4.0 / 3.0:
+        raise ValueError(f"the KTO paper keeps λ_D·n_D/(λ_U·n_U) in [1, 4/3]; got ratio={ratio}")
+    return ratio * n_undesirable / n_desirable, 1.0

@@ -1,0 +1,75 @@
+"""CPO and SimPO — reference-free preference optimization, via TRL's experimental CPOTrainer.
+
+CPO — Contrastive Preference Optimization (Xu et al. 2024, arXiv:2401.08417), Section 3:
+  L = L_prefer + α·L_NLL,  L_prefer = −E[ log σ( β·log πθ(y_w|x) − β·log πθ(y_l|x) ) ],
+  L_NLL = −E[ log πθ(y_w|x) ]   (the paper weighs the two equally, α = 1).
+  No reference model: the DPO loss with π_ref taken as uniform, plus a behaviour-cloning term.
+
+SimPO — Simple Preference Optimization (Meng et al. 2024, arXiv:2405.14734), eq. 6:
+  L = −E[ log σ( β/|y_w|·log πθ(y_w|x) − β/|y_l|·log πθ(y_l|x) − γ ) ]
+  length-normalized log-likelihood as the reward and a target margin γ. In TRL it is the CPO
+  trainer with ``loss_type="simpo"`` and no NLL term (``cpo_alpha=0``); TRL's ``simpo_gamma`` is γ
+  itself. The SimPO authors tune the ratio γ/β instead of γ (official README: "easier to tune
+  under different β"), so this adapter takes ``gamma_beta_ratio`` and passes γ = β·ratio.
+
+TRL differences worth knowing: the NLL term is the mean over chosen-completion tokens (the paper's
+is per sequence); log-probabilities are summed for ``sigmoid`` and averaged for ``simpo``/``ipo``.
+``trl.experimental`` is imported inside the methods so a TRL release that moves it touches this file.
+"""
+
+from __future__ import annotations
+
+from harness.protocols import TrainingJob, TrainingOutcome
+from harness.training import epochs_fraction, finish, peft_config, to_conversational, trl_arguments
+
+
+class CPO:
+    data_view = "pairs"
+    reference_based = False
+
+    def __init__(self, name: str = "cpo", beta: float = 0.1, learning_rate: float = 5e-7,
+                 loss_type: str = "sigmoid", cpo_alpha: float = 1.0, gamma_beta_ratio: float = 0.0,
+                 label_smoothing: float = 0.0):
+        self.name = name
+        self.beta = beta
+        self.learning_rate = learning_rate
+        self.loss_type = loss_type
+        self.cpo_alpha = cpo_alpha
+        self.gamma_beta_ratio = gamma_beta_ratio
+        self.label_smoothing = label_smoothing
+
+    def hyperparameters(self) -> dict:
+        return {"beta": self.beta, "learning_rate": self.learning_rate, "loss_type": self.loss_type,
+                "cpo_alpha": self.cpo_alpha, "gamma_beta_ratio": self.gamma_beta_ratio,
+                "label_smoothing": self.label_smoothing}
+
+    def trl_config(self, job: TrainingJob):
+        """The budget and this method's hyperparameters as a TRL ``CPOConfig`` (no training)."""
+        from trl.experimental.cpo import CPOConfig
+
+        arguments = trl_arguments(job, examples_per_pair=1, learning_rate=self.learning_rate)
+        return CPOConfig(**arguments, beta=self.beta, loss_type=self.loss_type, cpo_alpha=self.cpo_alpha,
+                         simpo_gamma=self.beta * self.gamma_beta_ratio, label_smoothing=self.label_smoothing)
+
+    def train(self, job: TrainingJob) -> TrainingOutcome:
+        from datasets import Dataset
+        from transformers import AutoTokenizer
+        from trl.experimental.cpo import CPOTrainer
+
+        config = self.trl_config(job)
+        train = Dataset.from_list(to_conversational(job.data["train"]))
+        trainer = CPOTrainer(
+            model=str(job.start_checkpoint),
+            args=config,
+            train_dataset=train,
+            processing_class=AutoTokenizer.from_pretrained(job.start_checkpoint),
+            peft_config=peft_config(job),
+        )
+        trainer.train()
+        passes = epochs_fraction(trainer, len(train), job.budget.batch_pairs)
+        # chosen_input_ids / rejected_input_ids hold whole sequences (prompt included, truncated to
+        # max_length); nothing is scored by a frozen model
+        tokens = sum(len(ids) for column in ("chosen_input_ids", "rejected_input_ids")
+                     for ids in trainer.train_dataset[column])
+        return finish(trainer, job, examples=round(passes * len(train)), pairs=passes * len(train),
+                      policy_tokens=round(passes * tokens), reference_tokens=0)
