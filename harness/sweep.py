@@ -330,6 +330,10 @@ class Sweep:
                           "method": method_name, "method_class": type(method).__module__ + "." + type(method).__qualname__,
                           "hyperparameters": method.hyperparameters(), "budget": self.budget.as_dict(),
                           "data": self.data_identity, "seed": self.budget.seed}
+            if getattr(method, "needs_reward", False):  # the reward is part of what an online method's run is
+                from harness.rewards import run_identity
+
+                run_config["reward"] = run_identity(cfg.reward, self.stage_budget)
             budget = self.budget.as_dict()
         return {"run_id": config_hash(run_config), "run_config": run_config, "sweep": cfg.name,
                 "family": cfg.model.family, "setting": setting, "method": method_name, "budget": budget,
