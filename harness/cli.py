@@ -2,6 +2,7 @@
 
     align-harness sweep [hydra overrides...]      train, score, write records and the leaderboard
     align-harness leaderboard results/<sweep>     rebuild the leaderboard from records alone
+    align-harness judge-check [--judge TYPE]      agreement of the win-rate judge with GPT-4's annotations
 
 Bad input ends with one line ``align-harness: error: ...`` and exit status 2.
 """
@@ -65,7 +66,7 @@ def check_group_choices(argv: list[str]) -> None:
     for argument in argv:
         key, _, value = argument.lstrip("+~").partition("=")
         group = key.split("@")[0]
-        if group in ("model", "budget", "data") and value and "," not in value:
+        if group in ("model", "budget", "data", "reward") and value and "," not in value:
             if value not in available(group):
                 raise HarnessError(f"unknown {group} {value!r} in {argument!r}; available: {', '.join(available(group))}")
 
@@ -118,7 +119,38 @@ def write_published(folder: str, experiment: str) -> None:
     atomic_write_text(Path(folder) / "published.json", json.dumps(published, indent=1))
 
 
-COMMANDS = {"sweep": sweep_main, "leaderboard": leaderboard_main}
+def judge_check_main(argv: list[str]) -> None:
+    from harness.errors import HarnessError
+    from harness.judges import JUDGE_TYPES, run_judge_check
+
+    parser = argparse.ArgumentParser(prog="align-harness judge-check",
+                                     description="Agreement of the win-rate task's judge (conf/task/win_rate.yaml) "
+                                                 "with GPT-4's AlpacaEval annotations in the data mirror.")
+    parser.error = _fail  # one line, exit 2
+    parser.add_argument("--judge", choices=JUDGE_TYPES, help="judge type (default: judge.type of the task config)")
+    parser.add_argument("--limit", type=int, default=32, help="annotated pairs, taken from each file in turn (default 32)")
+    parser.add_argument("--model", help="judge.model: local model / reward model folder, or the API's model name")
+    parser.add_argument("--base-url", help="judge.base_url of an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1")
+    parser.add_argument("--api-key-env", help="judge.api_key_env: the environment variable holding the API key")
+    parser.add_argument("--max-output-chars", type=int, help="judge.max_output_chars")
+    parser.add_argument("--draw-margin", type=float, help="draw when |p - 0.5| <= this (default: the task config's)")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass of a local judge")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--data-mirror", default=os.environ.get("ALIGN_HARNESS_DATA"),
+                        help="data mirror folder (default: $ALIGN_HARNESS_DATA)")
+    arguments = parser.parse_args(argv)
+    _quiet_libraries()
+    overrides = {"model": arguments.model, "base_url": arguments.base_url, "api_key_env": arguments.api_key_env,
+                 "max_output_chars": arguments.max_output_chars}
+    try:
+        print(run_judge_check(judge_type=arguments.judge, limit=arguments.limit, overrides=overrides,
+                              draw_margin=arguments.draw_margin, data_mirror=arguments.data_mirror,
+                              device=arguments.device, batch_size=arguments.batch_size), flush=True)
+    except HarnessError as error:
+        _fail(str(error))
+
+
+COMMANDS = {"sweep": sweep_main, "leaderboard": leaderboard_main, "judge-check": judge_check_main}
 
 
 def main(argv: list[str] | None = None) -> None:
