@@ -50,11 +50,15 @@ def completion_logps(model, tokenizer, sequences: list[tuple[list[int], list[int
             mask[row, : len(prompt) + len(completion)] = 1
             scored[row, len(prompt): len(prompt) + len(completion)] = True
         with torch.no_grad():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
-        logps = (logps * scored[:, 1:].to(device)).sum(dim=1)
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            # normalize only the positions that predict completion tokens: the vocabulary is wide
+            predicting = scored[:, 1:].to(device)
+            rows = torch.log_softmax(logits[:, :-1][predicting].float(), dim=-1)
+            token_logps = rows.gather(-1, ids[:, 1:].to(device)[predicting].unsqueeze(-1)).squeeze(-1)
+        owner = predicting.nonzero()[:, 0]
+        sums = torch.zeros(len(chunk), device=token_logps.device).index_add_(0, owner, token_logps)
         for row, (_, completion) in enumerate(chunk):
-            out.append((logps[row].item(), len(completion)))
+            out.append((sums[row].item(), len(completion)))
     return out
 
 
