@@ -56,3 +56,26 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def varied_tiny_model(tmp_path_factory, tiny_model) -> Path:
+    """A 2-layer random Llama (SmolLM2 tokenizer and chat template) whose greedy outputs vary with the input.
+
+    ``tiny_model`` (small init, tied embeddings) greedily repeats the prompt's last token, so every row of a
+    batch gets the same text and a batch-size invariance test would pass vacuously; untied embeddings drawn
+    with std 0.5 give different text per prompt.
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         tie_word_embeddings=False, initializer_range=0.5, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("varied-tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
