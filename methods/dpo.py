@@ -75,15 +75,18 @@ def pairwise_trainer(job: TrainingJob, rows: list[dict], *, start: Path, beta: f
 def pairwise_usage(trainer, job: TrainingJob, rows: int) -> dict:
     """What a trained pair trainer consumed, as ``finish`` keyword arguments.
 
-    Policy tokens count every pass the trainer made; reference tokens are scored once per row
-    (precomputed), and are 0 when the reference log-probs came from the cache.
+    Policy tokens count every pass the trainer made; reference tokens are what the method needs
+    scored by the reference, once per row (precomputed). They count whether this run scored them or
+    read them from the shared cache, so a method's consumed FLOPs do not depend on the order of the
+    sweep; ``reference_tokens_scored_here`` (0 on a cache hit) says what this run paid.
     """
     passes = epochs_fraction(trainer, rows, job.budget.batch_pairs)
     tokens = count_tokens(trainer.train_dataset, ["chosen_ids", "rejected_ids"], trainer.args.max_length)
     status = trainer.reference_cache_status.get("train", "off")
     return dict(examples=round(passes * rows), pairs=passes * rows, policy_tokens=round(passes * tokens),
-                reference_tokens=0 if status == "hit" else tokens,
-                extra={"reference_cache": status, "reference_seconds": round(trainer.reference_seconds, 3)})
+                reference_tokens=tokens,
+                extra={"reference_cache": status, "reference_tokens_scored_here": 0 if status == "hit" else tokens,
+                       "reference_seconds": round(trainer.reference_seconds, 3)})
 
 
 def train_pairwise(job: TrainingJob, *, beta: float, learning_rate: float, pairwise_loss=None,

@@ -59,7 +59,9 @@ def test_own_methods_train_through_the_cli_and_share_the_reference_cache(tmp_pat
     assert records["dpo"]["consumed"]["reference_cache"] in ("hit", "miss")
     for name in ("rdpo", "dpop", "beta_dpo", "npo"):
         assert records[name]["consumed"]["reference_cache"] == "hit", name
-        assert records[name]["consumed"]["reference_tokens"] == 0, name
+        assert records[name]["consumed"]["reference_tokens_scored_here"] == 0, name
+        # the method's own cost still counts the reference tokens it needed (order-independent FLOPs)
+        assert records[name]["consumed"]["reference_tokens"] == records["dpo"]["consumed"]["reference_tokens"], name
     sdpo = records["sdpo"]["consumed"]
     assert sdpo["sdpo_chunks"] == 2 and sdpo["sdpo_chunk_pairs"] == [2, 2]
     # the second chunk's reference is the first chunk's policy: never cached before, so scored
