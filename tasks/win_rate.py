@@ -71,7 +71,6 @@ class WinRate:
         seed: int = 0,
         draw_margin: float = 0.0,
         judge: dict | None = None,
-        primary_metrics: list[str] | None = None,
         mirror_file: str = "alpaca_eval/text_davinci_003/model_outputs.json",
         hub_id: str = "tatsu-lab/alpaca_eval",
         hub_config: str = "alpaca_eval",
@@ -90,7 +89,6 @@ class WinRate:
                            "temperature": float(temperature), "seed": int(seed)}
         self.draw_margin = float(draw_margin)
         self.judge_config = dict(judge or {"type": "local_hf"})
-        self.primary_metrics = list(primary_metrics or [])
         self.mirror_file, self.hub_id, self.hub_config, self.hub_split = mirror_file, hub_id, hub_config, hub_split
         self._judge = build_judge(self.judge_config, config_key=f"task_params.{name}.judge")  # checks the config now
         self._judge_key = ("cpu", 8)

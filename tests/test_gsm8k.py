@@ -6,7 +6,6 @@ CPU only, no network: a 2-layer random Llama whose greedy outputs vary with the 
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from harness import registry
 from harness.errors import HarnessError, SkipRun
 from harness.protocols import Checkpoint, Task, TaskContext
 from tasks.gsm8k import GSM8K, read_jsonl, write_task_config
@@ -44,8 +44,8 @@ def scored(varied_tiny_model, tmp_path_factory):
 def test_config_builds_the_task():
     config = yaml.safe_load((REPO / "conf" / "task" / "gsm8k.yaml").read_text())
     assert (REPO / "conf" / "task" / "gsm8k.yaml").read_text().startswith("# Used by: align-harness sweep tasks=[gsm8k]")
-    module_name, class_name = config.pop("_target_").rsplit(".", 1)
-    task = getattr(importlib.import_module(module_name), class_name)(**config)
+    task = registry.instantiate("task", "gsm8k", params_key="task_params")  # the sweep's own route
+    assert config["primary_metrics"]
     assert isinstance(task, Task)
     assert (task.name, task.version, task.limit, task.num_fewshot, task.max_new_tokens) == ("gsm8k", "1", 4, 5, 256)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from harness import registry
 from harness.errors import HarnessError, SkipRun
 from harness.protocols import Checkpoint, Task, TaskContext
 from tasks.toxicity import (SCORERS, MiniLMToxiGen, ProfanityCheck, Toxicity, first_statement, line_statements,
@@ -52,8 +53,8 @@ def test_config_builds_the_task():
     text = (REPO / "conf" / "task" / "toxicity.yaml").read_text()
     assert text.startswith("# Used by: align-harness sweep tasks=[toxicity]")
     config = yaml.safe_load(text)
-    module_name, class_name = config.pop("_target_").rsplit(".", 1)
-    task = getattr(importlib.import_module(module_name), class_name)(**config)
+    task = registry.instantiate("task", "toxicity", params_key="task_params")  # the sweep's own route
+    assert config["primary_metrics"]
     assert isinstance(task, Task)
     assert (task.name, task.version, task.per_group, task.scorer, task.threshold) == ("toxicity", "1", 2, "minilm_toxigen", 0.5)
 

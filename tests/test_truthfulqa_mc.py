@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from harness import registry
 from harness.errors import HarnessError, SkipRun
 from harness.protocols import Checkpoint, Task, TaskContext
 from tasks.truthfulqa_mc import SUBTASKS, TruthfulQAMC, read_mirror, write_data_file
@@ -68,8 +69,8 @@ def scored(request, tiny_llama, tmp_path_factory):
 
 def test_config_builds_the_task():
     config = yaml.safe_load((REPO / "conf" / "task" / "truthfulqa_mc.yaml").read_text())
-    module_name, class_name = config.pop("_target_").rsplit(".", 1)
-    task = getattr(importlib.import_module(module_name), class_name)(**config)
+    task = registry.instantiate("task", "truthfulqa_mc", params_key="task_params")  # the sweep's own route
+    assert "primary_metrics" not in config  # the unified score averages mc1 and mc2 (both in [0, 1])
     assert isinstance(task, Task)
     assert (task.name, task.version, task.limit, task.num_fewshot) == ("truthfulqa_mc", "1", 24, 0)
 
