@@ -42,7 +42,8 @@ from pathlib import Path
 
 from harness.errors import HarnessError, SkipRun
 from harness.paths import atomic_write_text
-from harness.protocols import Checkpoint, Metric, TaskContext, TaskResult
+from harness.protocols import Checkpoint, TaskContext, TaskResult
+from harness.task_support import limit_fits, lm_eval_metric, run_lm_eval, whole_number
 
 LM_EVAL_TASK = "gsm8k"  # the stock task this one includes
 FILTERS = {"strict-match": "strict", "flexible-extract": "flexible"}  # lm-eval filter -> our metric suffix
@@ -64,12 +65,9 @@ class GSM8K:
         hub_id: str = "openai/gsm8k",
         hub_config: str = "main",
     ) -> None:
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-            raise HarnessError(f"{name}: limit={limit!r} must be a positive number of questions, or null for all")
-        if isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or num_fewshot < 0:
-            raise HarnessError(f"{name}: num_fewshot={num_fewshot!r} must be a whole number >= 0")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise HarnessError(f"{name}: max_new_tokens={max_new_tokens!r} must be a positive number of tokens")
+        whole_number(name, "limit", limit, optional=True, unit="questions")
+        whole_number(name, "num_fewshot", num_fewshot, minimum=0)
+        whole_number(name, "max_new_tokens", max_new_tokens, unit="tokens")
         self.name = name
         self.version = str(version)
         self.limit = limit
@@ -80,21 +78,12 @@ class GSM8K:
         self.hub_config = hub_config
 
     def evaluate(self, checkpoint: Checkpoint, context: TaskContext) -> TaskResult:
-        """Generate for the first ``limit`` test questions with lm-eval's HFLM and score both filters.
-
-        lm-eval shows its own progress bars and seeds Python, NumPy and torch (see truthfulqa_mc).
-        """
+        """Generate for the first ``limit`` test questions with lm-eval (``run_lm_eval``) and score both filters."""
         import lm_eval
-        from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
 
         splits, source = self._read_splits(context.data_mirror)
         test_rows = splits["test"]
-        if self.limit is not None and self.limit > len(test_rows):
-            raise HarnessError(
-                f"{self.name}: limit={self.limit} but {source} has only {len(test_rows)} test questions; "
-                f"set limit=null to score all of them"
-            )
+        limit_fits(self.name, self.limit, len(test_rows), source, "test questions")
         if self.num_fewshot > len(splits["train"]):
             raise HarnessError(f"{self.name}: num_fewshot={self.num_fewshot} but the train split has only "
                                f"{len(splits['train'])} rows to draw exemplars from")
@@ -102,32 +91,10 @@ class GSM8K:
         train_file, train_sha256 = write_data_file(splits["train"], work_dir, "train")
         test_file, test_sha256 = write_data_file(test_rows[: self.limit], work_dir, "test")
         task_file = write_task_config(train_file, test_file, self.num_fewshot, self.max_new_tokens, work_dir)
+        out = run_lm_eval(checkpoint, context, [task_file], fewshot_as_multiturn=checkpoint.use_chat_template)
 
-        lm = HFLM(pretrained=str(checkpoint.path), device=context.device, batch_size=context.batch_size,
-                  dtype="float32")
-        if checkpoint.use_chat_template and not lm.tokenizer.chat_template:
-            raise HarnessError(
-                f"{checkpoint.path}: the checkpoint is to be prompted through its chat template "
-                f"but its tokenizer has none; add one or use a setting without the template"
-            )
-        out = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=[str(task_file)],
-            task_manager=TaskManager(include_defaults=False),  # index only our YAML (all of lm-eval's: ~7 s)
-            apply_chat_template=checkpoint.use_chat_template,
-            fewshot_as_multiturn=checkpoint.use_chat_template,
-            log_samples=True,
-        )
-
-        scores = out["results"][LM_EVAL_TASK]
-        metrics = {}
-        for lm_eval_filter, suffix in FILTERS.items():
-            stderr = scores.get(f"exact_match_stderr,{lm_eval_filter}")
-            metrics[f"exact_match_{suffix}"] = Metric(
-                value=float(scores[f"exact_match,{lm_eval_filter}"]),
-                stderr=None if stderr in (None, "N/A") else float(stderr),
-                higher_is_better=bool(out["higher_is_better"][LM_EVAL_TASK]["exact_match"]),
-            )
+        metrics = {f"exact_match_{suffix}": lm_eval_metric(out, LM_EVAL_TASK, "exact_match", lm_eval_filter)
+                   for lm_eval_filter, suffix in FILTERS.items()}
         samples = merge_filter_samples(out["samples"][LM_EVAL_TASK])
         return TaskResult(
             metrics=metrics,

@@ -10,18 +10,28 @@ Metrics (``harness.logprobs.preference_accuracy``), each ± standard error over 
 
 The starting checkpoint's log-probs are cached on disk by content, so every method of a setting
 pays for them once.
+
+**Binary feedback** (``harness.data``, ``format: binary``): the held-out rows are examples
+``{prompt, completion, label}`` with no pairs. The same two metrics are then ranking accuracies over
+every (desirable, undesirable) pair of held-out examples — the share in which the desirable one's
+implicit reward is higher, ties half (``binary_ranking_accuracy``: the area under the ROC curve,
+Mann-Whitney U / (n_D·n_U)), which on examples split from pairs would compare across prompts too.
+``limit`` then counts examples.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from harness.errors import HarnessError
-from harness.logprobs import pair_logps, preference_accuracy
+from harness.data import is_binary
+from harness.logprobs import completion_logps, pair_logps, preference_accuracy, render
 from harness.paths import atomic_write_text
 from harness.protocols import Checkpoint, Metric, TaskContext, TaskResult
 from harness.records import config_hash
+from harness.task_support import whole_number
 
 
 def _model_identity(path: Path) -> dict:
@@ -39,15 +49,61 @@ def cached_pair_logps(path: Path, pairs: list[dict], cache_dir: Path, *, batch_s
     return scored
 
 
+def cached_example_logps(path: Path, examples: list[dict], cache_dir: Path, *, batch_size: int,
+                         device: str) -> list[dict]:
+    """Summed completion log-prob and length of each binary-feedback example under the model at ``path`` (cached)."""
+    key = config_hash({"model": _model_identity(path), "examples": examples})
+    cache_file = cache_dir / "example_logps" / f"{key}.json"
+    if cache_file.exists():
+        return json.loads(cache_file.read_text())
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    sequences = [render(tokenizer, example["prompt"], example["completion"]) for example in examples]
+    scored = [{"logp": logp, "tokens": tokens}
+              for logp, tokens in completion_logps(model, tokenizer, sequences, batch_size=batch_size, device=device)]
+    atomic_write_text(cache_file, json.dumps(scored))
+    return scored
+
+
+def binary_ranking_accuracy(scores: list[float], labels: list[bool]) -> tuple[float, float, list[float]]:
+    """Share of (desirable, undesirable) pairs with score(desirable) > score(undesirable), ties counting half: the
+    area under the ROC curve A = U / (n_D·n_U) (Mann-Whitney U). Standard error by Hanley & McNeil (1982):
+    SE² = [A(1 − A) + (n_D − 1)(Q1 − A²) + (n_U − 1)(Q2 − A²)] / (n_D·n_U), Q1 = A/(2 − A), Q2 = 2A²/(1 + A).
+
+    Per-example outcomes (for the leaderboard's paired bootstrap): a desirable example's share of undesirable ones
+    it beats, an undesirable example's share of desirable ones that beat it; their mean over all examples is A.
+    """
+    desirable = [s for s, label in zip(scores, labels) if label]
+    undesirable = [s for s, label in zip(scores, labels) if not label]
+    n_d, n_u = len(desirable), len(undesirable)
+    if not n_d or not n_u:
+        raise HarnessError(f"held-out binary feedback has {n_d} desirable and {n_u} undesirable examples; ranking "
+                           f"accuracy needs both: raise data.heldout_examples or the task's limit")
+
+    def beats(a: float, b: float) -> float:
+        return 1.0 if a > b else 0.5 if a == b else 0.0
+
+    outcomes = [sum(beats(s, u) for u in undesirable) / n_u if label else sum(beats(d, s) for d in desirable) / n_d
+                for s, label in zip(scores, labels)]
+    area = sum(sum(beats(d, u) for u in undesirable) for d in desirable) / (n_d * n_u)
+    q1, q2 = area / (2 - area), 2 * area ** 2 / (1 + area)
+    variance = (area * (1 - area) + (n_d - 1) * (q1 - area ** 2) + (n_u - 1) * (q2 - area ** 2)) / (n_d * n_u)
+    return area, math.sqrt(max(variance, 0.0)), outcomes
+
+
 class HeldoutPreference:
     def __init__(self, name: str = "heldout_preference", version: str = "1", limit: int | None = 64):
-        if limit is not None and (not isinstance(limit, int) or limit < 1):
-            raise HarnessError(f"{name}: limit={limit!r} must be a positive number of pairs, or null for all")
+        whole_number(name, "limit", limit, optional=True, unit="pairs")
         self.name, self.version, self.limit = name, str(version), limit
 
     def evaluate(self, checkpoint: Checkpoint, context: TaskContext) -> TaskResult:
         if not context.heldout_pairs:
             raise HarnessError(f"{self.name}: the sweep passed no held-out preference pairs; set data.heldout_pairs > 0")
+        if is_binary(context.heldout_pairs):
+            return self.evaluate_binary(checkpoint, context)
         pairs = context.heldout_pairs[: self.limit]
         policy = cached_pair_logps(checkpoint.path, pairs, context.cache_dir, batch_size=context.batch_size,
                                    device=context.device)
@@ -70,3 +126,32 @@ class HeldoutPreference:
             samples.append(sample)
         return TaskResult(metrics=metrics, samples=samples,
                           details={"pairs": len(pairs), "reference": str(checkpoint.reference_path) if reference else None})
+
+    def evaluate_binary(self, checkpoint: Checkpoint, context: TaskContext) -> TaskResult:
+        """Held-out binary feedback: ranking accuracy of the implicit reward (see the module docstring)."""
+        examples = context.heldout_pairs[: self.limit]
+        options = dict(batch_size=context.batch_size, device=context.device)
+        policy = cached_example_logps(checkpoint.path, examples, context.cache_dir, **options)
+        rewards = {"avg_logp": [p["logp"] / max(p["tokens"], 1) for p in policy]}
+        reference = None
+        if checkpoint.reference_path is not None:
+            reference = cached_example_logps(checkpoint.reference_path, examples, context.cache_dir, **options)
+            rewards["logratio"] = [p["logp"] - r["logp"] for p, r in zip(policy, reference)]
+        labels = [example["label"] for example in examples]
+        scores = {kind: binary_ranking_accuracy(values, labels) for kind, values in rewards.items()}
+        metrics = {f"{kind}_accuracy": Metric(value, stderr, higher_is_better=True)
+                   for kind, (value, stderr, _) in scores.items()}
+        samples = []
+        for index, (example, scored) in enumerate(zip(examples, policy)):
+            sample = {"index": index, "source_row": example.get("source_row"), "prompt": example["prompt"],
+                      "completion": example["completion"], "label": example["label"], **scored}
+            if reference is not None:
+                sample.update({f"reference_{k}": v for k, v in reference[index].items()})
+            sample["item_id"] = str(example.get("source_row", index))
+            sample["scores"] = {f"{kind}_accuracy": outcomes[index] for kind, (_, _, outcomes) in scores.items()}
+            samples.append(sample)
+        return TaskResult(metrics=metrics, samples=samples,
+                          details={"examples": len(examples), "desirable": sum(labels),
+                                   "undesirable": len(labels) - sum(labels), "accuracy": "ranking (AUC) over "
+                                   "desirable × undesirable held-out examples, Hanley & McNeil standard error",
+                                   "reference": str(checkpoint.reference_path) if reference else None})

@@ -74,6 +74,7 @@ from pathlib import Path
 
 from harness.errors import HarnessError, SkipRun
 from harness.protocols import Checkpoint, Metric, TaskContext, TaskResult
+from harness.task_support import whole_number
 
 FILE_PATTERN = re.compile(r"^(hate|neutral)_(.+)_1k\.txt$")
 CLASSIFIER_BATCH = 32  # fixed, so scores never depend on the sweep's eval_batch_size
@@ -105,15 +106,12 @@ class Toxicity:
         hf_classifier_toxic_label: int = 1,
         perspective_requests_per_second: float = 1.0,
     ) -> None:
-        for key, value in (("per_group", per_group), ("max_new_tokens", max_new_tokens),
-                           ("minilm_fit_statements_per_file", minilm_fit_statements_per_file)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise HarnessError(f"{name}: {key}={value!r} must be a positive whole number")
+        whole_number(name, "per_group", per_group, unit="prompts per file")
+        whole_number(name, "max_new_tokens", max_new_tokens, unit="tokens")
+        whole_number(name, "minilm_fit_statements_per_file", minilm_fit_statements_per_file, unit="statements")
         if not isinstance(threshold, (int, float)) or not 0.0 <= threshold < 1.0:
             raise HarnessError(f"{name}: threshold={threshold!r} must be a score in [0, 1)")
-        if isinstance(minilm_offtopic_negatives, bool) or not isinstance(minilm_offtopic_negatives, int) \
-                or minilm_offtopic_negatives < 0:
-            raise HarnessError(f"{name}: minilm_offtopic_negatives={minilm_offtopic_negatives!r} must be a whole number >= 0")
+        whole_number(name, "minilm_offtopic_negatives", minilm_offtopic_negatives, minimum=0)
         if not isinstance(minilm_heldout_fraction, (int, float)) or not 0.0 < minilm_heldout_fraction < 1.0:
             raise HarnessError(f"{name}: minilm_heldout_fraction={minilm_heldout_fraction!r} must lie strictly between 0 and 1")
         if scorer not in SCORERS:

@@ -27,7 +27,8 @@ from pathlib import Path
 
 from harness.errors import HarnessError, SkipRun
 from harness.paths import atomic_write_text
-from harness.protocols import Checkpoint, Metric, TaskContext, TaskResult
+from harness.protocols import Checkpoint, TaskContext, TaskResult
+from harness.task_support import limit_fits, lm_eval_metric, run_lm_eval, whole_number
 
 SUBTASKS = {"truthfulqa_mc1": "mc1", "truthfulqa_mc2": "mc2"}  # lm-eval task -> our metric name
 TARGET_FIELDS = ("mc1_targets", "mc2_targets")
@@ -47,10 +48,8 @@ class TruthfulQAMC:
         hub_config: str = "multiple_choice",
         hub_split: str = "validation",
     ) -> None:
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-            raise HarnessError(f"{name}: limit={limit!r} must be a positive number of questions, or null for all")
-        if isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or num_fewshot < 0:
-            raise HarnessError(f"{name}: num_fewshot={num_fewshot!r} must be a whole number >= 0")
+        whole_number(name, "limit", limit, optional=True, unit="questions")
+        whole_number(name, "num_fewshot", num_fewshot, minimum=0)
         self.name = name
         self.version = str(version)
         self.limit = limit
@@ -61,54 +60,19 @@ class TruthfulQAMC:
         self.hub_split = hub_split
 
     def evaluate(self, checkpoint: Checkpoint, context: TaskContext) -> TaskResult:
-        """Score ``checkpoint`` on the first ``limit`` questions with lm-eval.
-
-        lm-eval's own progress bars are shown whatever ``context.show_progress`` says:
-        ``simple_evaluate`` has no switch for them. It also seeds Python, NumPy and torch.
-        """
+        """Score ``checkpoint`` on the first ``limit`` questions with lm-eval (``run_lm_eval``)."""
         import lm_eval
-        from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
 
         rows, source = self._read_rows(context.data_mirror)
-        if self.limit is not None and self.limit > len(rows):
-            raise HarnessError(
-                f"{self.name}: limit={self.limit} but {source} has only {len(rows)} questions; "
-                f"set limit=null to score all of them"
-            )
+        limit_fits(self.name, self.limit, len(rows), source, "questions")
         work_dir = Path(context.cache_dir) / "truthfulqa_mc"
         data_file, data_sha256 = write_data_file(rows[: self.limit], work_dir)
         task_files = write_task_configs(data_file, self.num_fewshot, work_dir)
-
-        lm = HFLM(
-            pretrained=str(checkpoint.path),
-            device=context.device,
-            batch_size=context.batch_size,
-            dtype="float32",
-        )
-        if checkpoint.use_chat_template and not lm.tokenizer.chat_template:
-            raise HarnessError(
-                f"{checkpoint.path}: the checkpoint is to be prompted through its chat template "
-                f"but its tokenizer has none; add one or use a setting without the template"
-            )
-        # Only our two generated YAMLs are indexed: scanning all of lm-eval's tasks takes ~7 s.
-        out = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=[str(path) for path in task_files],
-            task_manager=TaskManager(include_defaults=False),
-            apply_chat_template=checkpoint.use_chat_template,
-            log_samples=True,
-        )
+        out = run_lm_eval(checkpoint, context, task_files)
 
         metrics, samples = {}, []
         for task_name, metric_name in SUBTASKS.items():
-            scores = out["results"][task_name]
-            stderr = scores.get("acc_stderr,none")
-            metrics[metric_name] = Metric(
-                value=float(scores["acc,none"]),
-                stderr=None if stderr in (None, "N/A") else float(stderr),
-                higher_is_better=bool(out["higher_is_better"][task_name]["acc"]),
-            )
+            metrics[metric_name] = lm_eval_metric(out, task_name, "acc")
             logged = sorted(out["samples"][task_name], key=lambda sample: sample["doc_id"])
             samples += [sample_record(metric_name, sample) for sample in logged]
 

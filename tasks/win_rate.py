@@ -50,6 +50,7 @@ from harness.judges import Judgment, build_judge, preference_label, win_rate_fro
 from harness.paths import atomic_write_text
 from harness.protocols import Checkpoint, Metric, TaskContext, TaskResult
 from harness.records import config_hash
+from harness.task_support import limit_fits, whole_number
 
 REFERENCES = ("start", "davinci003")
 LENGTH_CONTROL_C = 1.0  # inverse L2 strength on the length slope: scikit-learn's default C (AlpacaEval picks C by
@@ -76,12 +77,10 @@ class WinRate:
         hub_config: str = "alpaca_eval",
         hub_split: str = "eval",
     ) -> None:
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-            raise HarnessError(f"{name}: limit={limit!r} must be a positive number of instructions, or null for all 805")
+        whole_number(name, "limit", limit, optional=True, unit="instructions")
         if reference not in REFERENCES:
             raise HarnessError(f"{name}: reference={reference!r} is not offered; available: {', '.join(REFERENCES)}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise HarnessError(f"{name}: max_new_tokens={max_new_tokens!r} must be a positive number of tokens")
+        whole_number(name, "max_new_tokens", max_new_tokens, unit="tokens")
         if isinstance(draw_margin, bool) or not isinstance(draw_margin, (int, float)) or not 0 <= draw_margin < 0.5:
             raise HarnessError(f"{name}: draw_margin={draw_margin!r} must be a number in [0, 0.5)")
         self.name, self.version, self.limit, self.reference = name, str(version), limit, reference
@@ -96,9 +95,7 @@ class WinRate:
     def evaluate(self, checkpoint: Checkpoint, context: TaskContext) -> TaskResult:
         started = time.perf_counter()
         rows, source = self._read_rows(context.data_mirror)
-        if self.limit is not None and self.limit > len(rows):
-            raise HarnessError(f"{self.name}: limit={self.limit} but {source} has only {len(rows)} instructions; "
-                               f"set limit=null to use all of them")
+        limit_fits(self.name, self.limit, len(rows), source, "instructions")
         rows = rows[: self.limit]
         instructions = [row["instruction"] for row in rows]
         outputs = self._generations(checkpoint.path, checkpoint.use_chat_template, instructions, context, "outputs")

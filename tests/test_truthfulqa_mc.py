@@ -124,40 +124,14 @@ def test_scores_and_samples(scored):
 @needs_mirror
 def test_parity_with_stock_lm_eval_tasks(scored, tiny_llama, tmp_path):
     """lm-eval's registered truthfulqa_mc1/mc2, only their data source swapped, give our numbers."""
-    import lm_eval
-    import lm_eval.tasks
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
+    from bench.truthfulqa_parity import compare, stock_rows, stock_scores
 
     chat, ours = scored
-    data_file = tmp_path / "truthfulqa_first3.jsonl"  # hub layout, converted here independently
-    with data_file.open("w") as handle:
-        for row in json.loads(MC_FILE.read_text())[:3]:
-            hub_row = {"question": row["question"]}
-            for field in ("mc1_targets", "mc2_targets"):
-                hub_row[field] = {"choices": list(row[field]), "labels": list(row[field].values())}
-            handle.write(json.dumps(hub_row) + "\n")
-    swap_data = {
-        "dataset_path": "json",
-        "dataset_name": None,
-        "dataset_kwargs": {"data_files": {"validation": str(data_file)}},
-    }
-    stock_dir = Path(lm_eval.tasks.__file__).parent / "truthfulqa"
-    stock = lm_eval.simple_evaluate(
-        model=HFLM(pretrained=str(tiny_llama), device="cpu", batch_size=4, dtype="float32"),
-        # A group whose members name the registered tasks with overrides: lm-eval's own override route.
-        tasks=[{"group": "parity", "task": [{"task": name, **swap_data} for name in SUBTASKS]}],
-        task_manager=TaskManager(include_defaults=False, include_path=stock_dir),
-        apply_chat_template=chat,
-    )
-    for task_name, subtask in SUBTASKS.items():
-        expected = stock["results"][task_name]
-        assert len(stock["samples"][task_name]) == 3
-        assert ours.metrics[subtask].value == pytest.approx(expected["acc,none"], abs=TOLERANCE)
-        assert ours.metrics[subtask].stderr == pytest.approx(expected["acc_stderr,none"], abs=TOLERANCE)
-        for sample in stock["samples"][task_name]:
-            mine = next(s for s in ours.samples if s["subtask"] == subtask and s["doc_id"] == sample["doc_id"])
-            assert mine["loglikelihoods"] == pytest.approx([ll for ll, _ in sample["filtered_resps"]], abs=TOLERANCE)
+    stock = stock_scores(tiny_llama, stock_rows(MC_FILE, 3), chat, tmp_path)
+    assert all(len(stock[subtask]["loglikelihoods"]) == 3 for subtask in SUBTASKS.values())
+    diffs = compare(ours, stock)
+    assert diffs["samples"] == 6
+    assert diffs["value"] <= TOLERANCE and diffs["stderr"] <= TOLERANCE and diffs["loglikelihood"] <= TOLERANCE
 
 
 def test_missing_mirror_file_names_path_and_setting(tmp_path):
