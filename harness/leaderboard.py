@@ -38,7 +38,9 @@ CONSUMED_COLUMNS = [
     ("pairs", "pairs"),
     ("policy_tokens", "policy tokens"),
     ("reference_tokens", "ref tokens"),
+    ("generation_tokens", "gen tokens"),  # sampled by online methods (prompt + completion), inside FLOPs
     ("flops", "FLOPs"),
+    ("match_ratio", "match ratio"),        # budget.match=tokens|flops: consumed / the pair methods' target
     ("wall_seconds", "train s"),
     ("peak_memory_mib", "peak MiB"),
 ]
@@ -203,7 +205,9 @@ def fmt_number(value) -> str:
     value = float(value)
     if abs(value) >= 1e6:
         return f"{value:.3g}"
-    return f"{int(value)}" if value.is_integer() else f"{value:.1f}"
+    if value.is_integer():
+        return f"{int(value)}"
+    return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"  # ratios such as the match ratio keep 3 decimals
 
 
 def fmt_difference(difference: dict | None) -> str:
@@ -250,14 +254,19 @@ def markdown(board: Board) -> str:
            "mean primary metric mapped to [0, 1], higher better (toxicity inverted). **Δ task**: difference of the "
            "task score from the starting checkpoint on the same items, with a paired-bootstrap 95% interval "
            f"({BOOTSTRAP_SAMPLES} resamples). Budget: what each run consumed (FLOPs = 6·N·policy tokens + "
-           "2·N·reference tokens).", ""]
+           "2·N·reference tokens; online methods count generation, reward- and value-model tokens in policy-"
+           "parameter equivalents; gen tokens = tokens they sampled; match ratio = consumed over what the pair "
+           "methods consume under budget.match=tokens or flops: policy tokens under tokens).", ""]
     groups: dict[tuple, list[tuple]] = {}
     for key in board.keys:
         groups.setdefault(key[:2], []).append(key)
+    # budget columns no run filled (e.g. gen tokens in a sweep without online methods) are left out; the CSV keeps all
+    budget_columns = [(name, title) for name, title in CONSUMED_COLUMNS
+                      if any(board.consumed(key).get(name) is not None for key in board.keys)]
     for (family, setting), keys in groups.items():
         out += [f"## {family} · {setting}", ""]
         header = ["method", "unified", "rank", *metrics, *[f"Δ {t}" for t in board.tasks],
-                  *[title for _, title in CONSUMED_COLUMNS], "status"]
+                  *[title for _, title in budget_columns], "status"]
         out += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
         for key in keys:
             unified, _ = board.unified(key)
@@ -268,7 +277,7 @@ def markdown(board: Board) -> str:
             cells += [fmt_difference(board.paired_difference(key, start, t)) if key[2] != "start" and start in keys else "—"
                       for t in board.tasks]
             consumed = board.consumed(key)
-            cells += [fmt_number(consumed.get(name)) for name, _ in CONSUMED_COLUMNS]
+            cells += [fmt_number(consumed.get(name)) for name, _ in budget_columns]
             cells.append("ok" if status == "ok" else f"{status}: {reason}".replace("|", "\\|"))
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
