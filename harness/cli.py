@@ -50,12 +50,29 @@ def sweep_main(argv: list[str]) -> None:
             _fail(str(error))
         print(f"leaderboard: {leaderboard}", flush=True)
 
+    argv = expand_shorthands(argv)
     try:
         check_group_choices(argv)
     except HarnessError as error:
         _fail(str(error))
     sys.argv = ["align-harness sweep", *argv]
     sweep()
+
+
+def expand_shorthands(argv: list[str]) -> list[str]:
+    """``method=dpo`` -> ``methods=[dpo]`` and ``task=gsm8k`` -> ``tasks=[gsm8k]``.
+
+    ``conf/method/`` and ``conf/task/`` are folders of the config tree, so Hydra would read ``method=dpo`` as a
+    config-group choice; the shorthand is expanded here instead. Under ``-m``, ``method=dpo,kto`` becomes
+    ``methods=[dpo],[kto]``: one sweep per method.
+    """
+    out = []
+    for argument in argv:
+        key, sign, value = argument.partition("=")
+        if sign and key in ("method", "task") and value and not value.startswith("["):
+            argument = f"{key}s=" + ",".join(f"[{name}]" for name in value.split(","))
+        out.append(argument)
+    return out
 
 
 def check_group_choices(argv: list[str]) -> None:
@@ -66,7 +83,7 @@ def check_group_choices(argv: list[str]) -> None:
     for argument in argv:
         key, _, value = argument.lstrip("+~").partition("=")
         group = key.split("@")[0]
-        if group in ("model", "budget", "data", "reward") and value and "," not in value:
+        if group in ("model", "budget", "data", "reward", "feedback") and value and "," not in value:
             if value not in available(group):
                 raise HarnessError(f"unknown {group} {value!r} in {argument!r}; available: {', '.join(available(group))}")
 

@@ -14,6 +14,18 @@ Views (``view_rows``):
   count an unpaired example as half a pair;
 * ``sft``      — ``{"prompt", "completion"}`` from the chosen side (the SFT stage).
 
+**Binary feedback** (``format: binary`` or ``toy-binary``): data sets that are natively unpaired —
+one completion per row with a thumbs-up / thumbs-down, TRL's unpaired-preference format (e.g.
+``trl-lib/kto-mix-14k``)::
+
+    {"prompt": [...messages...], "completion": str, "label": bool, "source_row": int}
+
+They have no pairs: the ``unpaired`` view is the rows themselves, ``sft`` takes the desirable ones,
+and ``pairs`` is refused (``view_rows``). Budgets stay counted in pairs, an unpaired example being
+half a pair as everywhere: ``budget.pairs`` = P trains on the first 2·P examples of the train split
+(``budget_rows``), so KTO takes the same optimizer steps on P "pairs" of binary feedback as on P
+preference pairs. The held-out split is ``heldout_examples`` rows (``split_data``).
+
 Data sets are declared in ``conf/data/<name>.yaml``. They load from their hub id by default and
 from a local mirror folder when ``data_mirror`` (or ``ALIGN_HARNESS_DATA``) is set.
 """
@@ -72,8 +84,8 @@ def normalize_hh_row(row: dict, *, where: str) -> dict | None:
     }
 
 
-def normalize_pair_row(row: dict, *, where: str) -> dict | None:
-    """A row already in the normalized layout (``prompt`` as str or messages, ``chosen``, ``rejected``)."""
+def prompt_messages(row: dict, *, where: str) -> list[dict]:
+    """A row's ``prompt``, a string or chat messages, as a list of ``{role, content}`` messages."""
     prompt = row.get("prompt")
     if isinstance(prompt, str) and prompt.strip():
         prompt = [{"role": "user", "content": prompt}]
@@ -82,6 +94,12 @@ def normalize_pair_row(row: dict, *, where: str) -> dict | None:
         for m in prompt
     ):
         raise HarnessError(f"{where}: field 'prompt' must be a string or a list of {{role, content}} messages")
+    return prompt
+
+
+def normalize_pair_row(row: dict, *, where: str) -> dict | None:
+    """A row already in the normalized layout (``prompt`` as str or messages, ``chosen``, ``rejected``)."""
+    prompt = prompt_messages(row, where=where)
     out = {"prompt": prompt}
     for field in ("chosen", "rejected"):
         value = row.get(field)
@@ -93,7 +111,26 @@ def normalize_pair_row(row: dict, *, where: str) -> dict | None:
     return out
 
 
-FORMATS = {"hh": normalize_hh_row, "pairs": normalize_pair_row, "toy": normalize_pair_row}
+def normalize_binary_row(row: dict, *, where: str) -> dict:
+    """One binary-feedback row ``{prompt, completion, label}`` (TRL's unpaired-preference format: ``prompt`` and
+    ``completion`` as text or chat messages, ``label`` a JSON boolean) → normalized. A bad row names ``where``
+    and the field."""
+    prompt = prompt_messages(row, where=where)
+    completion = row.get("completion")
+    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
+        completion = completion[-1].get("content")
+    if not isinstance(completion, str) or not completion.strip():
+        raise HarnessError(f"{where}: field 'completion' is missing or not a non-empty string; fix or remove the row")
+    label = row.get("label")
+    if not isinstance(label, bool):
+        raise HarnessError(f"{where}: field 'label' must be true (desirable) or false (undesirable), got {label!r}")
+    return {"prompt": prompt, "completion": completion, "label": label}
+
+
+FORMATS = {"hh": normalize_hh_row, "pairs": normalize_pair_row, "toy": normalize_pair_row,
+           "binary": normalize_binary_row, "toy-binary": normalize_binary_row}
+BINARY_FORMATS = ("binary", "toy-binary")  # natively unpaired feedback: rows {prompt, completion, label}
+EXAMPLES_PER_PAIR = 2  # an unpaired example counts as half a preference pair (budgets, TrainingOutcome.pairs)
 
 TOY_SUBJECTS = ["the sea", "a lemon", "the sky", "snow", "grass", "coal", "a cherry", "milk", "an orange", "ink",
                 "a banana", "the sun", "a plum", "chalk", "moss", "soot"]
@@ -110,6 +147,19 @@ def toy_preference_rows(size: int) -> Iterable[tuple[int, dict]]:
         subject = TOY_SUBJECTS[index % len(TOY_SUBJECTS)]
         yield index + 1, {"prompt": f"Request {index}: please describe {subject}.",
                           "chosen": "Certainly, happy to help.", "rejected": "No."}
+
+
+def toy_binary_feedback_rows(size: int) -> Iterable[tuple[int, dict]]:
+    """A learnable synthetic binary-feedback set, natively unpaired: one completion per prompt, no prompt twice.
+
+    Every third row is desirable ("Certainly, happy to help."), the others undesirable ("No."): one desirable
+    per two undesirable examples, so KTO's class weights must correct the imbalance (λ_D = 2 at λ_U = 1).
+    """
+    for index in range(size):
+        subject = TOY_SUBJECTS[index % len(TOY_SUBJECTS)]
+        desirable = index % 3 == 0
+        yield index + 1, {"prompt": f"Request {index}: please describe {subject}.",
+                          "completion": "Certainly, happy to help." if desirable else "No.", "label": desirable}
 
 
 def read_json_lines(path: Path) -> Iterable[tuple[int, dict]]:
@@ -138,9 +188,9 @@ def load_preference_rows(data_cfg, data_mirror: str | Path | None) -> tuple[list
     if normalize is None:
         raise HarnessError(f"data.format={data_cfg.format!r} is unknown; available: {', '.join(FORMATS)}")
     rows, dropped = [], 0
-    if data_cfg.format == "toy":
-        source = "toy"
-        raw = toy_preference_rows(int(data_cfg.size))
+    if data_cfg.format in ("toy", "toy-binary"):
+        source = data_cfg.format
+        raw = (toy_preference_rows if data_cfg.format == "toy" else toy_binary_feedback_rows)(int(data_cfg.size))
     elif data_mirror:
         path = Path(data_mirror).expanduser() / data_cfg.mirror_file
         source = str(path)
@@ -155,7 +205,11 @@ def load_preference_rows(data_cfg, data_mirror: str | Path | None) -> tuple[list
             continue
         row["source_row"] = number
         rows.append(row)
-    return rows, {"source": source, "rows": len(rows), "dropped_mismatched_prompts": dropped}
+    provenance = {"source": source, "rows": len(rows), "dropped_mismatched_prompts": dropped}
+    if is_binary(rows):
+        desirable = sum(row["label"] for row in rows)
+        provenance.update(feedback="binary", desirable=desirable, undesirable=len(rows) - desirable)
+    return rows, provenance
 
 
 def _hub_rows(data_cfg) -> Iterable[tuple[int, dict]]:
@@ -172,18 +226,56 @@ def _hub_rows(data_cfg) -> Iterable[tuple[int, dict]]:
         yield number, dict(row)
 
 
-def split_rows(rows: list[dict], *, heldout: int, seed: int) -> tuple[list[dict], list[dict]]:
+def split_rows(rows: list[dict], *, heldout: int, seed: int, key: str = "data.heldout_pairs",
+               unit: str = "pairs") -> tuple[list[dict], list[dict]]:
     """Shuffle with ``seed`` and cut a fixed-size held-out set off the front; the rest is train."""
     if heldout >= len(rows):
-        raise HarnessError(f"data.heldout_pairs={heldout} leaves no training pairs (the data set has {len(rows)})")
+        raise HarnessError(f"{key}={heldout} leaves no training {unit} (the data set has {len(rows)})")
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     shuffled = [rows[i] for i in order]
     return shuffled[heldout:], shuffled[:heldout]
 
 
+def split_data(rows: list[dict], data_cfg) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) of a data set by its fixed ``split_seed``: ``heldout_pairs`` pairs, or for binary
+    feedback ``heldout_examples`` examples."""
+    if not is_binary(rows):
+        return split_rows(rows, heldout=data_cfg.heldout_pairs, seed=data_cfg.split_seed)
+    heldout = data_cfg.get("heldout_examples")
+    if not isinstance(heldout, int) or heldout < 0:
+        raise HarnessError(f"data set {data_cfg.name} is binary feedback: set data.heldout_examples=<held-out "
+                           f"examples> in conf/data/{data_cfg.name}.yaml (got {heldout!r})")
+    return split_rows(rows, heldout=heldout, seed=data_cfg.split_seed, key="data.heldout_examples", unit="examples")
+
+
+def is_binary(rows: list[dict]) -> bool:
+    """True for binary-feedback rows ``{prompt, completion, label}``, False for preference pairs."""
+    return bool(rows) and "label" in rows[0]
+
+
+def budget_rows(rows: list[dict], pairs: int) -> list[dict]:
+    """The rows a budget of ``pairs`` preference pairs trains on: the first ``pairs`` pairs, or of binary feedback
+    the first ``EXAMPLES_PER_PAIR``·``pairs`` examples (one pair = two unpaired examples, see the module docstring)."""
+    return rows[: pairs * EXAMPLES_PER_PAIR] if is_binary(rows) else rows[:pairs]
+
+
+def pair_count(rows: list[dict]) -> int:
+    """How many budget pairs ``rows`` hold (binary feedback: two examples a pair)."""
+    return len(rows) // EXAMPLES_PER_PAIR if is_binary(rows) else len(rows)
+
+
 def view_rows(rows: list[dict], view: str) -> list[dict]:
-    """Derive the rows of a view (see module docstring) from normalized pairs."""
+    """Derive the rows of a view (see module docstring) from normalized pairs or binary feedback."""
+    if is_binary(rows):
+        if view == "unpaired":
+            return [{"prompt": r["prompt"], "completion": r["completion"], "label": r["label"]} for r in rows]
+        if view == "sft":
+            return [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows if r["label"]]
+        if view == "pairs":
+            raise HarnessError("the data set is binary feedback (prompt, completion, label) and has no preference "
+                               "pairs; train an unpaired method (kto) on it, or use a pair data set")
+        raise HarnessError(f"unknown data view {view!r}; available: {', '.join(VIEWS)}")
     if view == "pairs":
         return [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
     if view == "unpaired":

@@ -48,6 +48,11 @@ class Method(Protocol):
     ``data_view`` chooses the view of the preference data the method trains on:
     ``pairs`` (prompt, chosen, rejected), ``unpaired`` (prompt, completion, label) or
     ``sft`` (prompt, completion from the chosen side).
+
+    Optional attributes the harness reads: ``needs_reward`` (the job carries the sweep's reward),
+    ``prompts_only`` (samples its own responses; the data's responses and labels are unused),
+    ``forward_only_ratio`` and the cost-model hooks of ``harness.matching`` (``visit_cost``, ``run_cost``,
+    ``visit_granularity``).
     """
 
     name: str

@@ -1,4 +1,4 @@
-"""Rewards for online and RL methods (PPO, RLOO, GRPO, online DPO, iterative DPO) and reward-model judges.
+"""Rewards for online and RL methods (PPO, RLOO, GRPO, online DPO, iterative DPO, SPPO) and reward-model judges.
 
 ``build_reward(cfg, context)`` turns ``conf/reward/<name>.yaml`` (Hydra group ``reward``; the sweep's
 default is ``bradley-terry``) into a reward object with

@@ -3,7 +3,8 @@
 Reads as a checklist (``run_sweep``):
 
 1. validate names, budget and data before any work (bad input stops here, nothing written);
-2. for each starting setting, resolve its checkpoint (a hub id offline → ``skipped`` records;
+2. label the training pairs when ``feedback`` names a judge (AI feedback, ``harness.feedback``; cached);
+   for each starting setting, resolve its checkpoint (a hub id offline → ``skipped`` records;
    a derived setting runs its stage, cached);
 3. score the untouched starting checkpoint (the reference row, method ``start``);
 4. for each method: train (cached by run id) and score on every task; a failure is recorded and
@@ -19,7 +20,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +28,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness import registry
 from harness.budget import Budget, ResourceMeter, training_flops
-from harness.data import load_preference_rows, split_rows, truncate_rows, view_rows
+from harness.data import budget_rows, is_binary, load_preference_rows, pair_count, split_data, truncate_rows, view_rows
 from harness.errors import HarnessError, SkipRun
-from harness.matching import matched_training
+from harness.feedback import feedback_from_config
+from harness.matching import ModelSizes, match_quality, matched_training
 from harness.models import resolve_checkpoint
 from harness.paths import atomic_write_text
 from harness.protocols import Checkpoint, RewardContext, TaskContext, TrainingJob
@@ -58,8 +59,8 @@ class Sweep:
         self.results = Path(cfg.paths.results) / cfg.name
         self.cache = Path(cfg.paths.cache).expanduser()
         self.mirror = Path(cfg.data_mirror).expanduser() if cfg.data_mirror else None
-        self.method_names = [cfg.method] if cfg.get("method") else list(cfg.methods)
-        self.task_names = [cfg.task] if cfg.get("task") else list(cfg.tasks)
+        self.method_names = list(cfg.methods)  # the CLI expands method=<name> / task=<name> (harness.cli)
+        self.task_names = list(cfg.tasks)
         self.settings = list(cfg.settings)
         self._versions = versions()
         self._starts: dict[str, StartPoint] = {}
@@ -85,10 +86,62 @@ class Sweep:
         self.budget = Budget.from_config(cfg.budget)
         self.stage_budget = Budget.from_config(cfg.stage_budget)
         rows, self.data_provenance = load_preference_rows(cfg.data, self.mirror)
-        self.train_rows, self.heldout_rows = split_rows(rows, heldout=cfg.data.heldout_pairs, seed=cfg.data.split_seed)
-        self.budget.check_fits(len(self.train_rows), cfg.data.name)
-        self.stage_budget.check_fits(len(self.train_rows), cfg.data.name)
+        self.train_rows, self.heldout_rows = split_data(rows, cfg.data)
+        self.budget.check_fits(pair_count(self.train_rows), cfg.data.name)  # binary feedback: two examples a pair
+        self.stage_budget.check_fits(pair_count(self.train_rows), cfg.data.name)
         self.data_identity = {k: v for k, v in OmegaConf.to_container(cfg.data).items()}
+        self.feedback = feedback_from_config(cfg.get("feedback"))  # checks the judge config; loads nothing
+        self.feedback_train_rows, self.feedback_selection_rows, self.feedback_record = self.train_rows, None, "human"
+        if is_binary(self.train_rows):
+            self.check_binary_feedback()
+
+    def check_binary_feedback(self) -> None:
+        """Binary-feedback data (harness.data) have no pairs: refuse, before any work, whatever needs them."""
+        cfg = self.cfg
+        why = f"data set {cfg.data.name} is binary feedback (format: {cfg.data.format}) and has no preference pairs"
+        for name, method in self.methods.items():
+            if method.data_view == "pairs":
+                raise HarnessError(f"{why}; method {name!r} trains on pairs: use an unpaired method (kto) or a pair "
+                                   f"data set")
+        if cfg.tune.trials:
+            raise HarnessError(f"{why}; tune.trials selects by held-out pair accuracy: set tune.trials=0")
+        for key, budget in (("budget", self.budget), ("stage_budget", self.stage_budget)):
+            if budget.match != "examples":  # tokens / flops targets are a pair method's cost on the budget's pairs
+                raise HarnessError(f"{why}; {key}.match={budget.match} measures against a pair method: "
+                                   f"set {key}.match=examples")
+        if not self.feedback.is_human:
+            raise HarnessError(f"{why}; feedback={self.feedback.name} relabels pairs: set feedback=human")
+
+    # 2. feedback --------------------------------------------------------------------------
+    def label_feedback(self) -> None:
+        """AI feedback: relabel the pairs methods train on (and the tuning selection pairs) with the judge."""
+        from harness.feedback import label_pairs, record_summary, write_items
+
+        if self.feedback.is_human or not self.method_names:
+            return
+        self.feedback = feedback_from_config(self.cfg.feedback, device=self.device)
+        needed = self.budget.pairs
+        if self.cfg.reward.get("kind") == "bradley-terry" and any(
+                getattr(m, "needs_reward", False) for m in self.methods.values()):  # its reward model trains on them too
+            needed = max(needed, self.stage_budget.pairs)
+        log.info("feedback %s: labelling %d training pairs with %s %s", self.feedback.name, needed,
+                 self.feedback.judge.type, self.feedback.judge_config.get("model"))
+        train = label_pairs(self.train_rows, self.feedback, needed=needed, cache_dir=self.cache / "feedback",
+                            purpose="training")
+        selection = None
+        if self.cfg.tune.trials:
+            selection = label_pairs(self.heldout_rows[-self.cfg.tune.heldout_pairs:], self.feedback, needed=None,
+                                    cache_dir=self.cache / "feedback", purpose="selection", refill=False)
+            self.feedback_selection_rows = selection.rows
+        key = config_hash(train.summary["cache_keys"] + [self.feedback.draw_margin, self.feedback.ties])
+        file = f"feedback/{key}.jsonl"
+        write_items(self.results / file, self.train_rows[: len(train.items)], train.items)
+        self.feedback_train_rows = train.rows
+        self.feedback_record = record_summary(self.feedback, train, selection, file)
+        agreement = train.summary["agreement_with_human"]
+        log.info("feedback %s: %d pairs judged (%s), %d flipped, %d tied; agreement with human labels %.3f ± %.3f",
+                 self.feedback.name, train.summary["pairs_judged"], train.summary["cache"], train.summary["flipped"],
+                 train.summary["tied"], agreement["value"], agreement["stderr"] or 0.0)
 
     # 2. starting checkpoints --------------------------------------------------------------
     def start_point(self, setting: str, chain: tuple = ()) -> StartPoint:
@@ -124,12 +177,13 @@ class Sweep:
             return StartPoint(setting, identity, skip_reason=f"its base setting {base_setting!r} is skipped: {base.skip_reason}")
         stage_id = config_hash(identity)
         log.info("setting %s: deriving from %s by %s (stage %s)", setting, base_setting, stage, stage_id)
-        path, consumed = self.train(method, base.path, self.stage_budget, stage_id)
+        path, consumed = self.train(method, base.path, self.stage_budget, stage_id, human_labels=True)
         return StartPoint(setting, identity, path=path, consumed=consumed)
 
     # 4. training ------------------------------------------------------------------------
-    def train(self, method, start: Path, budget: Budget, run_id: str) -> tuple[Path, dict]:
-        """Train (or reuse) the checkpoint of ``run_id``; returns (folder, consumed budget)."""
+    def train(self, method, start: Path, budget: Budget, run_id: str, *, human_labels: bool = False) -> tuple[Path, dict]:
+        """Train (or reuse) the checkpoint of ``run_id``; returns (folder, consumed budget). Trains on the sweep's
+        feedback labels, or on the data set's own with ``human_labels`` (derived starting settings)."""
         from transformers import AutoTokenizer
 
         target = self.cache / "checkpoints" / run_id
@@ -146,16 +200,19 @@ class Sweep:
 
         staging = target.with_name(f".{run_id}.{os.getpid()}.tmp")
         shutil.rmtree(staging, ignore_errors=True)
-        pairs = truncate_rows(self.train_rows[: budget.pairs], tokenizer, max_prompt_tokens=budget.max_prompt_tokens,
+        train_rows = self.train_rows if human_labels else self.feedback_train_rows
+        pairs = truncate_rows(budget_rows(train_rows, budget.pairs), tokenizer, max_prompt_tokens=budget.max_prompt_tokens,
                               max_completion_tokens=budget.max_completion_tokens)
-        budget, pairs, matching = matched_training(budget, method, pairs, tokenizer)
         reward = None
         if getattr(method, "needs_reward", False):  # online / RL methods: a reward model or programmatic reward
             from harness.rewards import build_reward
 
             reward = build_reward(self.cfg.reward, RewardContext(
-                start_checkpoint=start, train_pairs=self.train_rows, heldout_pairs=self.heldout_rows,
+                start_checkpoint=start, train_pairs=train_rows, heldout_pairs=self.heldout_rows,
                 budget=self.stage_budget, cache_dir=self.cache / "rewards", device=self.device, results_dir=self.results))
+        sizes = ModelSizes.of(start, reward, tokenizer) if budget.match != "examples" else None  # online cost models
+        budget, pairs, matching = matched_training(budget, method, pairs, tokenizer, sizes,
+                                                   heldout_prompts=len(self.heldout_rows))
         job = TrainingJob(start_checkpoint=start, output_dir=staging, reward=reward,
                           data={"train": view_rows(pairs, method.data_view), "heldout": prepare(self.heldout_rows)},
                           budget=budget, seed=budget.seed, scratch_dir=self.cache / "scratch" / run_id,
@@ -176,6 +233,7 @@ class Sweep:
             **matching,
             **outcome.extra,
         }
+        consumed.update(match_quality(consumed))  # consumed / target under budget.match=tokens|flops
         atomic_write_text(staging / "curves.jsonl", "".join(json.dumps(c) + "\n" for c in outcome.curves))
         atomic_write_text(staging / "harness_run.json", json.dumps({"run_id": run_id, "consumed": consumed}, indent=2))
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -225,6 +283,7 @@ class Sweep:
             "cpu" if self.cfg.device == "auto" else self.cfg.device)
         self.results.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.results / "sweep_config.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
+        self.label_feedback()
         if self.cfg.get("published"):  # an experiment's published reference numbers, shown beside ours
             atomic_write_text(self.results / "published.json",
                               json.dumps(OmegaConf.to_container(self.cfg.published), indent=1))
@@ -288,7 +347,7 @@ class Sweep:
             raise HarnessError(f"method {name!r}: tune_grid has {len(combinations)} combinations but tune.trials="
                                f"{tune.trials}; every method gets the same number of trials, so lower tune.trials")
         random.Random(tune.seed).shuffle(combinations)
-        pairs = self.heldout_pairs(start.path)[-tune.heldout_pairs:]
+        pairs = self.selection_pairs(start.path)
         reference = cached_pair_logps(start.path, pairs, self.cache / "tasks", batch_size=self.cfg.eval_batch_size,
                                       device=self.device)
         trials, best = [], None
@@ -334,11 +393,16 @@ class Sweep:
                 from harness.rewards import run_identity
 
                 run_config["reward"] = run_identity(cfg.reward, self.stage_budget)
+            if self.feedback.identity() is not None:  # AI feedback: a different run than on the human labels
+                run_config["feedback"] = self.feedback.identity()
             budget = self.budget.as_dict()
-        return {"run_id": config_hash(run_config), "run_config": run_config, "sweep": cfg.name,
+        unit = {"run_id": config_hash(run_config), "run_config": run_config, "sweep": cfg.name,
                 "family": cfg.model.family, "setting": setting, "method": method_name, "budget": budget,
                 "seed": self.budget.seed, "versions": self._versions, "data": self.data_provenance,
                 "chat_template": None}
+        if method_name != START:
+            unit["feedback"] = self.feedback_record  # "human", or the judge and its agreement with the human labels
+        return unit
 
     def _checkpoint(self, path: Path, setting: str, reference: Path | None) -> Checkpoint:
         from transformers import AutoTokenizer
@@ -355,6 +419,20 @@ class Sweep:
         key = str(start)
         if key not in self._heldout:
             self._heldout[key] = truncate_rows(self.heldout_rows, AutoTokenizer.from_pretrained(start),
+                                               max_prompt_tokens=self.budget.max_prompt_tokens,
+                                               max_completion_tokens=self.budget.max_completion_tokens)
+        return self._heldout[key]
+
+    def selection_pairs(self, start: Path) -> list[dict]:
+        """The tuning selection pairs (the last ``tune.heldout_pairs`` held-out pairs) under the sweep's feedback,
+        cut to the budget's lengths by the starting checkpoint's tokenizer."""
+        from transformers import AutoTokenizer
+
+        if self.feedback_selection_rows is None:
+            return self.heldout_pairs(start)[-self.cfg.tune.heldout_pairs:]
+        key = f"selection:{start}"
+        if key not in self._heldout:
+            self._heldout[key] = truncate_rows(self.feedback_selection_rows, AutoTokenizer.from_pretrained(start),
                                                max_prompt_tokens=self.budget.max_prompt_tokens,
                                                max_completion_tokens=self.budget.max_completion_tokens)
         return self._heldout[key]

@@ -60,7 +60,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from datasets import Dataset, concatenate_datasets
 from trl import DPOTrainer
 

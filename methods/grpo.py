@@ -11,17 +11,19 @@ token using the k3 estimator (eq. 4; Schulman 2020): β·(π_ref/πθ − log(π
 ``dr_grpo`` = later variants; TRL 1.16's default is ``dapo``).
 
 Budget, reward wrapping and token / FLOPs accounting: ``methods/rloo.py`` (``train_sampling_method``);
-GRPO re-scores completions without gradients (old log-probs) only when ``num_iterations`` > 1.
+GRPO re-scores completions without gradients (old log-probs) only when ``num_iterations`` > 1; its
+``visit_cost`` for ``budget.match=tokens|flops`` is ``sampling_visit_cost`` there.
 """
 
 from __future__ import annotations
 
 from harness.protocols import TrainingJob, TrainingOutcome
-from methods.rloo import train_sampling_method
+from methods.rloo import sampling_visit_cost, train_sampling_method
 
 
 class GRPO:
     data_view = "pairs"        # only the prompts are used
+    prompts_only = True        # samples its own responses: the data's responses and labels are unused
     reference_based = True
     needs_reward = True
 
@@ -41,6 +43,14 @@ class GRPO:
     def hyperparameters(self) -> dict:
         return {k: getattr(self, k) for k in ("learning_rate", "beta", "num_generations", "temperature", "epsilon",
                                               "num_iterations", "loss_type", "scale_rewards")}
+
+    def visit_cost(self, prompt_tokens: int, completion_tokens: int, budget, sizes) -> tuple[float, float]:
+        return sampling_visit_cost(prompt_tokens + completion_tokens, sizes, num_generations=self.num_generations,
+                                   num_iterations=self.num_iterations, old_logprob_pass=self.num_iterations > 1,
+                                   beta=self.beta)
+
+    def visit_granularity(self, budget) -> tuple[int, int]:
+        return budget.batch_pairs, budget.batch_pairs  # whole generation batches
 
     def train(self, job: TrainingJob) -> TrainingOutcome:
         from trl import GRPOConfig, GRPOTrainer

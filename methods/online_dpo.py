@@ -15,7 +15,9 @@ every reward kind works and a reward model is loaded once.
 ``budget.epochs`` passes over the budget's prompts, completions up to ``budget.max_completion_tokens``.
 **Tokens / FLOPs** (policy-parameter equivalents, see ``methods/ppo.py``): with G = prompt + completion
 tokens of both samples, ``policy_tokens`` = G (both sequences go through forward+backward),
-``reference_tokens`` = G (generation) + G (reference) + reward-model tokens × N_reward/N.
+``reference_tokens`` = G (generation) + G (reference) + reward-model tokens × N_reward/N. ``visit_cost``
+gives the same sums for one prompt visit (two samples of prompt + ``budget.max_completion_tokens`` tokens)
+for ``budget.match=tokens|flops`` (``harness.matching``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from harness.protocols import TrainingJob, TrainingOutcome
 
 class OnlineDPO:
     data_view = "pairs"        # only the prompts are used
+    prompts_only = True        # samples its own responses: the data's responses and labels are unused
     reference_based = True
     needs_reward = True
 
@@ -40,6 +43,11 @@ class OnlineDPO:
 
     def hyperparameters(self) -> dict:
         return {k: getattr(self, k) for k in ("learning_rate", "beta", "loss_type", "temperature", "missing_eos_penalty")}
+
+    def visit_cost(self, prompt_tokens: int, completion_tokens: int, budget, sizes) -> tuple[float, float]:
+        """(trained, forward-only) tokens of one prompt visit, in policy-parameter equivalents (module docstring)."""
+        generated = 2 * (prompt_tokens + completion_tokens)
+        return float(generated), generated * (2.0 + sizes.reward_share)  # generation, reference, reward model
 
     def train(self, job: TrainingJob) -> TrainingOutcome:
         from datasets import Dataset

@@ -21,11 +21,13 @@ implementation details of RLHF with PPO"):
 
 **Budget.** The prompts are the budget's pairs' prompts (chosen and rejected responses are unused):
 one rollout per prompt per PPO iteration, ``budget.batch_pairs`` prompts per iteration, ``budget.epochs``
-passes over the prompts; completions are sampled up to ``budget.max_completion_tokens`` tokens. All four
-models run in fp32 (``budget.precision`` is not applied yet; ``extra`` says ``precision: fp32``).
-Optimizer steps = iterations × ``ppo_epochs`` × ``minibatches``; the learning-rate schedule is the
-budget's. Forward passes run in micro-batches of 2 × ``budget.micro_batch_pairs`` sequences (a pair
-is two sequences). ``budget.lora`` trains LoRA adapters on the policy (merged when saved).
+passes over the prompts; completions are sampled up to ``budget.max_completion_tokens`` tokens.
+``budget.precision`` applies as for the TRL methods (``harness.training.precision_flags``): weights and
+the optimizer stay fp32, generation and every forward pass run under ``torch.autocast`` in bf16 / fp16
+(fp16 with a gradient scaler); ``auto`` is bf16 on a GPU that supports it, else fp32; ``extra`` records
+the precision used. Optimizer steps = iterations × ``ppo_epochs`` × ``minibatches``; the learning-rate
+schedule is the budget's. Forward passes run in micro-batches of 2 × ``budget.micro_batch_pairs``
+sequences (a pair is two sequences). ``budget.lora`` trains LoRA adapters on the policy (merged when saved).
 
 **FLOPs.** The harness computes 6·N·policy_tokens + 2·N·reference_tokens with N = the saved policy's
 parameters. PPO runs four models, so both counts are in *policy-parameter equivalents*: a token
@@ -35,6 +37,11 @@ through a model of N' parameters counts N'/N tokens. With s = prompt + completio
 * ``reference_tokens`` = s (generation: prompt prefill + one forward per sampled token, with a KV
   cache) + s (old log-probs) + s (reference log-probs) + s·N_value/N (old values)
   + reward-model tokens·N_reward/N.
+
+``visit_cost`` gives the same sums for one prompt visit, for ``budget.match=tokens|flops``
+(``harness.matching``): s = prompt + ``budget.max_completion_tokens``, N_value = N_reward when the value
+model starts from the reward model, else ≈ N (the policy's backbone and a scalar head; an untied LM head is
+not in it, so the estimate is a little high for untied models).
 
 ``TrainingOutcome.extra`` keeps the raw counts: ``generation_tokens``, ``reward_tokens``,
 ``value_tokens`` (value-model forward-only), ``value_trained_tokens``, ``policy_trained_tokens``,
@@ -309,6 +316,7 @@ def disable_dropout(model) -> None:
 
 class PPO:
     data_view = "pairs"         # only the prompts are used
+    prompts_only = True        # samples its own responses: the data's responses and labels are unused
     reference_based = True
     needs_reward = True
 
@@ -346,6 +354,21 @@ class PPO:
             "value_clip", "value_coef", "gamma", "lam", "temperature", "whiten_rewards", "missing_eos_penalty",
             "value_init")}
 
+    def visit_cost(self, prompt_tokens: int, completion_tokens: int, budget, sizes) -> tuple[float, float]:
+        """(trained, forward-only) tokens of one prompt visit (one rollout), in policy-parameter equivalents:
+        the per-rollout terms of the module docstring's **FLOPs** sums (``harness.matching``)."""
+        sequence = prompt_tokens + completion_tokens
+        value = self.value_share(sizes)
+        trained = self.ppo_epochs * sequence * (1.0 + value)  # policy and value model, forward + backward
+        # generation, old log-probs, reference log-probs, old values, the reward model
+        forward_only = sequence * (3.0 + value + sizes.reward_share)
+        return trained, forward_only
+
+    def value_share(self, sizes) -> float:
+        """N_value / N as ``_value_source`` will pick the value model: the reward model's size when it starts from it."""
+        from_reward = self.value_init != "policy" and sizes.reward > 0 and sizes.reward_reads_policy_tokens
+        return sizes.reward_share if from_reward else 1.0
+
     def train(self, job: TrainingJob) -> TrainingOutcome:
         import torch
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
@@ -358,6 +381,8 @@ class PPO:
         if reward is None:
             raise HarnessError("ppo needs a reward: set reward=<name> (conf/reward/)")
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        precision, autocast = mixed_precision(budget.precision, device)
+        scaler = torch.amp.GradScaler(device, enabled=precision == "fp16")
         torch.manual_seed(job.seed)
         generator = random.Random(job.seed)
 
@@ -407,16 +432,18 @@ class PPO:
             for start in range(0, len(order), batch):
                 rows = order[start: start + batch]
                 # 1. rollout: sample, score, and take log-probs, reference log-probs and values (no gradients)
-                rollout = sample_rollout(policy, tokenizer, [prompts[i] for i in rows], [prompt_ids[i] for i in rows],
-                                         max_new_tokens=budget.max_completion_tokens, temperature=self.temperature,
-                                         batch_size=micro, eos_ids=eos_ids, device=device)
+                with autocast():
+                    rollout = sample_rollout(policy, tokenizer, [prompts[i] for i in rows],
+                                             [prompt_ids[i] for i in rows], max_new_tokens=budget.max_completion_tokens,
+                                             temperature=self.temperature, batch_size=micro, eos_ids=eos_ids,
+                                             device=device)
                 before = reward.tokens_scored
                 scores = torch.tensor(reward.score(rollout.prompts, rollout.texts), dtype=torch.float32, device=device)
                 counts["reward_tokens"] += reward.tokens_scored - before
                 old_logps, ref_logps, old_values, entropies = [], [], [], []
                 policy.eval()
                 value_model.eval()
-                with torch.no_grad():
+                with torch.no_grad(), autocast():
                     for chunk in _chunks(list(range(len(rows))), micro):
                         part = rollout.select(chunk)
                         logps, entropy = completion_logprobs(policy, part, self.temperature, device, with_entropy=True)
@@ -460,23 +487,26 @@ class PPO:
                             columns = part.mask.shape[1]
                             index = torch.as_tensor(chunk, device=device)
                             part_mask = part.mask.to(device).float()
-                            new_logps, _ = completion_logprobs(policy, part, self.temperature, device)
-                            new_values = completion_values(value_model, part, device)
+                            with autocast():  # log-probs and values come out in fp32 (.float()), so do the losses
+                                new_logps, _ = completion_logprobs(policy, part, self.temperature, device)
+                                new_values = completion_values(value_model, part, device)
                             policy_loss, clip_fraction = clipped_policy_loss(
                                 new_logps, old_logps[index, :columns], advantages[index, :columns], self.clip, part_mask)
                             value_loss, value_clip_fraction = clipped_value_loss(
                                 new_values, old_values[index, :columns], returns[index, :columns], self.value_clip,
                                 part_mask)
                             loss = policy_loss + self.value_coef * value_loss
-                            (loss * len(chunk) / len(minibatch)).backward()
+                            scaler.scale(loss * len(chunk) / len(minibatch)).backward()
                             with torch.no_grad():
                                 approx_kl = masked_mean(kl_estimate(old_logps[index, :columns], new_logps, "k3"), part_mask)
                             for key, value in (("loss", loss), ("policy_loss", policy_loss), ("value_loss", value_loss),
                                                ("clip_fraction", clip_fraction),
                                                ("value_clip_fraction", value_clip_fraction), ("approx_kl", approx_kl)):
                                 stats[key].append(float(value.detach()))
+                        scaler.unscale_(optimizer)
                         torch.nn.utils.clip_grad_norm_(trainable, budget.max_grad_norm)
-                        optimizer.step()
+                        scaler.step(optimizer)
+                        scaler.update()
                         scheduler.step()
                         steps += 1
                 counts["policy_trained_tokens"] += self.ppo_epochs * tokens
@@ -507,7 +537,7 @@ class PPO:
                             + counts["reward_tokens"] * reward_share)
         extra = {**counts, "policy_parameters": n_policy, "value_parameters": n_value,
                  "reward_parameters": reward.parameters, "value_init": str(value_source),
-                 "iterations": len(curves), "final_kl_coef": kl_control.value, "precision": "fp32",
+                 "iterations": len(curves), "final_kl_coef": kl_control.value, "precision": precision,
                  "flops_accounting": "policy-parameter equivalents (methods/ppo.py)", "reward": reward_record(reward)}
         return TrainingOutcome(optimizer_steps=steps, examples=rollouts, pairs=float(rollouts),
                                policy_tokens=round(policy_tokens), reference_tokens=round(reference_tokens),
@@ -528,6 +558,22 @@ class PPO:
                 raise HarnessError("ppo: value_init=reward but the reward model's tokenizer differs from the policy's")
             return job.start_checkpoint
         return path
+
+
+def mixed_precision(precision: str, device: str):
+    """(precision used, a context factory): ``torch.autocast`` in bf16 / fp16 as ``budget.precision`` says
+    (``harness.training.precision_flags``, which the TRL methods use), a no-op for fp32."""
+    import contextlib
+
+    import torch
+
+    from harness.training import precision_flags
+
+    flags = precision_flags(precision)
+    dtype = torch.bfloat16 if flags["bf16"] else torch.float16 if flags["fp16"] else None
+    if dtype is None:
+        return "fp32", contextlib.nullcontext
+    return ("bf16" if flags["bf16"] else "fp16"), lambda: torch.autocast(device_type=device, dtype=dtype)
 
 
 def _chunks(items: list, size: int) -> list[list]:

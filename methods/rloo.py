@@ -17,7 +17,10 @@ to ``budget.max_completion_tokens``. The reward is ``job.reward`` wrapped as a T
 tokens of every sampled completion (TRL's ``num_input_tokens_seen``),
 ``policy_tokens`` = G × num_iterations; ``reference_tokens`` = G (generation) + G (old log-probs, when
 the trainer computes them) + G (reference, when β > 0) + reward-model tokens × N_reward/N.
-``extra`` keeps ``generation_tokens``, ``reward_tokens`` and the rest.
+``extra`` keeps ``generation_tokens``, ``reward_tokens`` and the rest. ``sampling_visit_cost`` gives the same
+sums for one prompt visit (k completions of prompt + ``budget.max_completion_tokens`` tokens) for
+``budget.match=tokens|flops`` (``harness.matching``); visits come in whole generation batches of
+``budget.batch_pairs`` prompts, since TRL's sampler only yields full batches.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from harness.protocols import TrainingJob, TrainingOutcome
 
 class RLOO:
     data_view = "pairs"        # only the prompts are used
+    prompts_only = True        # samples its own responses: the data's responses and labels are unused
     reference_based = True
     needs_reward = True
 
@@ -47,6 +51,13 @@ class RLOO:
         return {k: getattr(self, k) for k in ("learning_rate", "beta", "num_generations", "temperature", "epsilon",
                                               "num_iterations", "normalize_advantages")}
 
+    def visit_cost(self, prompt_tokens: int, completion_tokens: int, budget, sizes) -> tuple[float, float]:
+        return sampling_visit_cost(prompt_tokens + completion_tokens, sizes, num_generations=self.num_generations,
+                                   num_iterations=self.num_iterations, old_logprob_pass=True, beta=self.beta)
+
+    def visit_granularity(self, budget) -> tuple[int, int]:
+        return budget.batch_pairs, budget.batch_pairs  # whole generation batches
+
     def train(self, job: TrainingJob) -> TrainingOutcome:
         from trl import RLOOConfig, RLOOTrainer
 
@@ -54,6 +65,17 @@ class RLOO:
         return train_sampling_method(job, RLOOConfig, RLOOTrainer, learning_rate=self.learning_rate,
                                      num_generations=self.num_generations, temperature=self.temperature,
                                      num_iterations=self.num_iterations, old_logprob_pass=True, options=options)
+
+
+def sampling_visit_cost(sequence_tokens: int, sizes, *, num_generations: int, num_iterations: int,
+                        old_logprob_pass: bool, beta: float) -> tuple[float, float]:
+    """(trained, forward-only) tokens of one prompt visit in policy-parameter equivalents, as
+    ``train_sampling_method`` counts them: k = ``num_generations`` sequences of ``sequence_tokens`` each,
+    trained ``num_iterations`` times; generated, re-scored (old log-probs), scored by the reference (β ≠ 0) and
+    by the reward model (× N_reward/N) once."""
+    generated = num_generations * sequence_tokens
+    passes = 1.0 + (1.0 if old_logprob_pass else 0.0) + (1.0 if beta else 0.0) + sizes.reward_share
+    return float(generated * num_iterations), generated * passes
 
 
 # TRL log keys → the harness's curve names (the raw keys stay too)

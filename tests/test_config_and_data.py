@@ -26,7 +26,7 @@ def test_default_sweep_composes_to_the_documented_defaults():
     assert cfg.model.family == "smollm2-135m"
     assert list(cfg.settings) == ["instruct", "sft"]
     assert list(cfg.methods) == ["dpo", "kto"]
-    assert list(cfg.tasks) == ["truthfulqa_mc"]
+    assert list(cfg.tasks) == ["truthfulqa_mc", "gsm8k", "toxicity", "win_rate"]
     assert cfg.budget.name == "smoke" and cfg.include_start is True
     assert cfg.model.checkpoints.instruct == "embedded:smollm2-135m-instruct"
     assert cfg.model.checkpoints.sft == "derived:sft:instruct"

@@ -106,9 +106,12 @@ ACCURACY_WAIVED = {"discopop"}
 
 
 def offline_methods() -> list[str]:
-    """Every method in conf/method that learns from the preference data itself (no reward model)."""
-    return [m for m in available("method")
-            if not getattr(instantiate("method", m, None, params_key="method_params"), "needs_reward", False)]
+    """Every method in conf/method that learns from the preference data itself: no reward, and not one that
+    samples its own responses (``prompts_only``: self_rewarding needs no reward but learns from its own samples;
+    the online methods are tested in test_rewards_and_online.py and test_self_play.py)."""
+    methods = [(m, instantiate("method", m, None, params_key="method_params")) for m in available("method")]
+    return [m for m, method in methods
+            if not getattr(method, "needs_reward", False) and not getattr(method, "prompts_only", False)]
 
 
 def test_every_method_learns_the_toy_preference(tmp_path, cache_dir):

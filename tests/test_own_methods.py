@@ -43,7 +43,7 @@ def test_own_methods_train_through_the_cli_and_share_the_reference_cache(tmp_pat
     result = run_cli("sweep", "model=tiny-random", "budget=micro", "budget@stage_budget=micro",
                      "budget.batch_pairs=2",  # two optimizer steps, so sdpo has two chunks
                      "settings=[instruct]", f"methods=[dpo,{','.join(OWN)}]", "include_start=false",
-                     "+task_params.truthfulqa_mc.limit=2", "eval_batch_size=4",
+                     "tasks=[truthfulqa_mc]", "+task_params.truthfulqa_mc.limit=2", "eval_batch_size=4",
                      f"paths.results={tmp_path}", "name=own", cache=cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     records = {r["method"]: r for r in read_records(tmp_path / "own")}

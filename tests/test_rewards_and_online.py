@@ -1,4 +1,4 @@
-"""Rewards (harness/rewards.py) and the online / RL methods (ppo, rloo, grpo, online_dpo, iterative_dpo) on
+"""Rewards (harness/rewards.py) and the online / RL methods (ppo, rloo, grpo, online_dpo, iterative_dpo, sppo, rso) on
 tiny-random: a Bradley-Terry reward model trains, is cached and records its held-out accuracy; every online
 method runs through the real CLI to ok records; under the ``short-answers`` reward the mean reward of PPO
 and RLOO rises."""
@@ -15,7 +15,7 @@ from conftest import run_cli
 from harness.records import read_records
 from harness.registry import CONF_DIR
 
-ONLINE = ["ppo", "rloo", "grpo", "online_dpo", "iterative_dpo"]
+ONLINE = ["ppo", "rloo", "grpo", "online_dpo", "iterative_dpo", "sppo", "rso"]
 
 
 def test_short_answers_reward_by_hand():
@@ -101,6 +101,10 @@ ONLINE_SWEEP = [
     "+method_params.online_dpo.learning_rate=1e-3",
     "+method_params.iterative_dpo.learning_rate=1e-3", "+method_params.iterative_dpo.rounds=2",
     "+method_params.iterative_dpo.heldout_prompts=8",
+    # sppo: both rounds run (min_improvement -1: the stopping rule never fires on rewards in [0, 1]); default beta
+    "+method_params.sppo.learning_rate=1e-3", "+method_params.sppo.rounds=2", "+method_params.sppo.samples=3",
+    "+method_params.sppo.heldout_prompts=8", "+method_params.sppo.min_improvement=-1",
+    "+method_params.rso.learning_rate=1e-3", "+method_params.rso.candidates=8", "+method_params.rso.accepted=4",
 ]
 
 
@@ -130,6 +134,18 @@ def test_online_methods_run_through_the_cli_and_the_reward_rises(tmp_path, cache
     iterative = records["iterative_dpo"]["consumed"]
     assert 1 <= iterative["rounds_done"] <= 2 and len(iterative["heldout_rewards"]) == iterative["rounds_done"] + 1
     assert iterative["stopped_early"] == (iterative["rounds_done"] < 2)  # the stopping rule, or both rounds ran
+    sppo = records["sppo"]["consumed"]
+    assert sppo["rounds_done"] == 2 and sppo["oracle"] == "reward (Bradley-Terry link)"
+    assert sum(sppo["round_pairs"]) + sum(sppo["round_ties_dropped"]) == 32  # 16 prompts a round, 3 samples each
+    assert all(w > l for w, l in zip(sppo["winner_win_probabilities"], sppo["loser_win_probabilities"]))
+    # TRL's sppo_hard loss, (log-ratio_w − 1/2β)² + (log-ratio_l + 1/2β)², is 2·(1/2β)² = 1/2β² at each round's first
+    # step — the round's policy and its reference (the previous round's policy) are the same model there
+    beta = records["sppo"]["run_config"]["hyperparameters"]["beta"]
+    first_losses = {}
+    for entry in curves(folder, records["sppo"]):
+        if "loss" in entry and entry["round"] not in first_losses:
+            first_losses[entry["round"]] = entry["loss"]
+    assert first_losses == {1: pytest.approx(0.5 / beta ** 2, rel=1e-3), 2: pytest.approx(0.5 / beta ** 2, rel=1e-3)}
 
     rises = {}
     for method in ("ppo", "rloo"):

@@ -150,8 +150,8 @@ def test_kto_class_weights_follow_the_paper():
 
 def test_all_new_methods_train_in_one_matched_sweep(tmp_path, cache_dir):
     result = run_cli("sweep", "model=tiny-random", "budget=micro", "budget@stage_budget=micro", "settings=[instruct]",
-                     f"methods=[{','.join(NEW_METHODS)}]", "include_start=false", "+task_params.truthfulqa_mc.limit=2",
-                     "eval_batch_size=4", f"paths.results={tmp_path}", "name=t", cache=cache_dir)
+                     f"methods=[{','.join(NEW_METHODS)}]", "include_start=false", "tasks=[truthfulqa_mc]",
+                     "+task_params.truthfulqa_mc.limit=2", "eval_batch_size=4", f"paths.results={tmp_path}", "name=t", cache=cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     records = read_records(tmp_path / "t")
     by_method = {r["method"]: r for r in records}
