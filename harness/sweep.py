@@ -271,8 +271,10 @@ class Sweep:
                     record.update(status="failed", reason=_failure(error, self.results, unit["run_id"]))
             record["finished_at"] = now()
             append_record(self.results, record)
-            log.info("  %s: %s %s", task_name, record["status"],
-                     " ".join(f"{k}={v['value']:.4f}±{(v['stderr'] or 0):.4f}" for k, v in record["metrics"].items()))
+            shown = {k: v for k, v in record["metrics"].items() if "/" not in k}  # breakdowns are in the record
+            log.info("  %s: %s %s%s", task_name, record["status"],
+                     " ".join(f"{k}={v['value']:.4f}±{(v['stderr'] or 0):.4f}" for k, v in shown.items()),
+                     f" (+{len(record['metrics']) - len(shown)} breakdowns)" if len(shown) < len(record["metrics"]) else "")
 
     # the whole sweep -------------------------------------------------------------------
     def run(self) -> Path:

@@ -18,10 +18,6 @@ from harness.records import read_records
 
 TINY = ["model=tiny-random", "budget=micro", "budget@stage_budget=micro", "tasks=[truthfulqa_mc]",
         "+task_params.truthfulqa_mc.limit=2", "eval_batch_size=4"]
-# every default task, shrunk: the default sweep's task path on the embedded model in a few minutes
-ALL_TASKS_SHRUNK = ["+task_params.truthfulqa_mc.limit=2", "+task_params.gsm8k.limit=1", "+task_params.gsm8k.max_new_tokens=32",
-                    "+task_params.toxicity.per_group=1", "+task_params.toxicity.groups=[asian,women]",
-                    "+task_params.win_rate.limit=2", "+task_params.win_rate.max_new_tokens=16"]
 
 
 def sweep_args(results: Path, *overrides: str) -> list[str]:
@@ -197,7 +193,8 @@ def test_method_and_task_shorthands(tmp_path, cache_dir):
 @pytest.mark.slow
 def test_embedded_model_micro_sweep(tmp_path, cache_dir):
     """The shipped default family (SmolLM2-135M-Instruct from PyPI) through the real CLI, shrunk."""
-    result = run_cli("sweep", "budget=micro", "budget@stage_budget=micro", *ALL_TASKS_SHRUNK,
+    result = run_cli("sweep", "budget=micro", "budget@stage_budget=micro", "tasks=[truthfulqa_mc]",
+                     "+task_params.truthfulqa_mc.limit=2",
                      f"paths.results={tmp_path}", "name=e", cache=cache_dir, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     records = read_records(tmp_path / "e")
@@ -206,8 +203,5 @@ def test_embedded_model_micro_sweep(tmp_path, cache_dir):
     assert all(r["status"] == "ok" for r in records), [r["reason"] for r in records]
     start = next(r for r in records if r["setting"] == "instruct" and r["method"] == "start")
     assert start["run_config"]["start"]["spec"] == "embedded:smollm2-135m-instruct"
-    assert {(r["setting"], r["method"], r["task"]) for r in records} == {
-        (s, m, t) for s in ("instruct", "sft") for m in ("start", "dpo", "kto")
-        for t in ("truthfulqa_mc", "gsm8k", "toxicity", "win_rate")}
     dpo = next(r for r in records if r["setting"] == "instruct" and r["method"] == "dpo")
     assert dpo["consumed"]["parameters"] > 100_000_000
