@@ -32,9 +32,11 @@ def load_for_generation(path: Path, device: str = "cpu"):
 
 
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int = 8,
-             do_sample: bool = False, temperature: float = 1.0, seed: int = 0, device: str = "cpu",
-             stop: list[str] | None = None, progress: str | None = None) -> list[str]:
-    """Continuations of ``prompts`` (text after the prompt, cut at the first ``stop`` string)."""
+             do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None, seed: int = 0,
+             device: str = "cpu", stop: list[str] | None = None, progress: str | None = None) -> list[str]:
+    """Continuations of ``prompts`` (text after the prompt, cut at the first ``stop`` string). Sampling draws from the
+    softmax at ``temperature``, restricted to the ``top_k`` likeliest tokens when set (None: the whole vocabulary;
+    the model's own generation_config defaults are overridden either way)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -48,7 +50,8 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
             torch.manual_seed(seed)
         with torch.no_grad():
             generated = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                       temperature=temperature if do_sample else None, top_p=None, top_k=None,
+                                       temperature=temperature if do_sample else None, top_p=None,
+                                       top_k=top_k if do_sample else None,
                                        pad_token_id=tokenizer.pad_token_id)
         new_tokens = generated[:, encoded["input_ids"].shape[1]:]
         for row, index in enumerate(batch):

@@ -427,13 +427,14 @@ class RewardModelJudge:
 
     def judge_batch(self, items: list[tuple[str, str, str]]) -> list[Judgment]:
         texts = [self._conversation(i, o) for i, a, b in items for o in (a, b)]
-        rewards = self._rewards(texts)
+        rewards, lengths = self._rewards(texts)
         judgments = []
         for k in range(len(items)):
             r_1, r_2 = rewards[2 * k], rewards[2 * k + 1]
             p = 1.0 / (1.0 + math.exp(-(r_1 - r_2)))
+            read = {"prompt_tokens": lengths[2 * k] + lengths[2 * k + 1]}  # what judged_prompt_tokens counts
             judgments.append(Judgment(probability=p, output_1_first=p, output_1_second=p, method="reward_difference",
-                                      raw={"reward_1": r_1, "reward_2": r_2}))
+                                      raw={"reward_1": r_1, "reward_2": r_2, "read": read}))
         return judgments
 
     def _conversation(self, instruction: str, output: str) -> str:
@@ -445,12 +446,14 @@ class RewardModelJudge:
                                                   {"role": "assistant", "content": output}], tokenize=False)
         return f"\n\nHuman: {instruction}\n\nAssistant: {output}"
 
-    def _rewards(self, texts: list[str]) -> list[float]:
+    def _rewards(self, texts: list[str]) -> tuple[list[float], list[int]]:
+        """The reward of each text, and the tokens it read (the FLOPs accounting of methods that judge)."""
         import torch
 
         model, tokenizer = self.load()
         limit = min(getattr(tokenizer, "model_max_length", 4096) or 4096, 4096)
         rewards: list[float] = []
+        lengths: list[int] = []
         for start in range(0, len(texts), self.batch_size):
             encoded = tokenizer(texts[start: start + self.batch_size], return_tensors="pt", padding=True,
                                 truncation=True, max_length=limit,
@@ -458,7 +461,8 @@ class RewardModelJudge:
             with torch.no_grad():
                 logits = model(**{k: v.to(self.device) for k, v in encoded.items()}).logits
             rewards += [float(value) for value in logits[:, 0].float().tolist()]
-        return rewards
+            lengths += [int(n) for n in encoded["attention_mask"].sum(dim=1).tolist()]
+        return rewards, lengths
 
 
 # ---------------------------------------------------------------------------------------------

@@ -89,12 +89,14 @@ class Board:
     def by_key(self, key: tuple) -> list[dict]:
         return [r for r in self.records if row_key(r) == key]
 
-    def metric_names(self) -> list[str]:
+    def metric_names(self, *, breakdowns: bool = True) -> list[str]:
+        """``task/metric`` columns in task order; without ``breakdowns``, only headline metrics (a breakdown is a
+        metric name with a ``/`` of its own, e.g. toxicity's ``toxic_share/group=women``)."""
         names = []
         for task in self.tasks:
             for record in self.records:
                 if record["task"] == task:
-                    names += [f"{task}/{m}" for m in record.get("metrics") or {}]
+                    names += [f"{task}/{m}" for m in record.get("metrics") or {} if breakdowns or "/" not in m]
         return list(dict.fromkeys(names))
 
     def status(self, key: tuple) -> tuple[str, str]:
@@ -245,8 +247,11 @@ def table_rows(board: Board) -> list[dict]:
 
 
 def markdown(board: Board) -> str:
+    """Per (family, setting): a table of headline metrics, Δ, budget; then each task's breakdowns (per group,
+    hate / neutral, ...) transposed, a row per breakdown. The CSV has every column in one table."""
     ranks = board.ranks()
-    metrics = board.metric_names()
+    metrics = board.metric_names(breakdowns=False)
+    breakdowns = [m for m in board.metric_names() if m not in metrics]
     sweeps = ", ".join(sorted({str(r.get("sweep")) for r in board.records}))
     out = [f"# Leaderboard: {sweeps}", "",
            f"Built from {board.record_count} records in `{board.folder / 'records.jsonl'}`; every row's exact "
@@ -281,6 +286,12 @@ def markdown(board: Board) -> str:
             cells.append("ok" if status == "ok" else f"{status}: {reason}".replace("|", "\\|"))
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
+        shown = [m for m in breakdowns if any(board.metric(key, m) for key in keys)]
+        if shown:
+            out += [f"### {family} · {setting}: breakdowns", "",
+                    "| metric | " + " | ".join(key[2] for key in keys) + " |", "|" + "|".join("---" for _ in range(len(keys) + 1)) + "|"]
+            out += ["| " + " | ".join([m, *[fmt_value(board.metric(key, m)) for key in keys]]) + " |" for m in shown]
+            out.append("")
     out += matrix_markdown(board)
     if board.published:
         out += published_markdown(board.published)
@@ -315,8 +326,9 @@ def published_markdown(published: list[dict]) -> list[str]:
 
 
 def latex(board: Board) -> str:
-    """booktabs tables per (family, setting); the best value of each metric column in bold."""
-    metrics = board.metric_names()
+    """booktabs tables per (family, setting) of the headline metrics (breakdowns are in the CSV); the best value of
+    each metric column in bold."""
+    metrics = board.metric_names(breakdowns=False)
     groups: dict[tuple, list[tuple]] = {}
     for key in board.keys:
         groups.setdefault(key[:2], []).append(key)

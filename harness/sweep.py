@@ -58,6 +58,8 @@ class Sweep:
         self.cfg = cfg
         self.results = Path(cfg.paths.results) / cfg.name
         self.cache = Path(cfg.paths.cache).expanduser()
+        # what resolves models outside the sweep's own calls (judges, reward models) reads the same cache
+        os.environ["ALIGN_HARNESS_CACHE"] = str(self.cache)
         self.mirror = Path(cfg.data_mirror).expanduser() if cfg.data_mirror else None
         self.method_names = list(cfg.methods)  # the CLI expands method=<name> / task=<name> (harness.cli)
         self.task_names = list(cfg.tasks)

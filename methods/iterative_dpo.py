@@ -230,8 +230,8 @@ class Sampler:
     generation cost in policy tokens.
     """
 
-    def __init__(self, budget, temperature: float):
-        self.budget, self.temperature, self.tokens = budget, temperature, 0
+    def __init__(self, budget, temperature: float, top_k: int | None = None):
+        self.budget, self.temperature, self.top_k, self.tokens = budget, temperature, top_k, 0
 
     def complete(self, path, prompts: list, *, seeds: list[int] | None = None) -> list[list[str]]:
         """Per prompt, one sampled completion per seed (loading the model once), or one greedy one without seeds."""
@@ -248,7 +248,7 @@ class Sampler:
         for seed in seeds if seeds is not None else [None]:
             outputs = generate(model, tokenizer, texts, max_new_tokens=self.budget.max_completion_tokens,
                                batch_size=2 * self.budget.micro_batch_pairs, do_sample=seed is not None,
-                               temperature=self.temperature, seed=seed or 0, device=device)
+                               temperature=self.temperature, top_k=self.top_k, seed=seed or 0, device=device)
             self.tokens += prompt_tokens + sum(len(tokenizer(o, add_special_tokens=False)["input_ids"]) for o in outputs)
             columns.append(outputs)
         return [list(row) for row in zip(*columns)]

@@ -24,10 +24,9 @@ the last is kept, as in the paper.
 
 **Budget** and **tokens / FLOPs** as ``iterative_dpo`` (policy-parameter equivalents, see ``methods/ppo.py``): the
 DPO-style rounds' own counts plus, forward-only, generation tokens (K samples per prompt, plus the held-out
-completions) and reward-model tokens × N_reward/N; a ``local_hf`` judge's prompt tokens × N_judge/N (K(K−1)/2
-comparisons × 2 orders per prompt). An API judge's tokens are not local compute and are not counted; a
-``reward_model`` judge does not report its tokens (``judge_tokens`` then undercounts: use ``reward=path``, the
-same Bradley–Terry probabilities, to have them counted). ``visit_cost``, ``run_cost`` and ``visit_granularity`` are
+completions) and reward-model tokens × N_reward/N; a local judge's tokens × N_judge/N (``local_hf``: its prompts, K(K−1)/2
+comparisons × 2 orders per prompt; ``reward_model``: both sequences of each comparison). An API judge's tokens are not
+local compute and are not counted. ``visit_cost``, ``run_cost`` and ``visit_granularity`` are
 the same sums per prompt for ``budget.match=tokens|flops`` (``harness.matching``; a judge estimated as policy-sized).
 """
 
@@ -191,13 +190,19 @@ class JudgeOracle:
                                  config_key=f"method_params.{name}.judge")
         self.judge_tokens, self.judgments, self.consistent = 0, 0, []
 
-    def matrices(self, prompts: list, samples: list[list[str]]) -> list[list[list[float]]]:
+    def judge_batch(self, items: list[tuple[str, str, str]]) -> list:
+        """The judge's ``judge_batch``, its judgments and prompt tokens counted (also used by ``methods/rso.py``)."""
         from harness.feedback import judged_prompt_tokens
-        from methods.iterative_dpo import judged_win_matrices
 
-        matrices, judgments = judged_win_matrices(self.judge, prompts, samples)
+        judgments = self.judge.judge_batch(items) if items else []
         self.judge_tokens += judged_prompt_tokens(judgments)
         self.judgments += len(judgments)
+        return judgments
+
+    def matrices(self, prompts: list, samples: list[list[str]]) -> list[list[list[float]]]:
+        from methods.iterative_dpo import judged_win_matrices
+
+        matrices, judgments = judged_win_matrices(self, prompts, samples)
         self.consistent = [float(j.consistent(0.0)) for j in judgments]
         return matrices
 

@@ -33,6 +33,17 @@ def test_default_sweep_composes_to_the_documented_defaults():
     assert cfg.name == "smollm2-135m-smoke"
 
 
+def test_sweep_cache_reaches_every_model_resolver(tmp_path, monkeypatch):
+    """paths.cache is where judges and reward models unpack their models too (they resolve via the environment)."""
+    from harness.judges import _resolve_model
+    from harness.sweep import Sweep
+
+    monkeypatch.setenv("ALIGN_HARNESS_CACHE", str(tmp_path / "env-cache"))
+    Sweep(compose_sweep("model=tiny-random", f"paths.cache={tmp_path / 'sweep-cache'}", f"paths.results={tmp_path}"))
+    path = _resolve_model("tiny-random:2", "task_params.win_rate.judge")
+    assert path.is_relative_to(tmp_path / "sweep-cache") and not (tmp_path / "env-cache").exists()
+
+
 def test_overrides_reach_every_group():
     cfg = compose_sweep("model=tiny-random", "budget=micro", "methods=[kto]", "budget.pairs=2",
                         "+method_params.kto.beta=0.3", "budget@stage_budget=standard")

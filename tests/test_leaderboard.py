@@ -126,6 +126,25 @@ def test_latex_is_booktabs_with_best_in_bold(board_folder):
     assert "\\textbf{0.250 $\\pm$ 0.250}" in text   # dpo's toxic share is the lowest of instruct
 
 
+def test_breakdowns_leave_the_main_table_for_their_own(board_folder):
+    """Per-group breakdowns (a metric name with its own "/") are rows of a transposed table under the setting's main
+    table in Markdown, absent from LaTeX, and columns of the CSV."""
+    records = [json.loads(line) for line in (board_folder / "records.jsonl").read_text().splitlines()]
+    (board_folder / "records.jsonl").unlink()
+    for record in records:
+        if record["task"] == "toxicity":
+            record["metrics"]["toxic_share/group=women"] = {"value": 0.5, "stderr": 0.25, "higher_is_better": False}
+        append_record(board_folder, record)
+    outputs = build_leaderboard(board_folder)
+    text = outputs["markdown"].read_text()
+    main_header = next(line for line in text.splitlines() if line.startswith("| method | unified"))
+    assert "group=women" not in main_header and "toxicity/toxic_share" in main_header
+    assert "### fixture · instruct: breakdowns" in text
+    assert "| toxicity/toxic_share/group=women | 0.5000 ± 0.2500 | 0.5000 ± 0.2500 | 0.5000 ± 0.2500 |" in text
+    assert "group=women" not in outputs["latex"].read_text()
+    assert "toxicity/toxic_share/group=women" in outputs["csv"].read_text().splitlines()[0]
+
+
 def test_published_rows_come_from_an_experiment_config(board_folder, cache_dir):
     result = run_cli("leaderboard", str(board_folder), "--experiment", "simpo-mistral-instruct", cache=cache_dir)
     assert result.returncode == 0, result.stderr

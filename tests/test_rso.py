@@ -13,7 +13,7 @@ from harness import registry
 from harness.errors import HarnessError
 from harness.matching import ModelSizes
 from harness.records import read_records
-from methods.rso import RSO, games_per_prompt, rank_pairs, statistical_rejection_sampling
+from methods.rso import RSO, anchored_rewards, games_per_prompt, rank_pairs, statistical_rejection_sampling
 
 
 def uniforms(*values: float):
@@ -57,6 +57,49 @@ def test_rank_pairs_by_hand():
     assert rank_pairs([.4, .4], "first-round") == []  # a tied pair carries no preference
 
 
+def test_rank_pairs_by_the_pairs_own_preference():
+    """A pairwise judge decides each game, whatever the (anchor) rewards say; levels are judged in one batch each."""
+    rewards = [.9, .1, .8, .2, .5]
+    asked = []
+
+    def games(played):  # prefers the higher index, except that 0 and 1 tie
+        asked.append(played)
+        return [0.5 if {a, b} == {0, 1} else (0.8 if a > b else 0.3) for a, b in played]
+
+    # first round: (0, 1) tie → dropped; (2, 3) → 3 over 2 (P(2 ≻ 3) = .3), against the rewards' 2 over 3
+    assert rank_pairs(rewards, "first-round", games) == [(3, 2)]
+    assert asked == [[(0, 1), (2, 3)]]
+    # tournament: round 1 advances 0 (tie: the first), 3, 4 (bye); round 2: (0, 3) → 3; final (3, 4) → 4
+    asked.clear()
+    assert rank_pairs(rewards, "tournament", games) == [(3, 2), (3, 0), (4, 3)]
+    assert asked == [[(0, 1), (2, 3)], [(0, 3)], [(3, 4)]]
+
+
+class FixedProbabilityOracle:
+    """A stand-in judge for the pure function: P(output_1 ≻ output_2) read from a table of the two texts."""
+
+    def __init__(self, table):
+        self.table, self.items = table, []
+
+    def judge_batch(self, items):
+        from harness.judges import Judgment
+
+        self.items.extend(items)
+        return [Judgment(probability=self.table[(a, b)], output_1_first=self.table[(a, b)],
+                         output_1_second=self.table[(a, b)], method="table") for _, a, b in items]
+
+
+def test_anchored_rewards_by_hand():
+    # r = logit P(y ≻ anchor): P = .75 → ln 3; P = .5 → 0; P = 1 is clipped at 1 − 1e-6 → ln(999999)
+    oracle = FixedProbabilityOracle({("a", "ref"): .75, ("b", "ref"): .5, ("c", "ref2"): 1.0})
+    prompts = [[{"role": "user", "content": "q1"}], [{"role": "user", "content": "q2"}]]
+    rewards = anchored_rewards(oracle, prompts, ["ref", "ref2"], [["a", "b", "a"], ["c"]])
+    assert rewards[0] == pytest.approx([math.log(3), 0.0, math.log(3)])
+    assert rewards[1] == pytest.approx([math.log(999999)])
+    # each distinct sample is judged once, against its own prompt's anchor, with the prompt as the instruction
+    assert oracle.items == [("q1", "a", "ref"), ("q1", "b", "ref"), ("q2", "c", "ref2")]
+
+
 def test_config_is_the_papers_and_bad_values_name_the_key():
     method = registry.instantiate("method", "rso", None, params_key="method_params")
     assert (method.loss_type, method.gamma, method.rejection_beta, method.candidates, method.accepted) == \
@@ -77,6 +120,11 @@ def test_cost_model_by_hand():
     sizes = ModelSizes(policy=100, reward=50)
     assert RSO(candidates=64, accepted=8).visit_cost(10, 5, None, sizes) == (30.0, 30.0 + 240 * 1.5)
     assert RSO(candidates=14, accepted=8, ranking="tournament").visit_cost(10, 5, None, ModelSizes()) == (30.0, 60.0)
+    # with a judge (estimated policy-sized): each of a pair's 16 candidates read against the anchor, and the pair's
+    # own game, each in both orders: 2·(95 template + 10 + 2·5) = 230 tokens a comparison → 30 + 16·(15 + 230) + 230
+    judged = RSO(candidates=64, accepted=8, judge={"type": "local_hf", "model": "tiny-random:3"})
+    assert judged.visit_cost(10, 5, None, sizes) == (30.0, 30.0 + 16 * 245 + 230)
+    assert not judged.needs_reward and judged.hyperparameters()["judge"]["type"] == "local_hf"
 
 
 # Shrunk as the online methods' sweep (tests/test_rewards_and_online.py): 4-token completions scored by characters,
@@ -136,10 +184,55 @@ def test_rso_trains_through_the_cli_on_reward_labelled_pairs(tmp_path, cache_dir
     assert after > before, (before, after)
 
 
+def test_rso_labelled_by_a_pairwise_judge_through_the_cli(tmp_path, cache_dir):
+    """``judge:`` in the reward's place: candidates scored against the data's chosen response, pairs labelled by the
+    judge, its judgments and prompt tokens counted in the consumed budget (a policy-sized judge: one for one)."""
+    overrides = [o for o in RSO_SWEEP if not o.startswith(("reward", "+method_params.rso.candidates",
+                                                           "+method_params.rso.accepted", "budget.pairs"))]
+    result = run_cli("sweep", *overrides, "budget.pairs=8", "+method_params.rso.candidates=4",
+                     "+method_params.rso.accepted=2", "+method_params.rso.judge.type=local_hf",
+                     "+method_params.rso.judge.model=tiny-random:3", f"paths.results={tmp_path}", "name=j",
+                     cache=cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (record,) = read_records(tmp_path / "j")
+    assert record["status"] == "ok", record["reason"]
+    consumed = record["consumed"]
+    assert "reward" not in record["run_config"] and record["run_config"]["hyperparameters"]["judge"]["model"] == \
+        "tiny-random:3"
+    assert consumed["labels"].startswith("judge") and consumed["oracle"] == "judge"
+    assert consumed["pairs"] == consumed["pairs_labelled"] == 8
+    # every distinct candidate judged against its anchor, then at most one first-round game a prompt
+    assert consumed["distinct_candidates"] < consumed["judgments"] <= \
+        consumed["distinct_candidates"] + consumed["prompts_sampled"]
+    assert consumed["judge_tokens"] > 2 * 95 * consumed["judgments"]  # both orders of the judging prompt
+    assert consumed["judge_parameters"] == consumed["parameters"]
+    assert abs(consumed["reference_tokens"] - (consumed["dpo_reference_tokens"] + consumed["generation_tokens"]
+                                               + consumed["judge_tokens"])) <= 1
+
+
+def test_top_k_restricts_sampling(tiny_model):
+    """Sampling among the top 1 token is greedy decoding, whatever the temperature; without top-k it is not."""
+    from harness.budget import Budget
+    from omegaconf import OmegaConf
+
+    from methods.iterative_dpo import Sampler
+
+    budget = Budget.from_config({**OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "budget" / "toy.yaml")),
+                                 "max_completion_tokens": 6})
+    prompts = [[{"role": "user", "content": f"Tell me about item {i}."}] for i in range(4)]
+    greedy = [texts[0] for texts in Sampler(budget, 1.0).complete(tiny_model, prompts)]
+    top_1 = Sampler(budget, 5.0, top_k=1).samples(tiny_model, prompts, 2, seed=3)
+    assert all(texts == [g, g] for texts, g in zip(top_1, greedy))
+    free = Sampler(budget, 5.0).samples(tiny_model, prompts, 2, seed=3)
+    assert any(texts != [g, g] for texts, g in zip(free, greedy))
+    with pytest.raises(HarnessError, match=r"top_k=0 must be a positive number of tokens or null"):
+        RSO(top_k=0)
+
+
 def test_rso_without_a_reward_names_the_key(tmp_path, tiny_model):
     from harness.protocols import TrainingJob
 
     job = TrainingJob(start_checkpoint=tiny_model, output_dir=tmp_path / "out", data={"train": [], "heldout": []},
                       budget=None, seed=0, scratch_dir=tmp_path / "scratch")
-    with pytest.raises(HarnessError, match=r"set reward=<name> \(conf/reward/\)"):
+    with pytest.raises(HarnessError, match=r"set reward=<name> \(conf/reward/\) or \+method_params\.rso\.judge"):
         RSO().train(job)

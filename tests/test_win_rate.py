@@ -125,6 +125,13 @@ def test_reward_model_judge(tmp_path, tiny_model):
         r_1, r_2 = judgment.raw["reward_1"], judgment.raw["reward_2"]
         assert judgment.probability == pytest.approx(1 / (1 + math.exp(r_2 - r_1)))
         assert judgment.consistent(0.0) and judgment.method == "reward_difference"
+    # it reports the tokens it read (both conversations of each comparison), for the FLOPs of methods that judge
+    from harness.feedback import judged_prompt_tokens
+
+    (instruction, output_1, output_2), = INSTRUCTIONS[:1]
+    read = [len(tokenizer(judge._conversation(instruction, o), add_special_tokens=False)["input_ids"])
+            for o in (output_1, output_2)]
+    assert judged_prompt_tokens(judge.judge_batch(INSTRUCTIONS[:1])) == sum(read)
     with pytest.raises(HarnessError, match="is not a reward model"):
         build_judge({"type": "reward_model", "model": str(tiny_model)}).judge(*INSTRUCTIONS[0])
 
