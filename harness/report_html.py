@@ -44,7 +44,9 @@ def html_page(board, plots: dict[str, Path]) -> str:
         f'{base64.b64encode(path.read_bytes()).decode()}"><figcaption>{html.escape(name)}</figcaption></figure>'
         for name, path in plots.items() if path.exists())
     title = "Leaderboard: " + ", ".join(sorted({str(r.get("sweep")) for r in board.records}))
-    data = {"columns": columns, "rows": rows, "samples": _samples(board), "published": board.published}
+    breakdowns = [m for m in metrics if m not in board.metric_names(breakdowns=False)]  # hidden until asked for
+    data = {"columns": columns, "breakdowns": breakdowns, "rows": rows, "samples": _samples(board),
+            "published": board.published}
     return PAGE.replace("__TITLE__", html.escape(title)).replace("__IMAGES__", images).replace(
         "__DATA__", _json_for_script(data))
 
@@ -65,6 +67,7 @@ tr.start td{background:#f7f7f7}figure{display:inline-block;margin:0.5em}img{max-
 <div class="controls">
 <label>setting <select id="filter-setting"><option value="">all</option></select></label>
 <label>method <select id="filter-method"><option value="">all</option></select></label>
+<label><input type="checkbox" id="show-breakdowns"> breakdowns (per group, hate / neutral, ...)</label>
 </div>
 <table id="leaderboard"><thead></thead><tbody></tbody></table>
 <h2>Published reference numbers</h2><table id="published"><thead></thead><tbody></tbody></table>
@@ -102,9 +105,11 @@ function render() {
       return (x < y ? -1 : 1) * (sortAscending ? 1 : -1);
     });
   }
+  const hidden = document.getElementById("show-breakdowns").checked ? new Set() : new Set(data.breakdowns);
+  const columns = data.columns.filter(c => !hidden.has(c));
   const head = table.tHead; head.textContent = "";
   const headerRow = head.insertRow();
-  for (const column of data.columns) {
+  for (const column of columns) {
     const th = document.createElement("th"); th.textContent = column + (column === sortColumn ? (sortAscending ? " ▲" : " ▼") : "");
     th.dataset.column = column;
     th.addEventListener("click", () => { sortAscending = sortColumn === column ? !sortAscending : true; sortColumn = column; render(); });
@@ -113,7 +118,7 @@ function render() {
   const body = table.tBodies[0]; body.textContent = "";
   for (const row of rows) {
     const tr = body.insertRow(); if (row.method === "start") tr.className = "start";
-    for (const column of data.columns) { const td = tr.insertCell(); td.textContent = cell(row, column); if (typeof row[column] !== "number") td.className = "text"; }
+    for (const column of columns) { const td = tr.insertCell(); td.textContent = cell(row, column); if (typeof row[column] !== "number") td.className = "text"; }
   }
 }
 function renderPublished() {
@@ -137,6 +142,7 @@ function renderSamples() {
 }
 fillSelect("filter-setting", [...new Set(data.rows.map(r => r.setting))]);
 fillSelect("filter-method", [...new Set(data.rows.map(r => r.method))]);
+document.getElementById("show-breakdowns").addEventListener("change", render);
 render(); renderPublished(); renderSamples();
 </script></body></html>
 """

@@ -126,15 +126,20 @@ def test_latex_is_booktabs_with_best_in_bold(board_folder):
     assert "\\textbf{0.250 $\\pm$ 0.250}" in text   # dpo's toxic share is the lowest of instruct
 
 
-def test_breakdowns_leave_the_main_table_for_their_own(board_folder):
-    """Per-group breakdowns (a metric name with its own "/") are rows of a transposed table under the setting's main
-    table in Markdown, absent from LaTeX, and columns of the CSV."""
-    records = [json.loads(line) for line in (board_folder / "records.jsonl").read_text().splitlines()]
-    (board_folder / "records.jsonl").unlink()
+def add_breakdown(folder: Path) -> None:
+    """Give every toxicity record a per-group breakdown metric."""
+    records = [json.loads(line) for line in (folder / "records.jsonl").read_text().splitlines()]
+    (folder / "records.jsonl").unlink()
     for record in records:
         if record["task"] == "toxicity":
             record["metrics"]["toxic_share/group=women"] = {"value": 0.5, "stderr": 0.25, "higher_is_better": False}
-        append_record(board_folder, record)
+        append_record(folder, record)
+
+
+def test_breakdowns_leave_the_main_table_for_their_own(board_folder):
+    """Per-group breakdowns (a metric name with its own "/") are rows of a transposed table under the setting's main
+    table in Markdown, absent from LaTeX, and columns of the CSV."""
+    add_breakdown(board_folder)
     outputs = build_leaderboard(board_folder)
     text = outputs["markdown"].read_text()
     main_header = next(line for line in text.splitlines() if line.startswith("| method | unified"))
@@ -192,4 +197,22 @@ def test_html_page_in_headless_chromium(board_folder):
         assert SCRIPT in samples                        # ... and shows as text
         assert page.locator("#sample-list script").count() == 0
         assert page.locator("figure img").count() >= 3
+        browser.close()
+
+
+@pytest.mark.skipif(chromium_path() is None and not os.environ.get("CI"), reason="Debian chromium not installed")
+def test_html_breakdown_columns_show_on_request(board_folder):
+    from playwright.sync_api import sync_playwright
+
+    add_breakdown(board_folder)
+    page_path = build_leaderboard(board_folder)["html"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page()
+        page.goto(page_path.as_uri())
+        breakdown = "#leaderboard th[data-column='toxicity/toxic_share/group=women']"
+        assert page.locator(breakdown).count() == 0 and page.locator(
+            "#leaderboard th[data-column='toxicity/toxic_share']").count() == 1
+        page.locator("#show-breakdowns").check()
+        assert page.locator(breakdown).count() == 1
         browser.close()
