@@ -466,4 +466,11 @@ def _failure(error: Exception, results: Path, run_id: str) -> str:
 
 
 def run_sweep(cfg: DictConfig) -> Path:
-    return Sweep(cfg).run()
+    previous = os.environ.get("ALIGN_HARNESS_CACHE")  # a Sweep points it at its cache; the next multirun job starts clean
+    try:
+        return Sweep(cfg).run()
+    finally:
+        if previous is None:
+            os.environ.pop("ALIGN_HARNESS_CACHE", None)
+        else:
+            os.environ["ALIGN_HARNESS_CACHE"] = previous
