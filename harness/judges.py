@@ -157,6 +157,14 @@ def build_judge(config: dict, *, device: str = "cpu", batch_size: int = 8, confi
     return OpenAIAPIJudge(**config, config_key=config_key)
 
 
+def checked_judge_config(config, config_key: str) -> dict | None:
+    """A method's optional ``judge:`` setting, checked now (nothing loaded), as a plain dict; None when unset."""
+    if not config:
+        return None
+    build_judge(config, config_key=config_key)
+    return dict(config)
+
+
 def _resolve_model(spec: str, config_key: str) -> Path:
     from harness.models import resolve_checkpoint
     from harness.paths import default_cache_dir

@@ -52,8 +52,7 @@ class IterativeDPO:
 
     def __init__(self, name: str = "iterative_dpo", rounds: int = 3, beta: float = 0.1, learning_rate: float = 5e-7,
                  temperature: float = 1.0, heldout_prompts: int = 32, min_improvement: float = 0.0):
-        if rounds < 1:
-            raise HarnessError(f"iterative_dpo: rounds={rounds} must be at least 1 (conf/method/iterative_dpo.yaml)")
+        check_rounds(name, rounds)
         self.name = name
         self.rounds = rounds
         self.beta = beta
@@ -262,6 +261,14 @@ class Sampler:
 # adds around an instruction and two responses, measured with the SmolLM2 tokenizer: the cost models' estimate of a
 # local judge's reading.
 JUDGE_PROMPT_TOKENS = 95
+
+
+def check_rounds(name: str, rounds: int, samples: int | None = None) -> None:
+    """The round-based methods' shared config checks: at least one round, at least two samples a prompt."""
+    if rounds < 1:
+        raise HarnessError(f"{name}: rounds={rounds} must be at least 1 (conf/method/{name}.yaml)")
+    if samples is not None and samples < 2:
+        raise HarnessError(f"{name}: samples={samples} must be at least 2 per prompt to form a pair")
 
 
 def heldout_evaluation_cost(rounds: int, heldout_prompts: int, prompt_tokens: int, completion_tokens: int,

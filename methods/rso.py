@@ -82,11 +82,9 @@ class RSO:
         self.temperature = temperature
         self.top_k = top_k
         self.learning_rate = learning_rate
-        if judge:
-            from harness.judges import build_judge
+        from harness.judges import checked_judge_config
 
-            build_judge(judge, config_key=f"method_params.{name}.judge")  # checks the config now; loads nothing
-        self.judge = dict(judge) if judge else None
+        self.judge = checked_judge_config(judge, f"method_params.{name}.judge")
         self.needs_reward = self.judge is None  # a judge labels instead of the sweep's reward
 
     def hyperparameters(self) -> dict:

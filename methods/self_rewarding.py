@@ -33,7 +33,6 @@ the same sums per prompt for ``budget.match=tokens|flops`` (``harness.matching``
 
 from __future__ import annotations
 
-from harness.errors import HarnessError
 from harness.protocols import TrainingJob, TrainingOutcome
 
 
@@ -45,10 +44,9 @@ class SelfRewarding:
 
     def __init__(self, name: str = "self_rewarding", rounds: int = 3, samples: int = 4, beta: float = 0.1,
                  learning_rate: float = 1e-6, temperature: float = 0.7, max_output_chars: int | None = 1000):
-        if rounds < 1:
-            raise HarnessError(f"{name}: rounds={rounds} must be at least 1 (conf/method/{name}.yaml)")
-        if samples < 2:
-            raise HarnessError(f"{name}: samples={samples} must be at least 2 per prompt to form a pair")
+        from methods.iterative_dpo import check_rounds
+
+        check_rounds(name, rounds, samples)
         self.name = name
         self.rounds = rounds
         self.samples = samples

@@ -45,14 +45,10 @@ class SPPO:
     def __init__(self, name: str = "sppo", rounds: int = 3, samples: int = 5, beta: float = 0.001,
                  learning_rate: float = 5e-7, temperature: float = 0.7, heldout_prompts: int = 32,
                  min_improvement: float = 0.0, judge: dict | None = None):
-        if rounds < 1:
-            raise HarnessError(f"{name}: rounds={rounds} must be at least 1 (conf/method/{name}.yaml)")
-        if samples < 2:
-            raise HarnessError(f"{name}: samples={samples} must be at least 2 per prompt to form a pair")
-        if judge:
-            from harness.judges import build_judge
+        from harness.judges import checked_judge_config
+        from methods.iterative_dpo import check_rounds
 
-            build_judge(judge, config_key=f"method_params.{name}.judge")  # checks the config now; loads nothing
+        check_rounds(name, rounds, samples)
         self.name = name
         self.rounds = rounds
         self.samples = samples
@@ -61,7 +57,7 @@ class SPPO:
         self.temperature = temperature
         self.heldout_prompts = heldout_prompts
         self.min_improvement = min_improvement
-        self.judge = dict(judge) if judge else None
+        self.judge = checked_judge_config(judge, f"method_params.{name}.judge")
         self.needs_reward = self.judge is None  # the oracle is the sweep's reward unless a judge is named
 
     def hyperparameters(self) -> dict:
