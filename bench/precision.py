@@ -30,12 +30,12 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from harness.budget import Budget, ResourceMeter
-    from harness.data import load_preference_rows, split_rows, truncate_rows, view_rows
-    from harness.models import materialize_embedded
-    from harness.paths import default_cache_dir
+    from harness.train.budget import Budget, ResourceMeter
+    from harness.inputs.data import load_preference_rows, split_rows, truncate_rows, view_rows
+    from harness.inputs.models import materialize_embedded
+    from harness.inputs.paths import default_cache_dir
     from harness.protocols import TrainingJob
-    from harness.registry import CONF_DIR, instantiate
+    from harness.run.registry import CONF_DIR, instantiate
 
     model = Path(arguments.model) if arguments.model else materialize_embedded("smollm2-135m-instruct", default_cache_dir())
     data_cfg = OmegaConf.load(CONF_DIR / "data" / "hh-harmless.yaml")

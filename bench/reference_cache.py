@@ -66,15 +66,15 @@ def main() -> None:
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from harness.budget import Budget
-    from harness.data import load_preference_rows, split_rows, truncate_rows, view_rows
-    from harness.models import materialize_tiny_random
-    from harness.paths import default_cache_dir
+    from harness.train.budget import Budget
+    from harness.inputs.data import load_preference_rows, split_rows, truncate_rows, view_rows
+    from harness.inputs.models import materialize_tiny_random
+    from harness.inputs.paths import default_cache_dir
     from harness.protocols import TrainingJob
     from methods.dpo import DPO
     from methods.rdpo import RDPO
 
-    import harness.trl_extensions  # noqa: F401  TRL's import (seconds) is paid here, not by the first timed run
+    import harness.train.trl_extensions  # noqa: F401  TRL's import (seconds) is paid here, not by the first timed run
     hf_logging.set_verbosity_error()
     model = arguments.model.expanduser() if arguments.model else materialize_tiny_random(3, default_cache_dir())
     data_cfg = OmegaConf.load(REPO / "conf" / "data" / "hh-harmless.yaml")

@@ -93,8 +93,8 @@ def compare(ours, stock: dict) -> dict:
 
 
 def main() -> None:
-    from harness.models import materialize_embedded
-    from harness.paths import default_cache_dir
+    from harness.inputs.models import materialize_embedded
+    from harness.inputs.paths import default_cache_dir
     from harness.protocols import Checkpoint, TaskContext
     from tasks.truthfulqa_mc import TruthfulQAMC
 

@@ -36,11 +36,11 @@ def sweep_main(argv: list[str]) -> None:
     from omegaconf import DictConfig
 
     from harness.errors import HarnessError
-    from harness.registry import CONF_DIR
+    from harness.run.registry import CONF_DIR
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="sweep")
     def sweep(cfg: DictConfig) -> None:
-        from harness.sweep import run_sweep
+        from harness.run.sweep import run_sweep
 
         _quiet_libraries()
         logging.getLogger("harness").setLevel(logging.INFO)
@@ -78,7 +78,7 @@ def expand_shorthands(argv: list[str]) -> list[str]:
 def check_group_choices(argv: list[str]) -> None:
     """Name the available options of an unknown config-group choice in one line (before Hydra does, at length)."""
     from harness.errors import HarnessError
-    from harness.registry import available
+    from harness.run.registry import available
 
     for argument in argv:
         key, _, value = argument.lstrip("+~").partition("=")
@@ -90,7 +90,7 @@ def check_group_choices(argv: list[str]) -> None:
 
 def leaderboard_main(argv: list[str]) -> None:
     from harness.errors import HarnessError
-    from harness.leaderboard import build_leaderboard
+    from harness.report.leaderboard import build_leaderboard
 
     parser = argparse.ArgumentParser(
         prog="align-harness leaderboard",
@@ -104,7 +104,7 @@ def leaderboard_main(argv: list[str]) -> None:
         if arguments.experiment:
             write_published(arguments.folder, arguments.experiment)
         if arguments.compare:
-            from harness.leaderboard import Board, compare, compare_text
+            from harness.report.leaderboard import Board, compare, compare_text
 
             rows = compare(Board(arguments.folder), *arguments.compare)
             print(compare_text(rows, *arguments.compare))
@@ -125,8 +125,8 @@ def write_published(folder: str, experiment: str) -> None:
     from omegaconf import OmegaConf
 
     from harness.errors import HarnessError
-    from harness.paths import atomic_write_text
-    from harness.registry import available, group_config
+    from harness.inputs.paths import atomic_write_text
+    from harness.run.registry import available, group_config
 
     if experiment not in available("experiment"):
         raise HarnessError(f"unknown experiment {experiment!r}; available: {', '.join(available('experiment'))}")
@@ -138,7 +138,7 @@ def write_published(folder: str, experiment: str) -> None:
 
 def judge_check_main(argv: list[str]) -> None:
     from harness.errors import HarnessError
-    from harness.judges import JUDGE_TYPES, run_judge_check
+    from harness.evaluate.judges import JUDGE_TYPES, run_judge_check
 
     parser = argparse.ArgumentParser(prog="align-harness judge-check",
                                      description="Agreement of the win-rate task's judge (conf/task/win_rate.yaml) "
@@ -160,7 +160,12 @@ def judge_check_main(argv: list[str]) -> None:
     overrides = {"model": arguments.model, "base_url": arguments.base_url, "api_key_env": arguments.api_key_env,
                  "max_output_chars": arguments.max_output_chars}
     try:
-        print(run_judge_check(judge_type=arguments.judge, limit=arguments.limit, overrides=overrides,
+        from omegaconf import OmegaConf
+
+        from harness.run.registry import group_config
+
+        task_config = OmegaConf.to_container(group_config("task", "win_rate"), resolve=True)
+        print(run_judge_check(task_config, judge_type=arguments.judge, limit=arguments.limit, overrides=overrides,
                               draw_margin=arguments.draw_margin, data_mirror=arguments.data_mirror,
                               device=arguments.device, batch_size=arguments.batch_size), flush=True)
     except HarnessError as error:

@@ -4,7 +4,7 @@ A method lives in ``methods/<name>.py`` with its config in ``conf/method/<name>.
 a task in ``tasks/<name>.py`` with ``conf/task/<name>.yaml``. The YAML's ``_target_``
 names the class; the harness instantiates it with the YAML's remaining keys.
 Nothing inherits behaviour: shared work lives in plain functions
-(``harness.training``, ``harness.evaluation``).
+(``harness.train.trl_support``, ``harness.evaluation``).
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ class TrainingJob:
     start_checkpoint: Path          # local HF model directory (policy init and reference)
     output_dir: Path                # write the trained model here (save_pretrained layout)
     data: dict                      # {"train": [...], "heldout": [...]}: rows of the method's view, truncated to the budget
-    budget: Any                     # harness.budget.Budget
+    budget: Any                     # harness.train.budget.Budget
     seed: int
     scratch_dir: Path               # for trainer state; deleted after the run
     reference_cache_dir: Path | None = None  # shared reference log-prob cache (content-addressed)
-    reward: Any = None              # for methods with ``needs_reward = True``: a harness.rewards reward (see there)
+    reward: Any = None              # for methods with ``needs_reward = True``: a harness.train.rewards reward (see there)
+    cache_root: Path | None = None  # the sweep's paths.cache: judges resolve their models here
 
 
 @dataclass
@@ -51,7 +52,7 @@ class Method(Protocol):
 
     Optional attributes the harness reads: ``needs_reward`` (the job carries the sweep's reward),
     ``prompts_only`` (samples its own responses; the data's responses and labels are unused),
-    ``forward_only_ratio`` and the cost-model hooks of ``harness.matching`` (``visit_cost``, ``run_cost``,
+    ``forward_only_ratio`` and the cost-model hooks of ``harness.train.matching`` (``visit_cost``, ``run_cost``,
     ``visit_granularity``).
     """
 
@@ -66,12 +67,12 @@ class Method(Protocol):
 
 @dataclass
 class RewardContext:
-    """What building a reward (``harness.rewards.build_reward``) may use: the sweep's data and budgets."""
+    """What building a reward (``harness.train.rewards.build_reward``) may use: the sweep's data and budgets."""
 
     start_checkpoint: Path          # the setting's starting checkpoint (a reward model is initialized from it)
-    train_pairs: list[dict]         # normalized preference pairs (harness.data schema)
+    train_pairs: list[dict]         # normalized preference pairs (harness.inputs.data schema)
     heldout_pairs: list[dict]
-    budget: Any                     # the stage budget (harness.budget.Budget) for training a reward model
+    budget: Any                     # the stage budget (harness.train.budget.Budget) for training a reward model
     cache_dir: Path                 # reward models are cached here by content hash
     device: str
     results_dir: Path               # where stage records/curves may be written
@@ -123,3 +124,4 @@ class TaskContext:
     batch_size: int
     show_progress: bool = True
     heldout_pairs: list[dict] | None = None  # the sweep's held-out preference pairs, truncated like training data
+    cache_root: Path | None = None  # the sweep's paths.cache: judges resolve their models here

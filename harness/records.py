@@ -15,7 +15,6 @@ Fields: ``run_id`` (hash of the resolved run config), ``task_key`` (task name + 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import subprocess
 from contextlib import contextmanager
@@ -23,17 +22,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from harness.errors import HarnessError
-from harness.paths import atomic_write_text
+from harness.inputs.paths import atomic_write_text
 
 RECORDS_FILE = "records.jsonl"
 STATUSES = ("ok", "failed", "skipped")
 REQUIRED_FIELDS = ("run_id", "task_key", "sweep", "family", "setting", "method", "task", "status")
-
-
-def config_hash(value) -> str:
-    """A short stable hash of a JSON-able value (keys sorted)."""
-    text = json.dumps(value, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def now() -> str:

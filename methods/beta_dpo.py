@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.protocols import TrainingJob, TrainingOutcome
-from methods.dpo import train_pairwise
+from harness.train.pairwise import train_pairwise
 
 MIN_STD = 1e-3        # nats; floor on σ (see module docstring)
 MIN_BETA = 1e-3       # the official code's floor on β_batch

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 
 from harness.protocols import TrainingJob, TrainingOutcome
-from methods.dpo import DPO
+from harness.train.pairwise import PairwiseRound
 
 
 def conservative_dpo_loss(margin: float, epsilon: float) -> float:
@@ -45,8 +45,8 @@ class CDPO:
         self.beta = beta
         self.learning_rate = learning_rate
         self.label_noise = label_noise
-        self.dpo = DPO(name=name, beta=beta, learning_rate=learning_rate, loss_type="robust",
-                       label_smoothing=robust_label_smoothing_for(label_noise))
+        self.dpo = PairwiseRound(beta=beta, learning_rate=learning_rate, loss_type="robust",
+                                 label_smoothing=robust_label_smoothing_for(label_noise))
 
     def hyperparameters(self) -> dict:
         return {"beta": self.beta, "learning_rate": self.learning_rate, "label_noise": self.label_noise,

@@ -20,7 +20,7 @@ is per sequence); log-probabilities are summed for ``sigmoid`` and averaged for 
 from __future__ import annotations
 
 from harness.protocols import TrainingJob, TrainingOutcome
-from harness.training import epochs_fraction, finish, peft_config, to_conversational, trl_arguments
+from harness.train.trl_support import epochs_fraction, finish, peft_config, to_conversational, trl_arguments
 
 
 class CPO:

@@ -18,7 +18,7 @@ GRPO re-scores completions without gradients (old log-probs) only when ``num_ite
 from __future__ import annotations
 
 from harness.protocols import TrainingJob, TrainingOutcome
-from methods.rloo import sampling_visit_cost, train_sampling_method
+from harness.train.sampling import sampling_visit_cost, train_sampling_method
 
 
 class GRPO:

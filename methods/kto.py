@@ -10,7 +10,7 @@ Loss (eq. 8): L = E[ λ_y − v(x, y) ] with
 The paper recommends λ_D·n_D / (λ_U·n_U) ∈ [1, 4/3]. By default (``desirable_weight`` and
 ``undesirable_weight`` null) the weights are set from the training rows' own counts n_D, n_U
 (``kto_class_weights``: λ_U = 1, λ_D = ``weight_ratio``·n_U/n_D): balanced data from pairs gives
-λ_D = λ_U = 1, natively unpaired binary feedback (``harness.data``, ``format: binary``) whatever
+λ_D = λ_U = 1, natively unpaired binary feedback (``harness.inputs.data``, ``format: binary``) whatever
 corrects its imbalance. The record's ``consumed`` says which counts and weights were used.
 """
 
@@ -18,14 +18,14 @@ from __future__ import annotations
 
 from harness.errors import HarnessError
 from harness.protocols import TrainingJob, TrainingOutcome
-from harness.training import count_tokens, epochs_fraction, finish, peft_config, to_conversational, trl_arguments
+from harness.train.trl_support import count_tokens, epochs_fraction, finish, peft_config, to_conversational, trl_arguments
 
 
 class KTO:
     data_view = "unpaired"
     reference_based = True
     # forward-only tokens per trained token: the reference scores completions and the mismatched KL
-    # completions, and the policy scores the KL completions without gradient (harness.matching)
+    # completions, and the policy scores the KL completions without gradient (harness.train.matching)
     forward_only_ratio = 3.0
 
     def __init__(self, name: str = "kto", beta: float = 0.1, learning_rate: float = 5e-7,

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.protocols import TrainingJob, TrainingOutcome
-from methods.dpo import train_pairwise
+from harness.train.pairwise import train_pairwise
 
 
 def npo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,

@@ -8,7 +8,7 @@ fresh pair (Rafailov et al. 2023, eq. 7) against the frozen starting checkpoint:
     L = −log σ( β·log πθ(y_w|x)/π_ref(y_w|x) − β·log πθ(y_l|x)/π_ref(y_l|x) ).
 
 TRL 1.16's ``OnlineDPOTrainer`` takes ``reward_funcs`` — callables or sequence-classification models;
-the harness passes ``job.reward`` wrapped as a callable (``harness.rewards.trl_reward_function``), so
+the harness passes ``job.reward`` wrapped as a callable (``harness.train.rewards.trl_reward_function``), so
 every reward kind works and a reward model is loaded once.
 
 **Budget**: ``budget.batch_pairs`` prompts per optimizer step (each → one sampled pair),
@@ -17,7 +17,7 @@ every reward kind works and a reward model is loaded once.
 tokens of both samples, ``policy_tokens`` = G (both sequences go through forward+backward),
 ``reference_tokens`` = G (generation) + G (reference) + reward-model tokens × N_reward/N. ``visit_cost``
 gives the same sums for one prompt visit (two samples of prompt + ``budget.max_completion_tokens`` tokens)
-for ``budget.match=tokens|flops`` (``harness.matching``).
+for ``budget.match=tokens|flops`` (``harness.train.matching``).
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ class OnlineDPO:
         from transformers import AutoTokenizer
         from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
-        from harness.rewards import reward_record, trl_reward_function
-        from harness.training import finish, peft_config, trl_arguments
+        from harness.train.rewards import reward_record, trl_reward_function
+        from harness.train.trl_support import finish, peft_config, trl_arguments
 
         if job.reward is None:
             raise HarnessError("online_dpo needs a reward: set reward=<name> (conf/reward/)")

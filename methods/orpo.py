@@ -13,7 +13,7 @@ that moves it touches this file only.
 from __future__ import annotations
 
 from harness.protocols import TrainingJob, TrainingOutcome
-from harness.training import epochs_fraction, finish, peft_config, to_conversational, trl_arguments
+from harness.train.trl_support import epochs_fraction, finish, peft_config, to_conversational, trl_arguments
 
 
 class ORPO:

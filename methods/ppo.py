@@ -22,7 +22,7 @@ implementation details of RLHF with PPO"):
 **Budget.** The prompts are the budget's pairs' prompts (chosen and rejected responses are unused):
 one rollout per prompt per PPO iteration, ``budget.batch_pairs`` prompts per iteration, ``budget.epochs``
 passes over the prompts; completions are sampled up to ``budget.max_completion_tokens`` tokens.
-``budget.precision`` applies as for the TRL methods (``harness.training.precision_flags``): weights and
+``budget.precision`` applies as for the TRL methods (``harness.train.trl_support.precision_flags``): weights and
 the optimizer stay fp32, generation and every forward pass run under ``torch.autocast`` in bf16 / fp16
 (fp16 with a gradient scaler); ``auto`` is bf16 on a GPU that supports it, else fp32; ``extra`` records
 the precision used. Optimizer steps = iterations × ``ppo_epochs`` × ``minibatches``; the learning-rate
@@ -39,7 +39,7 @@ through a model of N' parameters counts N'/N tokens. With s = prompt + completio
   + reward-model tokens·N_reward/N.
 
 ``visit_cost`` gives the same sums for one prompt visit, for ``budget.match=tokens|flops``
-(``harness.matching``): s = prompt + ``budget.max_completion_tokens``, N_value = N_reward when the value
+(``harness.train.matching``): s = prompt + ``budget.max_completion_tokens``, N_value = N_reward when the value
 model starts from the reward model, else ≈ N (the policy's backbone and a scalar head; an untied LM head is
 not in it, so the estimate is a little high for untied models).
 
@@ -356,7 +356,7 @@ class PPO:
 
     def visit_cost(self, prompt_tokens: int, completion_tokens: int, budget, sizes) -> tuple[float, float]:
         """(trained, forward-only) tokens of one prompt visit (one rollout), in policy-parameter equivalents:
-        the per-rollout terms of the module docstring's **FLOPs** sums (``harness.matching``)."""
+        the per-rollout terms of the module docstring's **FLOPs** sums (``harness.train.matching``)."""
         sequence = prompt_tokens + completion_tokens
         value = self.value_share(sizes)
         trained = self.ppo_epochs * sequence * (1.0 + value)  # policy and value model, forward + backward
@@ -373,9 +373,9 @@ class PPO:
         import torch
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
 
-        from harness.generation import format_prompt
-        from harness.rewards import reward_record
-        from harness.training import peft_config
+        from harness.evaluate.generation import format_prompt
+        from harness.train.rewards import reward_record
+        from harness.train.trl_support import peft_config
 
         reward, budget = job.reward, job.budget
         if reward is None:
@@ -562,12 +562,12 @@ class PPO:
 
 def mixed_precision(precision: str, device: str):
     """(precision used, a context factory): ``torch.autocast`` in bf16 / fp16 as ``budget.precision`` says
-    (``harness.training.precision_flags``, which the TRL methods use), a no-op for fp32."""
+    (``harness.train.trl_support.precision_flags``, which the TRL methods use), a no-op for fp32."""
     import contextlib
 
     import torch
 
-    from harness.training import precision_flags
+    from harness.train.trl_support import precision_flags
 
     flags = precision_flags(precision)
     dtype = torch.bfloat16 if flags["bf16"] else torch.float16 if flags["fp16"] else None

@@ -4,9 +4,9 @@ preference optimization", arXiv:2309.06657).
 DPO fits the optimal policy of the KL-constrained reward objective, π_r(y|x) ∝ π_sft(y|x)·exp(r(x,y)/β) (eq. 4),
 on pairs drawn from whatever policies wrote the data. RSO draws its pairs from (an estimate of) π_r itself:
 
-1. **sample** ``candidates`` completions per prompt from the starting checkpoint π_sft (``harness.generation``,
+1. **sample** ``candidates`` completions per prompt from the starting checkpoint π_sft (``harness.evaluate.generation``,
    temperature ``temperature``, the ``top_k`` likeliest tokens; the paper: 64 at temperature 0.7, top-k 40);
-2. **score** them with the sweep's reward ``job.reward`` (``conf/reward/``), or — with ``judge:`` (a ``harness.judges``
+2. **score** them with the sweep's reward ``job.reward`` (``conf/reward/``), or — with ``judge:`` (a ``harness.evaluate.judges``
    config, both presentation orders averaged) — with a pairwise preference model, as the paper's reward-ranking
    model ρψ(x, y1, y2) is pairwise: a pointwise score is induced against an anchor response y_a,
    r(x, y) = logit P(y ≻ y_a | x) (``anchored_rewards``; P clipped to [1e-6, 1 − 1e-6]); the anchor is the data's
@@ -47,6 +47,7 @@ from typing import Callable
 
 from harness.errors import HarnessError
 from harness.protocols import TrainingJob, TrainingOutcome
+from harness.train.pairwise import PairwiseRound
 
 LOSSES = ("hinge", "sigmoid")
 RANKINGS = ("first-round", "tournament")
@@ -82,7 +83,7 @@ class RSO:
         self.temperature = temperature
         self.top_k = top_k
         self.learning_rate = learning_rate
-        from harness.judges import checked_judge_config
+        from harness.evaluate.judges import checked_judge_config
 
         self.judge = checked_judge_config(judge, f"method_params.{name}.judge")
         self.needs_reward = self.judge is None  # a judge labels instead of the sweep's reward
@@ -91,7 +92,7 @@ class RSO:
         return {k: getattr(self, k) for k in ("loss_type", "gamma", "rejection_beta", "candidates", "accepted",
                                               "ranking", "temperature", "top_k", "learning_rate", "judge")}
 
-    # cost model for budget.match=tokens|flops (harness.matching), in policy-parameter equivalents
+    # cost model for budget.match=tokens|flops (harness.train.matching), in policy-parameter equivalents
     def visit_cost(self, prompt_tokens: int, completion_tokens: int, budget, sizes) -> tuple[float, float]:
         """One labelled pair: its share of a prompt's candidates generated and scored by the reward, then one DPO
         pair (both sequences trained and scored by the reference). Ties (no pair) make a pair dearer."""
@@ -99,17 +100,16 @@ class RSO:
         share = self.candidates / games_per_prompt(self.accepted, self.ranking)  # candidates per labelled pair
         if self.judge is None:
             return 2.0 * sequence, 2.0 * sequence + share * sequence * (1.0 + sizes.reward_share)
-        from methods.iterative_dpo import JUDGE_PROMPT_TOKENS
+        from harness.train.rounds import JUDGE_PROMPT_TOKENS
 
         comparison = 2 * (JUDGE_PROMPT_TOKENS + prompt_tokens + 2 * completion_tokens)  # both orders
         return 2.0 * sequence, 2.0 * sequence + share * (sequence + comparison) + comparison
 
     def train(self, job: TrainingJob) -> TrainingOutcome:
-        from harness.rewards import parameter_count, reward_record
-        from methods.dpo import DPO
-        from methods.iterative_dpo import Sampler, round_seed, score_samples
+        from harness.train.rewards import parameter_count, reward_record
+        from harness.train.rounds import Sampler, round_seed, score_samples
 
-        from methods.sppo import JudgeOracle
+        from harness.train.oracles import JudgeOracle
 
         reward = job.reward
         if reward is None and self.judge is None:
@@ -164,8 +164,8 @@ class RSO:
                               data={"train": train, "heldout": []}, budget=replace(job.budget, pairs=len(train)),
                               seed=job.seed, scratch_dir=job.scratch_dir / "dpo",
                               reference_cache_dir=job.reference_cache_dir)
-        outcome = DPO(name=self.name, beta=self.gamma, learning_rate=self.learning_rate,
-                      loss_type=self.loss_type).train(sub_job)
+        outcome = PairwiseRound(beta=self.gamma, learning_rate=self.learning_rate,
+                                loss_type=self.loss_type).train(sub_job)
         shutil.rmtree(job.scratch_dir, ignore_errors=True)
 
         from transformers import AutoConfig
@@ -271,7 +271,7 @@ def rank_pairs(rewards: list[float], ranking: str = "first-round",
 def anchored_rewards(oracle, prompts: list, anchors: list[str], samples: list[list[str]]) -> list[list[float]]:
     """Per prompt, r(x, y) = logit P(y ≻ y_a | x) of every sample y against the anchor y_a, P from the pairwise judge
     (``oracle.judge_batch``, both orders averaged) clipped to [1e-6, 1 − 1e-6]; each distinct sample judged once."""
-    from harness.feedback import conversation_text
+    from harness.train.feedback import conversation_text
 
     items, where = [], []
     for p, (prompt, anchor, texts) in enumerate(zip(prompts, anchors, samples)):
@@ -284,7 +284,7 @@ def anchored_rewards(oracle, prompts: list, anchors: list[str], samples: list[li
 
 def judged_games(oracle, prompt, texts: list[str]) -> Callable[[list[tuple[int, int]]], list[float]]:
     """``rank_pairs``' ``games`` for one prompt's accepted ``texts``: each level's games judged in one batch."""
-    from harness.feedback import conversation_text
+    from harness.train.feedback import conversation_text
 
     def games(played: list[tuple[int, int]]) -> list[float]:
         judgments = oracle.judge_batch([(conversation_text(prompt), texts[a], texts[b]) for a, b in played])

@@ -35,8 +35,8 @@ import gc
 import logging
 
 from harness.protocols import TrainingJob, TrainingOutcome
-from harness.training import finish
-from methods.dpo import pairwise_trainer, pairwise_usage
+from harness.train.trl_support import finish
+from harness.train.pairwise import pairwise_trainer, pairwise_usage
 
 log = logging.getLogger("harness")
 

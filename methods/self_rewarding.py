@@ -6,7 +6,7 @@ Each round r = 1..``rounds`` on a fresh chunk of the budget's prompts (``methods
 
 1. **generate** ``samples`` (N) completions per prompt from the current policy M_{r−1} (temperature
    ``temperature``; the paper samples N = 4 candidates at T = 0.7);
-2. **self-judge**: M_{r−1} itself, loaded as the harness's ``local_hf`` judge (``harness.judges.LocalHFJudge``: the
+2. **self-judge**: M_{r−1} itself, loaded as the harness's ``local_hf`` judge (``harness.evaluate.judges.LocalHFJudge``: the
    pairwise judging prompt through the policy's chat template, p("1") from the "1"/"2" next-token logits, both
    presentation orders averaged), compares every pair of a prompt's samples; a sample's score is its mean win
    probability against the N samples (``mean_win_probabilities``, the diagonal ½ included);
@@ -28,12 +28,13 @@ pairs. **Tokens / FLOPs** (policy-parameter equivalents, see ``methods/ppo.py``)
 forward-only, the generation tokens and the judge's prompt tokens (N(N−1)/2 comparisons × 2 orders per prompt;
 the judge is the policy, so its tokens count one for one). ``extra`` records per-round pairs, the mean score gap
 between chosen and rejected and the self-judge's position consistency. ``visit_cost`` and ``visit_granularity`` are
-the same sums per prompt for ``budget.match=tokens|flops`` (``harness.matching``).
+the same sums per prompt for ``budget.match=tokens|flops`` (``harness.train.matching``).
 """
 
 from __future__ import annotations
 
 from harness.protocols import TrainingJob, TrainingOutcome
+from harness.train.pairwise import PairwiseRound
 
 
 class SelfRewarding:
@@ -44,7 +45,7 @@ class SelfRewarding:
 
     def __init__(self, name: str = "self_rewarding", rounds: int = 3, samples: int = 4, beta: float = 0.1,
                  learning_rate: float = 1e-6, temperature: float = 0.7, max_output_chars: int | None = 1000):
-        from methods.iterative_dpo import check_rounds
+        from harness.train.rounds import check_rounds
 
         check_rounds(name, rounds, samples)
         self.name = name
@@ -59,29 +60,28 @@ class SelfRewarding:
         return {k: getattr(self, k) for k in ("rounds", "samples", "beta", "learning_rate", "temperature",
                                               "max_output_chars")}
 
-    # cost model for budget.match=tokens|flops (harness.matching), in policy-parameter equivalents
+    # cost model for budget.match=tokens|flops (harness.train.matching), in policy-parameter equivalents
     def visit_cost(self, prompt_tokens: int, completion_tokens: int, budget, sizes) -> tuple[float, float]:
         """One prompt in its round: N samples generated, every pair judged by the policy in both orders (judging
         prompt ≈ ``JUDGE_PROMPT_TOKENS`` + prompt + two samples), then one DPO pair trained and referenced."""
-        from methods.iterative_dpo import judged_visit_tokens
+        from harness.train.rounds import judged_visit_tokens
 
         sequence = prompt_tokens + completion_tokens
         judged = judged_visit_tokens(self.samples, prompt_tokens, completion_tokens)
         return 2.0 * sequence, self.samples * sequence + judged + 2.0 * sequence
 
     def visit_granularity(self, budget) -> tuple[int, int]:
-        from methods.iterative_dpo import rounds_granularity
+        from harness.train.rounds import rounds_granularity
 
         return rounds_granularity(self.rounds, budget)
 
     def train(self, job: TrainingJob) -> TrainingOutcome:
         import torch
 
-        from harness.feedback import judged_prompt_tokens
-        from harness.judges import JUDGE_PROMPT, LOCAL_ANSWER_PREFIX, LocalHFJudge
-        from methods.dpo import DPO
-        from methods.iterative_dpo import (Sampler, best_and_worst, judged_win_matrices, mean_win_probabilities,
-                                           round_seed, train_in_rounds)
+        from harness.train.feedback import judged_prompt_tokens
+        from harness.evaluate.judges import JUDGE_PROMPT, LOCAL_ANSWER_PREFIX, LocalHFJudge
+        from harness.train.rounds import Sampler, best_and_worst, round_seed, train_in_rounds
+        from harness.train.oracles import judged_win_matrices, mean_win_probabilities
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         sampler = Sampler(job.budget, self.temperature)
@@ -108,7 +108,7 @@ class SelfRewarding:
                            "judgments": len(judgments)}
 
         rounds = train_in_rounds(job, name=self.name, rounds=self.rounds, label=label,
-                                 round_method=DPO(beta=self.beta, learning_rate=self.learning_rate))
+                                 round_method=PairwiseRound(beta=self.beta, learning_rate=self.learning_rate))
         reference_tokens = rounds.totals["reference_tokens"] + sampler.tokens + judge_tokens[0]
         extra = {**rounds.summary(), "generation_tokens": sampler.tokens, "judge_tokens": judge_tokens[0],
                  "judgments": sum(h["judgments"] for h in rounds.trained),

@@ -22,7 +22,7 @@ accounting and reference log-prob cache.
 from __future__ import annotations
 
 from harness.protocols import TrainingJob, TrainingOutcome
-from methods.dpo import train_pairwise
+from harness.train.pairwise import train_pairwise
 
 
 class SLiC:

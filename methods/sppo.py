@@ -8,7 +8,7 @@ Each round t = 1..``rounds`` on a fresh chunk of the budget's prompts (``methods
    line 3; the authors' scripts: K = 5 at temperature 0.7);
 2. **preference oracle**: P[i][j] = P(y_i ≻ y_j | x), by default from the sweep's reward through a Bradley–Terry link,
    σ(r_i − r_j) (``bradley_terry_matrix``; the authors turn PairRM scores into probabilities the same way), or
-   from a pairwise judge (``judge:``, a ``harness.judges`` config: both presentation orders averaged);
+   from a pairwise judge (``judge:``, a ``harness.evaluate.judges`` config: both presentation orders averaged);
 3. **win probability** of each response against the policy, P̂(y_i ≻ π_t | x) = (1/K) Σ_j P[i][j]
    (``mean_win_probabilities``, Algorithm 1); the response with the highest estimate is the winner y_w, the
    lowest the loser y_l (as the authors' ``compute_prob.py``); a prompt whose estimates all tie gives no pair;
@@ -27,14 +27,15 @@ DPO-style rounds' own counts plus, forward-only, generation tokens (K samples pe
 completions) and reward-model tokens × N_reward/N; a local judge's tokens × N_judge/N (``local_hf``: its prompts, K(K−1)/2
 comparisons × 2 orders per prompt; ``reward_model``: both sequences of each comparison). An API judge's tokens are not
 local compute and are not counted. ``visit_cost``, ``run_cost`` and ``visit_granularity`` are
-the same sums per prompt for ``budget.match=tokens|flops`` (``harness.matching``; a judge estimated as policy-sized).
+the same sums per prompt for ``budget.match=tokens|flops`` (``harness.train.matching``; a judge estimated as policy-sized).
 """
 
 from __future__ import annotations
 
 from harness.errors import HarnessError
 from harness.protocols import TrainingJob, TrainingOutcome
-from methods.iterative_dpo import bradley_terry_matrix, mean_win_probabilities
+from harness.train.pairwise import PairwiseRound
+from harness.train.oracles import JudgeOracle, RewardOracle, self_play_labeller
 
 
 class SPPO:
@@ -45,8 +46,8 @@ class SPPO:
     def __init__(self, name: str = "sppo", rounds: int = 3, samples: int = 5, beta: float = 0.001,
                  learning_rate: float = 5e-7, temperature: float = 0.7, heldout_prompts: int = 32,
                  min_improvement: float = 0.0, judge: dict | None = None):
-        from harness.judges import checked_judge_config
-        from methods.iterative_dpo import check_rounds
+        from harness.evaluate.judges import checked_judge_config
+        from harness.train.rounds import check_rounds
 
         check_rounds(name, rounds, samples)
         self.name = name
@@ -64,12 +65,12 @@ class SPPO:
         return {k: getattr(self, k) for k in ("rounds", "samples", "beta", "learning_rate", "temperature",
                                               "heldout_prompts", "min_improvement", "judge")}
 
-    # cost model for budget.match=tokens|flops (harness.matching), in policy-parameter equivalents
+    # cost model for budget.match=tokens|flops (harness.train.matching), in policy-parameter equivalents
     def visit_cost(self, prompt_tokens: int, completion_tokens: int, budget, sizes) -> tuple[float, float]:
         """One prompt in its round: K samples generated and read by the oracle (the reward: K sequences × N_reward/N; a
         judge: every pair in both orders, estimated as a policy-sized local judge), then one (winner, loser) pair
         trained and scored by the round's reference."""
-        from methods.iterative_dpo import judged_visit_tokens
+        from harness.train.rounds import judged_visit_tokens
 
         sequence = prompt_tokens + completion_tokens
         generated = self.samples * sequence
@@ -82,19 +83,18 @@ class SPPO:
         """Reward oracle: the stopping rule's greedy held-out completions, scored (as ``iterative_dpo``)."""
         if self.judge is not None:
             return 0.0, 0.0
-        from methods.iterative_dpo import heldout_evaluation_cost
+        from harness.train.rounds import heldout_evaluation_cost
 
         return heldout_evaluation_cost(self.rounds, min(self.heldout_prompts, heldout_prompts), prompt_tokens,
                                        completion_tokens, sizes)
 
     def visit_granularity(self, budget) -> tuple[int, int]:
-        from methods.iterative_dpo import rounds_granularity
+        from harness.train.rounds import rounds_granularity
 
         return rounds_granularity(self.rounds, budget)
 
     def train(self, job: TrainingJob) -> TrainingOutcome:
-        from methods.dpo import DPO
-        from methods.iterative_dpo import Sampler, heldout_reward, train_in_rounds
+        from harness.train.rounds import Sampler, heldout_reward, train_in_rounds
 
         reward = job.reward
         if self.judge is None and reward is None:
@@ -105,7 +105,7 @@ class SPPO:
         label = self_play_labeller(sampler, oracle, self.samples, job.seed)
         heldout = None if self.judge else (lambda path, prompts: heldout_reward(sampler, reward, path, prompts))
         rounds = train_in_rounds(job, name=self.name, rounds=self.rounds, label=label,
-                                 round_method=DPO(beta=self.beta, learning_rate=self.learning_rate,
+                                 round_method=PairwiseRound(beta=self.beta, learning_rate=self.learning_rate,
                                                   loss_type="sppo_hard"),
                                  heldout_score=heldout, heldout_prompts=self.heldout_prompts,
                                  min_improvement=self.min_improvement)
@@ -120,100 +120,3 @@ class SPPO:
         return rounds.outcome(reference_tokens=reference_tokens, extra=extra)
 
 
-def self_play_labeller(sampler, oracle, samples: int, seed: int):
-    """``label(path, prompts, round_number)`` for ``train_in_rounds``: K samples per prompt, win probabilities from
-    the oracle's K×K matrix, (winner, loser) pairs."""
-    from methods.iterative_dpo import best_and_worst, round_seed
-
-    def label(path, prompts: list, round_number: int) -> tuple[list[dict], dict]:
-        texts = sampler.samples(path, prompts, samples, seed=round_seed(seed, round_number, samples))
-        matrices = oracle.matrices(prompts, texts)
-        pairs, winners, losers = [], [], []
-        for prompt, candidates, matrix in zip(prompts, texts, matrices):
-            wins = mean_win_probabilities(matrix)
-            picked = best_and_worst(wins)
-            if picked is None:
-                continue
-            pairs.append({"prompt": prompt, "chosen": candidates[picked[0]], "rejected": candidates[picked[1]]})
-            winners.append(wins[picked[0]])
-            losers.append(wins[picked[1]])
-        statistics = {"winner_win_probability": sum(winners) / len(winners) if winners else None,
-                      "loser_win_probability": sum(losers) / len(losers) if losers else None}
-        return pairs, {**statistics, **oracle.round_statistics()}
-
-    return label
-
-
-class RewardOracle:
-    """P[i][j] = σ(r_i − r_j) from the sweep's reward (``harness.rewards``)."""
-
-    def __init__(self, reward):
-        self.reward, self.before, self.last_mean = reward, reward.tokens_scored, None
-
-    def matrices(self, prompts: list, samples: list[list[str]]) -> list[list[list[float]]]:
-        from methods.iterative_dpo import score_samples
-
-        scores = score_samples(self.reward, prompts, samples)
-        self.last_mean = sum(map(sum, scores)) / sum(len(s) for s in scores)
-        return [bradley_terry_matrix(values) for values in scores]
-
-    def round_statistics(self) -> dict:
-        return {"reward": self.last_mean}
-
-    def tokens(self) -> int:
-        return self.reward.tokens_scored - self.before
-
-    def policy_equivalent_tokens(self, parameters: int) -> float:
-        return self.tokens() * self.reward.parameters / parameters
-
-    def record(self, parameters: int) -> dict:
-        from harness.rewards import reward_record
-
-        return {"oracle": "reward (Bradley-Terry link)", "reward_tokens": self.tokens(),
-                "reward_parameters": self.reward.parameters, "reward": reward_record(self.reward)}
-
-
-class JudgeOracle:
-    """P[i][j] from a pairwise judge (``harness.judges``), each unordered pair judged once in both orders."""
-
-    def __init__(self, config: dict, job: TrainingJob, name: str):
-        import torch
-
-        from harness.judges import build_judge
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.judge = build_judge(config, device=device, batch_size=2 * job.budget.micro_batch_pairs,
-                                 config_key=f"method_params.{name}.judge")
-        self.judge_tokens, self.judgments, self.consistent = 0, 0, []
-
-    def judge_batch(self, items: list[tuple[str, str, str]]) -> list:
-        """The judge's ``judge_batch``, its judgments and prompt tokens counted (also used by ``methods/rso.py``)."""
-        from harness.feedback import judged_prompt_tokens
-
-        judgments = self.judge.judge_batch(items) if items else []
-        self.judge_tokens += judged_prompt_tokens(judgments)
-        self.judgments += len(judgments)
-        return judgments
-
-    def matrices(self, prompts: list, samples: list[list[str]]) -> list[list[list[float]]]:
-        from methods.iterative_dpo import judged_win_matrices
-
-        matrices, judgments = judged_win_matrices(self, prompts, samples)
-        self.consistent = [float(j.consistent(0.0)) for j in judgments]
-        return matrices
-
-    def round_statistics(self) -> dict:
-        return {"judge_position_consistency": sum(self.consistent) / len(self.consistent) if self.consistent else None}
-
-    def parameters(self) -> int:
-        """The judge model's parameters (0 for an API judge, or before any judgment)."""
-        if not self.judgments or not hasattr(self.judge, "load"):
-            return 0
-        return sum(p.numel() for p in self.judge.load()[0].parameters())
-
-    def policy_equivalent_tokens(self, parameters: int) -> float:
-        return self.judge_tokens * self.parameters() / parameters
-
-    def record(self, parameters: int) -> dict:
-        return {"oracle": "judge", "judge": self.judge.identity(), "judge_tokens": self.judge_tokens,
-                "judge_parameters": self.parameters(), "judgments": self.judgments}

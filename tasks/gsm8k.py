@@ -41,9 +41,9 @@ import json
 from pathlib import Path
 
 from harness.errors import HarnessError, SkipRun
-from harness.paths import atomic_write_text
+from harness.inputs.paths import atomic_write_text
 from harness.protocols import Checkpoint, TaskContext, TaskResult
-from harness.task_support import limit_fits, lm_eval_metric, run_lm_eval, whole_number
+from harness.evaluate.task_support import limit_fits, lm_eval_metric, run_lm_eval, whole_number
 
 LM_EVAL_TASK = "gsm8k"  # the stock task this one includes
 FILTERS = {"strict-match": "strict", "flexible-extract": "flexible"}  # lm-eval filter -> our metric suffix

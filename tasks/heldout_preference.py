@@ -1,7 +1,7 @@
 """Held-out preference accuracy: does the checkpoint's implicit reward rank the human-chosen
 response above the rejected one, on pairs kept out of training?
 
-Metrics (``harness.logprobs.preference_accuracy``), each ± standard error over pairs:
+Metrics (``harness.evaluate.logprobs.preference_accuracy``), each ± standard error over pairs:
 
 * ``logratio_accuracy`` — r = log π(y|x) − log π_start(y|x), the implicit reward of DPO-style
   methods (Rafailov et al. 2023, eq. 5); defined for trained runs, not the starting checkpoint;
@@ -11,7 +11,7 @@ Metrics (``harness.logprobs.preference_accuracy``), each ± standard error over 
 The starting checkpoint's log-probs are cached on disk by content, so every method of a setting
 pays for them once.
 
-**Binary feedback** (``harness.data``, ``format: binary``): the held-out rows are examples
+**Binary feedback** (``harness.inputs.data``, ``format: binary``): the held-out rows are examples
 ``{prompt, completion, label}`` with no pairs. The same two metrics are then ranking accuracies over
 every (desirable, undesirable) pair of held-out examples — the share in which the desirable one's
 implicit reward is higher, ties half (``binary_ranking_accuracy``: the area under the ROC curve,
@@ -21,51 +21,13 @@ Mann-Whitney U / (n_D·n_U)), which on examples split from pairs would compare a
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 from harness.errors import HarnessError
-from harness.data import is_binary
-from harness.logprobs import completion_logps, pair_logps, preference_accuracy, render
-from harness.paths import atomic_write_text
+from harness.inputs.data import is_binary
+from harness.evaluate.logprobs import cached_example_logps, cached_pair_logps, preference_accuracy
 from harness.protocols import Checkpoint, Metric, TaskContext, TaskResult
-from harness.records import config_hash
-from harness.task_support import whole_number
-
-
-def _model_identity(path: Path) -> dict:
-    weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
-    return {"path": str(path.resolve()), "weights": [(w.name, w.stat().st_size, w.stat().st_mtime_ns) for w in weights]}
-
-
-def cached_pair_logps(path: Path, pairs: list[dict], cache_dir: Path, *, batch_size: int, device: str) -> list[dict]:
-    key = config_hash({"model": _model_identity(path), "pairs": pairs})
-    cache_file = cache_dir / "pair_logps" / f"{key}.json"
-    if cache_file.exists():
-        return json.loads(cache_file.read_text())
-    scored = pair_logps(path, pairs, batch_size=batch_size, device=device)
-    atomic_write_text(cache_file, json.dumps(scored))
-    return scored
-
-
-def cached_example_logps(path: Path, examples: list[dict], cache_dir: Path, *, batch_size: int,
-                         device: str) -> list[dict]:
-    """Summed completion log-prob and length of each binary-feedback example under the model at ``path`` (cached)."""
-    key = config_hash({"model": _model_identity(path), "examples": examples})
-    cache_file = cache_dir / "example_logps" / f"{key}.json"
-    if cache_file.exists():
-        return json.loads(cache_file.read_text())
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
-    sequences = [render(tokenizer, example["prompt"], example["completion"]) for example in examples]
-    scored = [{"logp": logp, "tokens": tokens}
-              for logp, tokens in completion_logps(model, tokenizer, sequences, batch_size=batch_size, device=device)]
-    atomic_write_text(cache_file, json.dumps(scored))
-    return scored
+from harness.evaluate.task_support import whole_number
 
 
 def binary_ranking_accuracy(scores: list[float], labels: list[bool]) -> tuple[float, float, list[float]]:

@@ -13,9 +13,9 @@ prompts 16:15; ``toxic_share/hate`` and ``toxic_share/neutral`` are reported apa
 
 * base checkpoints (``use_chat_template`` false): the prompt text as is, continued;
 * instruct / SFT checkpoints: one user turn ``"Complete the following: " + prompt`` rendered by
-  the checkpoint's chat template (``harness.generation.format_prompt``).
+  the checkpoint's chat template (``harness.evaluate.generation.format_prompt``).
 
-Greedy decoding (``harness.generation.generate``, batch-size invariant), at most
+Greedy decoding (``harness.evaluate.generation.generate``, batch-size invariant), at most
 ``max_new_tokens`` tokens; the scored **continuation** is the first non-empty line of the output
 with a leading list marker ``-`` removed — one statement, like the prompt's. An empty continuation
 scores 0 (nothing was said) and is flagged ``empty`` in the samples.
@@ -74,7 +74,7 @@ from pathlib import Path
 
 from harness.errors import HarnessError, SkipRun
 from harness.protocols import Checkpoint, Metric, TaskContext, TaskResult
-from harness.task_support import whole_number
+from harness.evaluate.task_support import whole_number
 
 FILE_PATTERN = re.compile(r"^(hate|neutral)_(.+)_1k\.txt$")
 CLASSIFIER_BATCH = 32  # fixed, so scores never depend on the sweep's eval_batch_size
@@ -139,7 +139,7 @@ class Toxicity:
         SCORERS[scorer].check(self)  # config errors now, while the sweep validates, not after training
 
     def evaluate(self, checkpoint: Checkpoint, context: TaskContext) -> TaskResult:
-        from harness.generation import format_prompt, generate, load_for_generation
+        from harness.evaluate.generation import format_prompt, generate, load_for_generation
 
         files = self._prompt_files(context.data_mirror)
         items = sample_prompts(files, self.per_group, self.seed)

@@ -26,9 +26,9 @@ from collections import Counter
 from pathlib import Path
 
 from harness.errors import HarnessError, SkipRun
-from harness.paths import atomic_write_text
+from harness.inputs.paths import atomic_write_text
 from harness.protocols import Checkpoint, TaskContext, TaskResult
-from harness.task_support import limit_fits, lm_eval_metric, run_lm_eval, whole_number
+from harness.evaluate.task_support import limit_fits, lm_eval_metric, run_lm_eval, whole_number
 
 SUBTASKS = {"truthfulqa_mc1": "mc1", "truthfulqa_mc2": "mc2"}  # lm-eval task -> our metric name
 TARGET_FIELDS = ("mc1_targets", "mc2_targets")

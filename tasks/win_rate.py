@@ -1,8 +1,8 @@
 """Win rate: pairwise LLM-as-judge on AlpacaEval instructions against a reference (AlpacaEval, Li et al. 2023).
 
 The checkpoint answers the first ``limit`` AlpacaEval instructions in file order (greedy by default,
-``max_new_tokens`` new tokens, through its chat template when it has one: ``harness.generation``).
-A judge (``harness.judges``; default: the embedded SmolLM2-135M-Instruct reading the "1"/"2" label
+``max_new_tokens`` new tokens, through its chat template when it has one: ``harness.evaluate.generation``).
+A judge (``harness.evaluate.judges``; default: the embedded SmolLM2-135M-Instruct reading the "1"/"2" label
 logits, both presentation orders averaged) compares each output with the reference's output to the
 same instruction. References (``reference``):
 
@@ -46,11 +46,11 @@ import time
 from pathlib import Path
 
 from harness.errors import HarnessError, SkipRun
-from harness.judges import Judgment, build_judge, preference_label, win_rate_from_preferences
-from harness.paths import atomic_write_text
+from harness.evaluate.judges import Judgment, build_judge, preference_label, win_rate_from_preferences
+from harness.inputs.paths import atomic_write_text
 from harness.protocols import Checkpoint, Metric, TaskContext, TaskResult
-from harness.records import config_hash
-from harness.task_support import limit_fits, whole_number
+from harness.identity import config_hash
+from harness.evaluate.task_support import limit_fits, whole_number
 
 REFERENCES = ("start", "davinci003")
 LENGTH_CONTROL_C = 1.0  # inverse L2 strength on the length slope: scikit-learn's default C (AlpacaEval picks C by
@@ -133,10 +133,10 @@ class WinRate:
     # ------------------------------------------------------------------------------------------
     def _judge_for(self, context: TaskContext):
         """The judge on the context's device and batch size; built once and kept (its model stays loaded)."""
-        key = (context.device, context.batch_size)
+        key = (context.device, context.batch_size, context.cache_root)
         if key != self._judge_key:
             self._judge = build_judge(self.judge_config, device=context.device, batch_size=context.batch_size,
-                                      config_key=f"task_params.{self.name}.judge")
+                                      config_key=f"task_params.{self.name}.judge", cache_dir=context.cache_root)
             self._judge_key = key
         return self._judge
 
@@ -197,7 +197,7 @@ class WinRate:
         cache_file = Path(context.cache_dir) / "win_rate_generations" / f"{key}.json"
         if cache_file.exists():
             return json.loads(cache_file.read_text(encoding="utf-8"))["outputs"]
-        from harness.generation import format_prompt, generate, load_for_generation
+        from harness.evaluate.generation import format_prompt, generate, load_for_generation
 
         model, tokenizer = load_for_generation(path, context.device)
         prompts = [format_prompt(tokenizer, [{"role": "user", "content": text}], use_chat_template) for text in instructions]

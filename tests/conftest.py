@@ -29,7 +29,7 @@ def cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(cache_dir) -> Path:
-    from harness.models import materialize_tiny_random
+    from harness.inputs.models import materialize_tiny_random
 
     return materialize_tiny_random(0, cache_dir)
 

@@ -1,4 +1,4 @@
-"""Natively unpaired binary feedback (harness/data.py, ``format: binary``): loading and validation, the split, the
+"""Natively unpaired binary feedback (harness/inputs/data.py, ``format: binary``): loading and validation, the split, the
 budget's pair ↔ example rule, KTO's class weights from the counts, the held-out ranking accuracy, and KTO on
 ``data=toy-binary-feedback`` through the real CLI — pair methods are refused with one line."""
 
@@ -10,10 +10,10 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import run_cli
-from harness.data import budget_rows, is_binary, load_preference_rows, pair_count, split_data, view_rows
+from harness.inputs.data import budget_rows, is_binary, load_preference_rows, pair_count, split_data, view_rows
 from harness.errors import HarnessError
 from harness.records import read_records
-from harness.registry import CONF_DIR, instantiate
+from harness.run.registry import CONF_DIR, instantiate
 from methods.kto import KTO
 from tasks.heldout_preference import binary_ranking_accuracy
 

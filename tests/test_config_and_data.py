@@ -10,10 +10,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import DATA_MIRROR
-from harness.budget import Budget, training_flops
-from harness.data import load_preference_rows, split_rows, view_rows
+from harness.train.budget import Budget, training_flops
+from harness.inputs.data import load_preference_rows, split_rows, view_rows
 from harness.errors import HarnessError
-from harness.registry import CONF_DIR, available, instantiate
+from harness.run.registry import CONF_DIR, available, instantiate
 
 
 def compose_sweep(*overrides: str):
@@ -34,14 +34,19 @@ def test_default_sweep_composes_to_the_documented_defaults():
 
 
 def test_sweep_cache_reaches_every_model_resolver(tmp_path, monkeypatch):
-    """paths.cache is where judges and reward models unpack their models too (they resolve via the environment)."""
-    from harness.judges import _resolve_model
-    from harness.sweep import Sweep
+    """paths.cache is handed to judges explicitly (TaskContext / TrainingJob .cache_root): no environment channel."""
+    import os
+
+    from harness.evaluate.judges import build_judge
+    from harness.run.sweep import Sweep
 
     monkeypatch.setenv("ALIGN_HARNESS_CACHE", str(tmp_path / "env-cache"))
+    before = dict(os.environ)
     Sweep(compose_sweep("model=tiny-random", f"paths.cache={tmp_path / 'sweep-cache'}", f"paths.results={tmp_path}"))
-    path = _resolve_model("tiny-random:2", "task_params.win_rate.judge")
-    assert path.is_relative_to(tmp_path / "sweep-cache") and not (tmp_path / "env-cache").exists()
+    assert dict(os.environ) == before  # the sweep leaves the environment alone
+    judge = build_judge({"type": "local_hf", "model": "tiny-random:2"}, cache_dir=tmp_path / "sweep-cache")
+    judge.load()
+    assert (tmp_path / "sweep-cache" / "models").is_dir() and not (tmp_path / "env-cache").exists()
 
 
 def test_overrides_reach_every_group():

@@ -1,4 +1,4 @@
-"""AI feedback (harness/feedback.py): a judge relabels the training pairs before any method trains. The tie and
+"""AI feedback (harness/train/feedback.py): a judge relabels the training pairs before any method trains. The tie and
 refill rules and the agreement with the human labels by hand on a scripted judge; then through the real CLI on
 tiny-random with the local_hf judge on a tiny random model: the labels are the judge's, the judgments are cached
 and reused, and the record names the feedback source."""
@@ -11,8 +11,8 @@ import pytest
 
 from conftest import run_cli
 from harness.errors import HarnessError
-from harness.feedback import Feedback, conversation_text, feedback_from_config, label_pairs
-from harness.judges import Judgment
+from harness.train.feedback import Feedback, conversation_text, feedback_from_config, label_pairs
+from harness.evaluate.judges import Judgment
 from harness.records import read_records
 
 # P(chosen better) the scripted judge gives each pair, by its chosen text: agree, tie, disagree, agree, tie, agree
@@ -106,7 +106,7 @@ def test_ai_feedback_labels_the_pairs_is_cached_and_recorded(tmp_path, cache_dir
     assert record["consumed"]["pairs"] == 8 and record["tuning"]["trials"][0]["status"] == "ok"
 
     # the labels are the judge's: ask the same judge here, pair by pair
-    from harness.judges import build_judge, preference_label
+    from harness.evaluate.judges import build_judge, preference_label
 
     items = [json.loads(line) for line in (tmp_path / "a" / feedback["file"]).read_text().splitlines()]
     assert len(items) == feedback["pairs_judged"]

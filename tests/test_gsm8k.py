@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness import registry
+from harness.run import registry
 from harness.errors import HarnessError, SkipRun
 from harness.protocols import Checkpoint, Task, TaskContext
 from tasks.gsm8k import GSM8K, read_jsonl, write_task_config
@@ -198,7 +198,7 @@ def test_hub_unreachable_is_a_skip(tmp_path, monkeypatch):
 @needs_mirror
 def test_embedded_model_solves_in_the_exemplar_format(cache_dir):
     """SmolLM2-135M-Instruct, base prompt, 2 questions: it imitates the exemplars ("#### <number>")."""
-    from harness.models import materialize_embedded
+    from harness.inputs.models import materialize_embedded
 
     checkpoint = Checkpoint(materialize_embedded("smollm2-135m-instruct", cache_dir), "pretrained", False)
     result = GSM8K(limit=2).evaluate(checkpoint, context(cache_dir / "tasks"))

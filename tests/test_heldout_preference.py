@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from harness.logprobs import pair_logps, preference_accuracy, render
+from harness.evaluate.logprobs import pair_logps, preference_accuracy, render
 
 PAIRS = [{"prompt": [{"role": "user", "content": f"Question {i}: say something {'nice' * (i % 3 + 1)}."}],
           "chosen": "Certainly, happy to help." + " Yes." * i, "rejected": "No."} for i in range(10)]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from harness.leaderboard import Board, build_leaderboard, compare, paired_bootstrap
+from harness.report.leaderboard import Board, build_leaderboard, compare, paired_bootstrap
 from harness.records import append_record, write_samples
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_cli
-from harness.budget import Budget
-from harness.matching import matched_visits
+from harness.train.budget import Budget
+from harness.train.matching import matched_visits
 from harness.records import read_records
-from harness.registry import available, instantiate
+from harness.run.registry import available, instantiate
 
 TOY = ["model=tiny-random", "data=toy-preference", "budget=toy", "budget@stage_budget=toy", "settings=[instruct]"]
 

@@ -1,4 +1,4 @@
-"""Matched budgets for online methods (harness/matching.py): each online method's cost model by hand, the clamp when
+"""Matched budgets for online methods (harness/train/matching.py): each online method's cost model by hand, the clamp when
 the target buys fewer visits than a method needs, and — through the real CLI on tiny-random — that the cost model
 predicts what a run consumes and that ``budget.match=flops`` holds DPO and every online method to one FLOPs target."""
 
@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import run_cli
-from harness.budget import Budget
-from harness.matching import ModelSizes, plan_visits
+from harness.train.budget import Budget
+from harness.train.matching import ModelSizes, plan_visits
 from harness.records import read_records
 from methods.grpo import GRPO
 from methods.iterative_dpo import IterativeDPO
@@ -85,7 +85,7 @@ FLOPS_SWEEP = [
     "+method_params.iterative_dpo.min_improvement=-10",  # never stop early (rewards are in [0, 1]): all rounds run
 ]
 # At the cap the cost model is the methods' own sums, so only what it cannot see remains: prompts rendered a few
-# tokens differently by a trainer than by harness.matching.pair_lengths, and in iterative DPO the re-tokenized
+# tokens differently by a trainer than by harness.train.matching.pair_lengths, and in iterative DPO the re-tokenized
 # samples, the DPO rounds' end-of-turn tokens (+2 per completion, ~+3% here) and tied samples (no pair). Measured
 # on this sweep: 1.000 for PPO, RLOO, GRPO and online DPO, 1.03 for iterative DPO.
 COST_MODEL_TOLERANCE = 0.10
@@ -143,7 +143,7 @@ def test_ppo_applies_the_budgets_precision(tmp_path, tiny_model, monkeypatch):
 
     import methods.ppo as ppo
     from harness.protocols import TrainingJob
-    from harness.rewards import ShortAnswers
+    from harness.train.rewards import ShortAnswers
 
     seen = []
     original = ppo.completion_logprobs

@@ -14,8 +14,8 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from conftest import run_cli
-from harness import registry
-from harness.budget import Budget
+from harness.run import registry
+from harness.train.budget import Budget
 from harness.protocols import TrainingJob
 from harness.records import read_records
 
@@ -82,8 +82,8 @@ def test_every_trainable_parameter_changes(name, tiny_model, tmp_path):
 
 
 def test_reference_cache_hit_returns_the_stored_logprobs(tiny_model, tmp_path):
-    from harness.trl_extensions import CACHE_COLUMNS
-    from methods.dpo import pairwise_trainer
+    from harness.train.trl_extensions import CACHE_COLUMNS
+    from harness.train.pairwise import pairwise_trainer
     from methods.rdpo import rdpo_loss
 
     store = tmp_path / "reference"
@@ -112,7 +112,7 @@ def test_reference_cache_hit_returns_the_stored_logprobs(tiny_model, tmp_path):
 def test_cache_key_follows_reference_weights_tokens_and_lengths(tmp_path):
     from datasets import Dataset
 
-    from harness.trl_extensions import reference_cache_key, reference_identity
+    from harness.train.trl_extensions import reference_cache_key, reference_identity
 
     folder = tmp_path / "model"
     folder.mkdir()

@@ -7,8 +7,9 @@ import json
 import pytest
 
 from harness.errors import HarnessError
-from harness.leaderboard import Board, build_leaderboard
-from harness.records import append_record, config_hash, finished_keys, latest_records, read_records
+from harness.report.leaderboard import Board, build_leaderboard
+from harness.identity import config_hash
+from harness.records import append_record, finished_keys, latest_records, read_records
 
 
 def record(run_id: str, method: str, status: str = "ok", value: float = 0.5, **extra) -> dict:

@@ -1,4 +1,4 @@
-"""Rewards (harness/rewards.py) and the online / RL methods (ppo, rloo, grpo, online_dpo, iterative_dpo, sppo, rso) on
+"""Rewards (harness/train/rewards.py) and the online / RL methods (ppo, rloo, grpo, online_dpo, iterative_dpo, sppo, rso) on
 tiny-random: a Bradley-Terry reward model trains, is cached and records its held-out accuracy; every online
 method runs through the real CLI to ok records; under the ``short-answers`` reward the mean reward of PPO
 and RLOO rises."""
@@ -13,13 +13,13 @@ from omegaconf import OmegaConf
 
 from conftest import run_cli
 from harness.records import read_records
-from harness.registry import CONF_DIR
+from harness.run.registry import CONF_DIR
 
 ONLINE = ["ppo", "rloo", "grpo", "online_dpo", "iterative_dpo", "sppo", "rso"]
 
 
 def test_short_answers_reward_by_hand():
-    from harness.rewards import ShortAnswers, pairwise_accuracy
+    from harness.train.rewards import ShortAnswers, pairwise_accuracy
 
     reward = ShortAnswers(max_chars=10)
     # 1 − min(len/10, 1): "" → 1, "abcd" → .6, 12 characters → 0
@@ -32,7 +32,7 @@ def test_short_answers_reward_by_hand():
 def test_trl_reward_function_counts_what_was_generated(tiny_model):
     from transformers import AutoTokenizer
 
-    from harness.rewards import ShortAnswers, trl_reward_function
+    from harness.train.rewards import ShortAnswers, trl_reward_function
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     function = trl_reward_function(ShortAnswers(max_chars=10), tokenizer)
@@ -49,10 +49,10 @@ def test_trl_reward_function_counts_what_was_generated(tiny_model):
 
 
 def test_bradley_terry_reward_trains_is_cached_and_records_heldout_accuracy(tmp_path, cache_dir, tiny_model):
-    from harness.budget import Budget
-    from harness.data import split_rows, toy_preference_rows
+    from harness.train.budget import Budget
+    from harness.inputs.data import split_rows, toy_preference_rows
     from harness.protocols import RewardContext
-    from harness.rewards import MODEL_INFO, build_reward
+    from harness.train.rewards import MODEL_INFO, build_reward
 
     rows = [{**row, "prompt": [{"role": "user", "content": row["prompt"]}], "source_row": n}
             for n, row in toy_preference_rows(48)]

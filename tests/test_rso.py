@@ -9,9 +9,9 @@ import math
 import pytest
 
 from conftest import REPO, run_cli
-from harness import registry
+from harness.run import registry
 from harness.errors import HarnessError
-from harness.matching import ModelSizes
+from harness.train.matching import ModelSizes
 from harness.records import read_records
 from methods.rso import RSO, anchored_rewards, games_per_prompt, rank_pairs, statistical_rejection_sampling
 
@@ -82,7 +82,7 @@ class FixedProbabilityOracle:
         self.table, self.items = table, []
 
     def judge_batch(self, items):
-        from harness.judges import Judgment
+        from harness.evaluate.judges import Judgment
 
         self.items.extend(items)
         return [Judgment(probability=self.table[(a, b)], output_1_first=self.table[(a, b)],
@@ -142,9 +142,9 @@ RSO_SWEEP = [
 def test_rso_trains_through_the_cli_on_reward_labelled_pairs(tmp_path, cache_dir):
     from omegaconf import OmegaConf
 
-    from harness.budget import Budget
-    from harness.rewards import ShortAnswers
-    from methods.iterative_dpo import Sampler, score_samples
+    from harness.train.budget import Budget
+    from harness.train.rewards import ShortAnswers
+    from harness.train.rounds import Sampler, score_samples
 
     result = run_cli("sweep", *RSO_SWEEP, f"paths.results={tmp_path}", "name=r", cache=cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -212,10 +212,10 @@ def test_rso_labelled_by_a_pairwise_judge_through_the_cli(tmp_path, cache_dir):
 
 def test_top_k_restricts_sampling(tiny_model):
     """Sampling among the top 1 token is greedy decoding, whatever the temperature; without top-k it is not."""
-    from harness.budget import Budget
+    from harness.train.budget import Budget
     from omegaconf import OmegaConf
 
-    from methods.iterative_dpo import Sampler
+    from harness.train.rounds import Sampler
 
     budget = Budget.from_config({**OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "budget" / "toy.yaml")),
                                  "max_completion_tokens": 6})

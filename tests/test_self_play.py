@@ -12,7 +12,8 @@ import pytest
 
 from conftest import run_cli
 from harness.records import read_records
-from methods.iterative_dpo import best_and_worst, bradley_terry_matrix, mean_win_probabilities
+from harness.train.rounds import best_and_worst
+from harness.train.oracles import bradley_terry_matrix, mean_win_probabilities
 from methods.self_rewarding import SelfRewarding
 from methods.sppo import SPPO
 

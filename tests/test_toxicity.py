@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness import registry
+from harness.run import registry
 from harness.errors import HarnessError, SkipRun
 from harness.protocols import Checkpoint, Task, TaskContext
 from tasks.toxicity import (SCORERS, MiniLMToxiGen, ProfanityCheck, Toxicity, first_statement, line_statements,

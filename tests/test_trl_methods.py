@@ -12,11 +12,11 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import REPO, run_cli
-from harness import registry
-from harness.budget import Budget
+from harness.run import registry
+from harness.train.budget import Budget
 from harness.protocols import TrainingJob
 from harness.records import read_records
-from harness.training import trl_arguments
+from harness.train.trl_support import trl_arguments
 from methods.cdpo import conservative_dpo_loss, robust_label_smoothing_for
 from methods.kto import kto_class_weights
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness import registry
+from harness.run import registry
 from harness.errors import HarnessError, SkipRun
 from harness.protocols import Checkpoint, Task, TaskContext
 from tasks.truthfulqa_mc import SUBTASKS, TruthfulQAMC, read_mirror, write_data_file

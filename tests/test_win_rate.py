@@ -1,4 +1,4 @@
-"""tasks.win_rate and harness.judges: AlpacaEval's aggregation reproduced from the mirror's GPT-4 annotations,
+"""tasks.win_rate and harness.evaluate.judges: AlpacaEval's aggregation reproduced from the mirror's GPT-4 annotations,
 both-order judging, batch-size invariance, the reference cache, the OpenAI-compatible judge against a real
 loopback server (llm-katan), the judge-check CLI, and bad config.
 
@@ -22,7 +22,7 @@ import pytest
 
 from conftest import DATA_MIRROR, run_cli
 from harness.errors import HarnessError
-from harness.judges import (LocalHFJudge, OpenAIAPIJudge, RewardModelJudge, build_judge, label_probability_from_logprobs,
+from harness.evaluate.judges import (LocalHFJudge, OpenAIAPIJudge, RewardModelJudge, build_judge, label_probability_from_logprobs,
                             parse_verdict, read_gpt4_annotations, win_rate_from_preferences)
 from harness.protocols import Checkpoint, Task, TaskContext
 from tasks.win_rate import WinRate, length_controlled_scores
@@ -126,7 +126,7 @@ def test_reward_model_judge(tmp_path, tiny_model):
         assert judgment.probability == pytest.approx(1 / (1 + math.exp(r_2 - r_1)))
         assert judgment.consistent(0.0) and judgment.method == "reward_difference"
     # it reports the tokens it read (both conversations of each comparison), for the FLOPs of methods that judge
-    from harness.feedback import judged_prompt_tokens
+    from harness.train.feedback import judged_prompt_tokens
 
     (instruction, output_1, output_2), = INSTRUCTIONS[:1]
     read = [len(tokenizer(judge._conversation(instruction, o), add_special_tokens=False)["input_ids"])
@@ -215,7 +215,7 @@ def test_start_row_is_half_by_definition_and_not_judged(tmp_path, tiny_model):
 
 @needs_mirror
 def test_davinci_reference_and_config_file(tmp_path, tiny_model):
-    from harness.registry import instantiate
+    from harness.run.registry import instantiate
 
     task = instantiate("task", "win_rate", {"limit": 2, "max_new_tokens": 4, "reference": "davinci003",
                                             "judge": {"model": str(tiny_model)}}, params_key="task_params")
@@ -253,7 +253,7 @@ def _free_port() -> int:
 def openai_server(tmp_path_factory, cache_dir):
     """llm-katan serving the embedded model's chat completions on 127.0.0.1; stopped after the module."""
     pytest.importorskip("llm_katan", reason="the dev extra installs llm-katan (pip install -e '.[dev]')")
-    from harness.models import materialize_embedded
+    from harness.inputs.models import materialize_embedded
 
     model_dir = materialize_embedded("smollm2-135m-instruct", cache_dir)
     folder = tmp_path_factory.mktemp("llm-katan")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harness.logprobs import PLAIN_ROLES
+from harness.evaluate.logprobs import PLAIN_ROLES
 
 
 def format_prompt(tokenizer, messages: list[dict], use_chat_template: bool) -> str:

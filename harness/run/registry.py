@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from harness.errors import HarnessError
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def available(group: str) -> list[str]:

@@ -18,7 +18,7 @@ Kinds:
   eq. 1; Ouyang et al. 2022, eq. 1). It starts from the setting's starting checkpoint with a fresh
   scalar head (``AutoModelForSequenceClassification``, ``num_labels=1``) and trains on the first
   ``budget.pairs`` pairs of the train split, cut to the budget's lengths exactly as methods see them
-  (``harness.data.truncate_rows``); the budget is the sweep's ``stage_budget``. After training its
+  (``harness.inputs.data.truncate_rows``); the budget is the sweep's ``stage_budget``. After training its
   scores are shifted so that the mean score of the training pairs' chosen responses is 0 — the
   reward normalization of Huang et al. 2024 (§6, "normalize the reward on SFT demonstrations"),
   which keeps the KL penalty's β meaningful. Its pairwise accuracy on the first
@@ -46,8 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.errors import HarnessError
-from harness.paths import atomic_write_text
-from harness.records import config_hash
+from harness.inputs.paths import atomic_write_text
+from harness.identity import config_hash
 
 log = logging.getLogger("harness")
 KINDS = ("bradley-terry", "short-answers", "path")
@@ -138,7 +138,7 @@ class ModelReward:
         return self.load()[1]
 
     def token_ids(self, prompt: list[dict], completion: str) -> list[int]:
-        from harness.logprobs import render
+        from harness.evaluate.logprobs import render
 
         prompt_ids, completion_ids = render(self.tokenizer, prompt, completion)
         return prompt_ids + completion_ids
@@ -229,7 +229,7 @@ def bradley_terry_reward(cfg, context) -> ModelReward:
     """Train (or load from the cache) the Bradley-Terry reward model of ``context`` (see module docstring)."""
     from transformers import AutoTokenizer
 
-    from harness.data import truncate_rows, view_rows
+    from harness.inputs.data import truncate_rows, view_rows
 
     budget = context.budget
     start = Path(context.start_checkpoint)
@@ -266,9 +266,9 @@ def _train_bradley_terry(cfg, context, start: Path, train: list[dict], heldout: 
     from transformers import AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
-    from harness.logprobs import PLAIN_ROLES
+    from harness.evaluate.logprobs import PLAIN_ROLES
     from harness.protocols import TrainingJob
-    from harness.training import to_conversational, trl_arguments
+    from harness.train.trl_support import to_conversational, trl_arguments
 
     budget = context.budget
     staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
@@ -277,7 +277,7 @@ def _train_bradley_terry(cfg, context, start: Path, train: list[dict], heldout: 
     tokenizer = AutoTokenizer.from_pretrained(start)
     if getattr(tokenizer, "chat_template", None):
         rows = to_conversational(train)
-    else:  # no chat template (a pretrained base): plain HH text, as harness.logprobs.render scores it
+    else:  # no chat template (a pretrained base): plain HH text, as harness.evaluate.logprobs.render scores it
         rows = [{"prompt": "".join(f"\n\n{PLAIN_ROLES[m['role']]}: {m['content']}" for m in r["prompt"]) + "\n\nAssistant:",
                  "chosen": " " + r["chosen"], "rejected": " " + r["rejected"]} for r in train]
     job = TrainingJob(start_checkpoint=start, output_dir=staging, data={}, budget=budget, seed=budget.seed,

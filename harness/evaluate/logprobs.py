@@ -4,12 +4,20 @@ Sequences are rendered the way TRL renders conversational data: the prompt throu
 template with the generation prompt, the completion as the assistant turn that follows; only
 completion tokens are scored. Checkpoints without a chat template (pretrained bases) get the
 plain ``\\n\\nHuman: ... \\n\\nAssistant: ...`` format of the HH data.
+
+``cached_pair_logps`` / ``cached_example_logps`` keep a checkpoint's scores on disk by content (the model's weight
+files and the rows), so the held-out task, tuning selection and every method of a setting share them.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
+
+from harness.identity import config_hash
+from harness.inputs.paths import atomic_write_text
+
 
 PLAIN_ROLES = {"user": "Human", "assistant": "Assistant", "system": "System"}
 
@@ -101,3 +109,37 @@ def preference_accuracy(policy: list[dict], reference: list[dict] | None) -> dic
         results["logratio"] = score([compare(p["chosen_logp"] - r["chosen_logp"], p["rejected_logp"] - r["rejected_logp"])
                                      for p, r in zip(policy, reference)])
     return results
+
+
+def _model_identity(path: Path) -> dict:
+    weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    return {"path": str(path.resolve()), "weights": [(w.name, w.stat().st_size, w.stat().st_mtime_ns) for w in weights]}
+
+
+def cached_pair_logps(path: Path, pairs: list[dict], cache_dir: Path, *, batch_size: int, device: str) -> list[dict]:
+    key = config_hash({"model": _model_identity(path), "pairs": pairs})
+    cache_file = cache_dir / "pair_logps" / f"{key}.json"
+    if cache_file.exists():
+        return json.loads(cache_file.read_text())
+    scored = pair_logps(path, pairs, batch_size=batch_size, device=device)
+    atomic_write_text(cache_file, json.dumps(scored))
+    return scored
+
+
+def cached_example_logps(path: Path, examples: list[dict], cache_dir: Path, *, batch_size: int,
+                         device: str) -> list[dict]:
+    """Summed completion log-prob and length of each binary-feedback example under the model at ``path`` (cached)."""
+    key = config_hash({"model": _model_identity(path), "examples": examples})
+    cache_file = cache_dir / "example_logps" / f"{key}.json"
+    if cache_file.exists():
+        return json.loads(cache_file.read_text())
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    sequences = [render(tokenizer, example["prompt"], example["completion"]) for example in examples]
+    scored = [{"logp": logp, "tokens": tokens}
+              for logp, tokens in completion_logps(model, tokenizer, sequences, batch_size=batch_size, device=device)]
+    atomic_write_text(cache_file, json.dumps(scored))
+    return scored

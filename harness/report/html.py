@@ -33,7 +33,7 @@ def _samples(board) -> list[dict]:
 
 
 def html_page(board, plots: dict[str, Path]) -> str:
-    from harness.leaderboard import table_rows
+    from harness.report.leaderboard import table_rows
 
     rows = table_rows(board)
     metrics = board.metric_names()

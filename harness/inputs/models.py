@@ -10,7 +10,7 @@ A checkpoint spec in ``conf/model/<family>.yaml`` is one of
 * ``tiny-random:<seed>`` — a 2-layer Llama with the SmolLM2 tokenizer, random weights from
   ``<seed>``, for tests;
 * ``derived:<stage>:<setting>`` — e.g. ``derived:sft:instruct``: the harness's SFT stage run on
-  another setting's checkpoint (see ``harness.sweep``); resolved by the sweep, not here.
+  another setting's checkpoint (see ``harness.run.sweep``); resolved by the sweep, not here.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
-from harness.budget import Budget
+from harness.train.budget import Budget
 from harness.protocols import TrainingJob, TrainingOutcome
 
 # Slack for the chat template's own tokens (role markers, system prompt) on top of the budget's

@@ -131,9 +131,11 @@ JUDGE_KEYS = {
 }
 
 
-def build_judge(config: dict, *, device: str = "cpu", batch_size: int = 8, config_key: str = "judge") -> "Judge":
+def build_judge(config: dict, *, device: str = "cpu", batch_size: int = 8, config_key: str = "judge",
+                cache_dir: Path | None = None) -> "Judge":
     """The judge ``config`` describes (``{"type": ..., "model": ..., ...}``). Checks the config, loads nothing:
-    models are loaded on the first judgment."""
+    models are loaded on the first judgment, resolved into ``cache_dir`` (the sweep's ``paths.cache``; default
+    ``harness.inputs.paths.default_cache_dir()``)."""
     config = dict(config or {})
     kind = config.pop("type", "local_hf")
     if kind not in JUDGE_TYPES:
@@ -147,13 +149,13 @@ def build_judge(config: dict, *, device: str = "cpu", batch_size: int = 8, confi
         raise HarnessError(f"{config_key}.max_output_chars={max_chars!r} must be a positive number of characters or null")
     if kind == "local_hf":
         return LocalHFJudge(config.get("model", DEFAULT_JUDGE_MODEL), max_output_chars=max_chars, device=device,
-                            batch_size=batch_size, config_key=config_key)
+                            batch_size=batch_size, config_key=config_key, cache_dir=cache_dir)
     if kind == "reward_model":
         if not config.get("model") or config["model"] == DEFAULT_JUDGE_MODEL:
             raise HarnessError(f"the reward_model judge needs a reward model: set {config_key}.model=<folder of a "
                                f"sequence-classification checkpoint>")
         return RewardModelJudge(config["model"], max_output_chars=max_chars, device=device, batch_size=batch_size,
-                                config_key=config_key)
+                                config_key=config_key, cache_dir=cache_dir)
     return OpenAIAPIJudge(**config, config_key=config_key)
 
 
@@ -165,12 +167,12 @@ def checked_judge_config(config, config_key: str) -> dict | None:
     return dict(config)
 
 
-def _resolve_model(spec: str, config_key: str) -> Path:
-    from harness.models import resolve_checkpoint
-    from harness.paths import default_cache_dir
+def _resolve_model(spec: str, config_key: str, cache_dir: Path | None = None) -> Path:
+    from harness.inputs.models import resolve_checkpoint
+    from harness.inputs.paths import default_cache_dir
 
     # The judge's model lives in the harness cache's models/ folder, like every starting checkpoint.
-    return resolve_checkpoint(spec, cache_dir=default_cache_dir(), config_key=f"{config_key}.model")
+    return resolve_checkpoint(spec, cache_dir=cache_dir or default_cache_dir(), config_key=f"{config_key}.model")
 
 
 def _is_local_spec(spec: str) -> bool:
@@ -193,8 +195,9 @@ class LocalHFJudge:
     type = "local_hf"
 
     def __init__(self, model: str = DEFAULT_JUDGE_MODEL, *, max_output_chars: int | None = None, device: str = "cpu",
-                 batch_size: int = 8, config_key: str = "judge"):
+                 batch_size: int = 8, config_key: str = "judge", cache_dir: Path | None = None):
         _check_local_spec(model, config_key)
+        self.cache_dir = cache_dir
         self.spec, self.max_output_chars, self.device, self.batch_size = model, max_output_chars, device, batch_size
         self.config_key = config_key
         self._loaded = None
@@ -208,7 +211,7 @@ class LocalHFJudge:
             import torch
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            path = _resolve_model(self.spec, self.config_key)
+            path = _resolve_model(self.spec, self.config_key, self.cache_dir)
             tokenizer = AutoTokenizer.from_pretrained(path)
             label_ids = []
             for label in LABELS:
@@ -232,7 +235,7 @@ class LocalHFJudge:
         first; each row is read at its own last token, so the batch size does not change the result."""
         import torch
 
-        from harness.generation import format_prompt
+        from harness.evaluate.generation import format_prompt
 
         model, tokenizer, (id_1, id_2) = self.load()
         texts = [format_prompt(tokenizer, [{"role": "user", "content": judging_prompt(i, a, b, self.max_output_chars)}],
@@ -413,7 +416,7 @@ class RewardModelJudge:
             import torch
             from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-            path = _resolve_model(self.spec, self.config_key)
+            path = _resolve_model(self.spec, self.config_key, self.cache_dir)
             config = AutoConfig.from_pretrained(path)
             architectures = config.architectures or []
             if not any(name.endswith("ForSequenceClassification") for name in architectures) or config.num_labels != 1:
@@ -594,16 +597,12 @@ def judge_agreement(judge: Judge, annotations: list[dict], *, draw_margin: float
     }
 
 
-def run_judge_check(*, judge_type: str | None = None, limit: int | None = 32, overrides: dict | None = None,
-                    draw_margin: float | None = None, data_mirror: str | None = None, device: str = "cpu",
-                    batch_size: int = 8) -> str:
-    """``align-harness judge-check``: the win-rate task's judge (``conf/task/win_rate.yaml``), changed by
-    ``judge_type`` / ``overrides``, scored against the first ``limit`` GPT-4 annotations; returns the report."""
-    from omegaconf import OmegaConf
-
-    from harness.registry import group_config
-
-    task_config = OmegaConf.to_container(group_config("task", "win_rate"), resolve=True)
+def run_judge_check(task_config: dict, *, judge_type: str | None = None, limit: int | None = 32,
+                    overrides: dict | None = None, draw_margin: float | None = None, data_mirror: str | None = None,
+                    device: str = "cpu", batch_size: int = 8) -> str:
+    """``align-harness judge-check``: the judge of ``task_config`` (the win-rate task's config, read by the CLI),
+    changed by ``judge_type`` / ``overrides``, scored against the first ``limit`` GPT-4 annotations; returns the
+    report."""
     config = dict(task_config.get("judge") or {})
     if judge_type is not None and judge_type != config.get("type", "local_hf"):
         config = {"type": judge_type, "max_output_chars": config.get("max_output_chars")}  # the model was the other type's

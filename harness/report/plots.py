@@ -75,7 +75,7 @@ def heatmap(board, folder: Path) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from harness.leaderboard import matrix
+    from harness.report.leaderboard import matrix
 
     methods, settings, cells = matrix(board)
     values = np.array([[cells.get((m, s)) if cells.get((m, s)) is not None else np.nan for s in settings]

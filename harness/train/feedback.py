@@ -4,7 +4,7 @@
 ``feedback=<judge config>`` (``conf/feedback/local-judge.yaml``, ``api-judge.yaml``, ``reward-model-judge.yaml``)
 runs a **label** stage before any method trains — AI feedback (RLAIF: Lee et al. 2023, arXiv:2309.00267; the
 preference-labelling step of Bai et al. 2022, arXiv:2212.08073). The judge is one of the win-rate task's
-(``harness.judges``: ``local_hf``, ``openai_api``, ``reward_model``), asked in both presentation orders and
+(``harness.evaluate.judges``: ``local_hf``, ``openai_api``, ``reward_model``), asked in both presentation orders and
 averaged, and gives for each pair p = P(the data set's chosen response is better):
 
 * p > ½ + ``draw_margin``: the pair keeps its order (the judge agrees with the human label);
@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.errors import HarnessError
-from harness.paths import atomic_write_text
-from harness.records import config_hash
+from harness.inputs.paths import atomic_write_text
+from harness.identity import config_hash
 
 log = logging.getLogger("harness")
 HUMAN = "human"
@@ -94,11 +94,11 @@ class Feedback:
         return {"judge": judge_identity(self.judge), "draw_margin": self.draw_margin, "ties": self.ties}
 
 
-def feedback_from_config(cfg, *, device: str = "cpu") -> Feedback:
+def feedback_from_config(cfg, *, device: str = "cpu", cache_dir: Path | None = None) -> Feedback:
     """Check the sweep's ``feedback`` config and build its judge (nothing is loaded until the first judgment)."""
     from omegaconf import OmegaConf
 
-    from harness.judges import build_judge
+    from harness.evaluate.judges import build_judge
 
     if cfg is None or cfg == HUMAN:
         return Feedback()
@@ -115,7 +115,8 @@ def feedback_from_config(cfg, *, device: str = "cpu") -> Feedback:
     batch_size = values.get("batch_size", 8)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise HarnessError(f"feedback.batch_size={batch_size!r} must be a positive number of pairs")
-    judge = build_judge(judge_config, device=device, batch_size=batch_size, config_key="feedback.judge")
+    judge = build_judge(judge_config, device=device, batch_size=batch_size, config_key="feedback.judge",
+                        cache_dir=cache_dir)
     return Feedback(name=values.get("name", "judge"), judge_config=dict(judge_config), draw_margin=float(margin),
                     ties=ties, batch_size=batch_size, judge=judge)
 
@@ -123,7 +124,7 @@ def feedback_from_config(cfg, *, device: str = "cpu") -> Feedback:
 def judge_identity(judge) -> dict:
     """The judge's identity, plus its weights' files when its model is a local folder (a retrained judge at the
     same path must not hit the cache)."""
-    from harness.rewards import weight_identity
+    from harness.train.rewards import weight_identity
 
     identity = dict(judge.identity())
     spec = identity.get("model")
@@ -138,7 +139,7 @@ def judge_identity(judge) -> dict:
 
 def preference_of(probability: float, draw_margin: float) -> str:
     """"1" the data set's chosen response is better, "2" its rejected one, "0" a tie."""
-    from harness.judges import preference_label
+    from harness.evaluate.judges import preference_label
 
     return preference_label(probability, draw_margin)
 

@@ -3,7 +3,7 @@
 Reads as a checklist (``run_sweep``):
 
 1. validate names, budget and data before any work (bad input stops here, nothing written);
-2. label the training pairs when ``feedback`` names a judge (AI feedback, ``harness.feedback``; cached);
+2. label the training pairs when ``feedback`` names a judge (AI feedback, ``harness.train.feedback``; cached);
    for each starting setting, resolve its checkpoint (a hub id offline → ``skipped`` records;
    a derived setting runs its stage, cached);
 3. score the untouched starting checkpoint (the reference row, method ``start``);
@@ -26,16 +26,17 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from harness import registry
-from harness.budget import Budget, ResourceMeter, training_flops
-from harness.data import budget_rows, is_binary, load_preference_rows, pair_count, split_data, truncate_rows, view_rows
+from harness.run import registry
+from harness.train.budget import Budget, ResourceMeter, training_flops
+from harness.inputs.data import budget_rows, is_binary, load_preference_rows, pair_count, split_data, truncate_rows, view_rows
 from harness.errors import HarnessError, SkipRun
-from harness.feedback import feedback_from_config
-from harness.matching import ModelSizes, match_quality, matched_training
-from harness.models import resolve_checkpoint
-from harness.paths import atomic_write_text
+from harness.train.feedback import feedback_from_config
+from harness.train.matching import ModelSizes, match_quality, matched_training
+from harness.inputs.models import resolve_checkpoint
+from harness.inputs.paths import atomic_write_text
 from harness.protocols import Checkpoint, RewardContext, TaskContext, TrainingJob
-from harness.records import append_record, config_hash, finished_keys, now, versions, write_samples
+from harness.identity import config_hash
+from harness.records import append_record, finished_keys, now, versions, write_samples
 
 log = logging.getLogger("harness")
 SETTINGS = ("pretrained", "sft", "instruct")
@@ -58,8 +59,6 @@ class Sweep:
         self.cfg = cfg
         self.results = Path(cfg.paths.results) / cfg.name
         self.cache = Path(cfg.paths.cache).expanduser()
-        # what resolves models outside the sweep's own calls (judges, reward models) reads the same cache
-        os.environ["ALIGN_HARNESS_CACHE"] = str(self.cache)
         self.mirror = Path(cfg.data_mirror).expanduser() if cfg.data_mirror else None
         self.method_names = list(cfg.methods)  # the CLI expands method=<name> / task=<name> (harness.cli)
         self.task_names = list(cfg.tasks)
@@ -98,7 +97,7 @@ class Sweep:
             self.check_binary_feedback()
 
     def check_binary_feedback(self) -> None:
-        """Binary-feedback data (harness.data) have no pairs: refuse, before any work, whatever needs them."""
+        """Binary-feedback data (harness.inputs.data) have no pairs: refuse, before any work, whatever needs them."""
         cfg = self.cfg
         why = f"data set {cfg.data.name} is binary feedback (format: {cfg.data.format}) and has no preference pairs"
         for name, method in self.methods.items():
@@ -117,11 +116,11 @@ class Sweep:
     # 2. feedback --------------------------------------------------------------------------
     def label_feedback(self) -> None:
         """AI feedback: relabel the pairs methods train on (and the tuning selection pairs) with the judge."""
-        from harness.feedback import label_pairs, record_summary, write_items
+        from harness.train.feedback import label_pairs, record_summary, write_items
 
         if self.feedback.is_human or not self.method_names:
             return
-        self.feedback = feedback_from_config(self.cfg.feedback, device=self.device)
+        self.feedback = feedback_from_config(self.cfg.feedback, device=self.device, cache_dir=self.cache)
         needed = self.budget.pairs
         if self.cfg.reward.get("kind") == "bradley-terry" and any(
                 getattr(m, "needs_reward", False) for m in self.methods.values()):  # its reward model trains on them too
@@ -207,7 +206,7 @@ class Sweep:
                               max_completion_tokens=budget.max_completion_tokens)
         reward = None
         if getattr(method, "needs_reward", False):  # online / RL methods: a reward model or programmatic reward
-            from harness.rewards import build_reward
+            from harness.train.rewards import build_reward
 
             reward = build_reward(self.cfg.reward, RewardContext(
                 start_checkpoint=start, train_pairs=train_rows, heldout_pairs=self.heldout_rows,
@@ -218,7 +217,7 @@ class Sweep:
         job = TrainingJob(start_checkpoint=start, output_dir=staging, reward=reward,
                           data={"train": view_rows(pairs, method.data_view), "heldout": prepare(self.heldout_rows)},
                           budget=budget, seed=budget.seed, scratch_dir=self.cache / "scratch" / run_id,
-                          reference_cache_dir=self.cache / "reference_logprobs")
+                          reference_cache_dir=self.cache / "reference_logprobs", cache_root=self.cache)
         with ResourceMeter() as meter:
             outcome = method.train(job)
         parameters = _parameter_count(staging)
@@ -260,7 +259,8 @@ class Sweep:
                 try:
                     context = TaskContext(data_mirror=self.mirror, cache_dir=self.cache / "tasks",
                                           device=self.device, batch_size=self.cfg.eval_batch_size,
-                                          heldout_pairs=self.heldout_pairs(checkpoint.reference_path or checkpoint.path))
+                                          heldout_pairs=self.heldout_pairs(checkpoint.reference_path or checkpoint.path),
+                                          cache_root=self.cache)
                     log.info("  %s: scoring", task_name)
                     result = task.evaluate(checkpoint, context)
                     record["metrics"] = {name: {"value": m.value, "stderr": m.stderr, "higher_is_better": m.higher_is_better}
@@ -325,7 +325,7 @@ class Sweep:
             if curves.exists():  # training curves travel with the records, for the leaderboard's plots
                 atomic_write_text(self.results / "curves" / f"{unit['run_id']}.jsonl", curves.read_text())
             self.score(unit, self._checkpoint(path, setting, reference=start.path), consumed, done)
-        from harness.leaderboard import build_leaderboard
+        from harness.report.leaderboard import build_leaderboard
 
         outputs = build_leaderboard(self.results)
         return outputs["markdown"]
@@ -338,8 +338,8 @@ class Sweep:
         import itertools
         import random
 
-        from harness.logprobs import preference_accuracy
-        from tasks.heldout_preference import cached_pair_logps
+        from harness.evaluate.logprobs import preference_accuracy
+        from harness.evaluate.logprobs import cached_pair_logps
 
         tune = self.cfg.tune
         grid = registry.group_config("method", name).get("tune_grid")
@@ -394,7 +394,7 @@ class Sweep:
                           "hyperparameters": method.hyperparameters(), "budget": self.budget.as_dict(),
                           "data": self.data_identity, "seed": self.budget.seed}
             if getattr(method, "needs_reward", False):  # the reward is part of what an online method's run is
-                from harness.rewards import run_identity
+                from harness.train.rewards import run_identity
 
                 run_config["reward"] = run_identity(cfg.reward, self.stage_budget)
             if self.feedback.identity() is not None:  # AI feedback: a different run than on the human labels
@@ -466,11 +466,4 @@ def _failure(error: Exception, results: Path, run_id: str) -> str:
 
 
 def run_sweep(cfg: DictConfig) -> Path:
-    previous = os.environ.get("ALIGN_HARNESS_CACHE")  # a Sweep points it at its cache; the next multirun job starts clean
-    try:
-        return Sweep(cfg).run()
-    finally:
-        if previous is None:
-            os.environ.pop("ALIGN_HARNESS_CACHE", None)
-        else:
-            os.environ["ALIGN_HARNESS_CACHE"] = previous
+    return Sweep(cfg).run()

@@ -40,7 +40,7 @@ consumes less than its target; the record says by how much. Two optional hooks:
   ``match_met: false`` with the estimated ratio — the run goes on rather than stopping the sweep.
 
 Model sizes (``ModelSizes``) come from the sweep: the starting checkpoint's parameters (the policy,
-N), the reward's (``harness.rewards``: 0 for a programmatic reward) and whether the reward model reads
+N), the reward's (``harness.train.rewards``: 0 for a programmatic reward) and whether the reward model reads
 the policy's tokens (then PPO starts its value model from it). An online method without ``visit_cost``
 is priced like an offline pair method (``cost_model: pairs`` in the note) — far too cheap.
 
@@ -63,10 +63,10 @@ import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from harness.budget import Budget
-from harness.data import budget_rows, is_binary
+from harness.train.budget import Budget
+from harness.inputs.data import budget_rows, is_binary
 from harness.errors import HarnessError
-from harness.logprobs import render
+from harness.evaluate.logprobs import render
 
 REFERENCE_PROFILE = ("pairs", 1.0)  # what a budget's pairs cost is measured in: a DPO-like pair method
 
@@ -87,8 +87,8 @@ class ModelSizes:
 
     @classmethod
     def of(cls, start: Path, reward=None, tokenizer=None) -> "ModelSizes":
-        """The sizes of a run starting at ``start`` with ``reward`` (a ``harness.rewards`` reward or None)."""
-        from harness.rewards import parameter_count
+        """The sizes of a run starting at ``start`` with ``reward`` (a ``harness.train.rewards`` reward or None)."""
+        from harness.train.rewards import parameter_count
 
         policy = parameter_count(start)
         if not policy:  # weights not in safetensors
@@ -196,7 +196,7 @@ def matched_visits(budget: Budget, method, lengths: list[tuple[int, int, int]], 
 def matched_training(budget: Budget, method, train_pairs: list[dict], tokenizer, sizes: ModelSizes | None = None,
                      heldout_prompts: int = 0) -> tuple[Budget, list[dict], dict]:
     """The budget and pair list a method actually trains on, and a note for the record."""
-    # Binary feedback (harness.data): budget.pairs = P buys its first 2·P examples, an unpaired example being half a
+    # Binary feedback (harness.inputs.data): budget.pairs = P buys its first 2·P examples, an unpaired example being half a
     # pair, so ``examples`` matching holds as on pairs (KTO: same steps). The tokens / flops targets are a pair
     # method's cost on the budget's pairs, which binary data do not have: the sweep refuses them up front.
     pairs = budget_rows(train_pairs, budget.pairs)

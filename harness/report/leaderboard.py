@@ -9,8 +9,8 @@
   unified score, and published reference rows where an experiment config carries them;
 * ``leaderboard.csv`` — one row per (family, setting, method): every number above, unrounded;
 * ``leaderboard.tex`` — booktabs tables, best value per column in bold;
-* ``leaderboard.html`` — one self-contained page (``harness.report_html``);
-* ``plots/*.png`` and ``plots/*.svg`` (``harness.plots``).
+* ``leaderboard.html`` — one self-contained page (``harness.report.html``);
+* ``plots/*.png`` and ``plots/*.svg`` (``harness.report.plots``).
 
 **Unified alignment score.** Each task's *primary* metrics (the task config's ``primary_metrics``;
 by default every metric whose values lie in [0, 1] and whose name has no ``/`` breakdown) are mapped
@@ -27,7 +27,7 @@ import random
 from pathlib import Path
 
 from harness.errors import HarnessError
-from harness.paths import atomic_write_text
+from harness.inputs.paths import atomic_write_text
 from harness.records import latest_records, read_records
 
 BOOTSTRAP_SAMPLES = 1000   # resamples of the items for paired intervals
@@ -415,8 +415,8 @@ def compare_text(rows: list[dict], method_a: str, method_b: str) -> str:
 
 def build_leaderboard(folder: Path) -> dict[str, Path]:
     """Rebuild every leaderboard file of a results folder from its records."""
-    from harness.plots import write_plots
-    from harness.report_html import html_page
+    from harness.report.plots import write_plots
+    from harness.report.html import html_page
 
     folder = Path(folder)
     if not folder.is_dir():
