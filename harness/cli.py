@@ -3,6 +3,7 @@
     align-harness sweep [hydra overrides...]      train, score, write records and the leaderboard
     align-harness leaderboard results/<sweep>     rebuild the leaderboard from records alone
     align-harness judge-check [--judge TYPE]      agreement of the win-rate judge with GPT-4's annotations
+    align-harness describe method|task NAME       every parameter of a method or task: default and one-line help
 
 Bad input ends with one line ``align-harness: error: ...`` and exit status 2.
 """
@@ -172,7 +173,35 @@ def judge_check_main(argv: list[str]) -> None:
         _fail(str(error))
 
 
-COMMANDS = {"sweep": sweep_main, "leaderboard": leaderboard_main, "judge-check": judge_check_main}
+def describe_main(argv: list[str]) -> None:
+    """Every constructor parameter of a method or task (what its run id or score key hashes), with its default from
+    conf/<group>/<name>.yaml and the one-line help written beside it there."""
+    from harness.errors import HarnessError
+    from harness.run.registry import available, bound_arguments, parameter_help
+
+    parser = argparse.ArgumentParser(prog="align-harness describe", description=describe_main.__doc__)
+    parser.error = _fail
+    parser.add_argument("group", choices=["method", "task"])
+    parser.add_argument("name")
+    arguments = parser.parse_args(argv)
+    try:
+        if arguments.name not in available(arguments.group):
+            raise HarnessError(f"unknown {arguments.group} {arguments.name!r}; available: "
+                               f"{', '.join(available(arguments.group))}")
+        cls, values = bound_arguments(arguments.group, arguments.name, None, params_key=f"{arguments.group}_params")
+    except HarnessError as error:
+        _fail(str(error))
+    helps = parameter_help(arguments.group, arguments.name)
+    print(f"{arguments.group} {arguments.name}: {cls.__module__}.{cls.__qualname__}  "
+          f"(override: +{arguments.group}_params.{arguments.name}.<key>=<value>)")
+    width = max(len(key) for key in values)
+    for key, value in values.items():
+        if key != "name":
+            print(f"  {key:<{width}}  {value!r:<14}  {helps.get(key, '')}")
+
+
+COMMANDS = {"sweep": sweep_main, "leaderboard": leaderboard_main, "judge-check": judge_check_main,
+            "describe": describe_main}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -54,13 +54,15 @@ class Method(Protocol):
     ``prompts_only`` (samples its own responses; the data's responses and labels are unused),
     ``forward_only_ratio`` and the cost-model hooks of ``harness.train.matching`` (``visit_cost``, ``run_cost``,
     ``visit_granularity``).
+
+    Hyperparameters are the constructor's arguments, declared once in its signature and documented by a comment in
+    ``conf/method/<name>.yaml``: the registry binds every one of them into the run spec (``harness.run.spec``), so
+    none can be left out of the run id.
     """
 
     name: str
     data_view: str
     reference_based: bool
-
-    def hyperparameters(self) -> dict: ...
 
     def train(self, job: TrainingJob) -> TrainingOutcome: ...
 

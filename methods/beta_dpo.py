@@ -116,9 +116,6 @@ class BetaDPO:
         self.momentum = momentum
         self.learning_rate = learning_rate
 
-    def hyperparameters(self) -> dict:
-        return {"beta": self.beta, "alpha": self.alpha, "filter_ratio": self.filter_ratio,
-                "momentum": self.momentum, "learning_rate": self.learning_rate}
 
     def train(self, job: TrainingJob) -> TrainingOutcome:
         loss = BetaDPOLoss(beta=self.beta, alpha=self.alpha, filter_ratio=self.filter_ratio,

@@ -48,9 +48,6 @@ class CDPO:
         self.dpo = PairwiseRound(beta=beta, learning_rate=learning_rate, loss_type="robust",
                                  label_smoothing=robust_label_smoothing_for(label_noise))
 
-    def hyperparameters(self) -> dict:
-        return {"beta": self.beta, "learning_rate": self.learning_rate, "label_noise": self.label_noise,
-                "trl_loss_type": self.dpo.loss_type, "trl_label_smoothing": self.dpo.label_smoothing}
 
     def train(self, job: TrainingJob) -> TrainingOutcome:
         return self.dpo.train(job)

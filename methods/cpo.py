@@ -38,10 +38,6 @@ class CPO:
         self.gamma_beta_ratio = gamma_beta_ratio
         self.label_smoothing = label_smoothing
 
-    def hyperparameters(self) -> dict:
-        return {"beta": self.beta, "learning_rate": self.learning_rate, "loss_type": self.loss_type,
-                "cpo_alpha": self.cpo_alpha, "gamma_beta_ratio": self.gamma_beta_ratio,
-                "label_smoothing": self.label_smoothing}
 
     def trl_config(self, job: TrainingJob):
         """The budget and this method's hyperparameters as a TRL ``CPOConfig`` (no training)."""

@@ -33,9 +33,6 @@ class DPO:
         self.loss_type = loss_type
         self.label_smoothing = label_smoothing
 
-    def hyperparameters(self) -> dict:
-        return {"beta": self.beta, "learning_rate": self.learning_rate, "loss_type": self.loss_type,
-                "label_smoothing": self.label_smoothing}
 
     def train(self, job: TrainingJob) -> TrainingOutcome:
         return train_pairwise(job, beta=self.beta, learning_rate=self.learning_rate,

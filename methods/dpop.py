@@ -47,8 +47,6 @@ class DPOP:
         self.lambda_ = lambda_
         self.learning_rate = learning_rate
 
-    def hyperparameters(self) -> dict:
-        return {"beta": self.beta, "lambda": self.lambda_, "learning_rate": self.learning_rate}
 
     def train(self, job: TrainingJob) -> TrainingOutcome:
         return train_pairwise(job, beta=self.beta, learning_rate=self.learning_rate,

@@ -40,9 +40,6 @@ class GRPO:
         self.loss_type = loss_type
         self.scale_rewards = scale_rewards
 
-    def hyperparameters(self) -> dict:
-        return {k: getattr(self, k) for k in ("learning_rate", "beta", "num_generations", "temperature", "epsilon",
-                                              "num_iterations", "loss_type", "scale_rewards")}
 
     def visit_cost(self, prompt_tokens: int, completion_tokens: int, budget, sizes) -> tuple[float, float]:
         return sampling_visit_cost(prompt_tokens + completion_tokens, sizes, num_generations=self.num_generations,

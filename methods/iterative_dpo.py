@@ -59,9 +59,6 @@ class IterativeDPO:
         self.heldout_prompts = heldout_prompts
         self.min_improvement = min_improvement
 
-    def hyperparameters(self) -> dict:
-        return {k: getattr(self, k) for k in ("rounds", "beta", "learning_rate", "temperature", "heldout_prompts",
-                                              "min_improvement")}
 
     # cost model for budget.match=tokens|flops (harness.train.matching), in policy-parameter equivalents
     def visit_cost(self, prompt_tokens: int, completion_tokens: int, budget, sizes) -> tuple[float, float]:

@@ -38,9 +38,6 @@ class KTO:
         self.undesirable_weight = undesirable_weight
         self.weight_ratio = weight_ratio
 
-    def hyperparameters(self) -> dict:
-        return {"beta": self.beta, "learning_rate": self.learning_rate, "desirable_weight": self.desirable_weight,
-                "undesirable_weight": self.undesirable_weight, "weight_ratio": self.weight_ratio}
 
     def class_weights(self, rows: list[dict]) -> dict:
         """(λ_D, λ_U) for ``rows`` and the counts behind them: a weight left null is set from the counts so that

@@ -46,8 +46,6 @@ class NPO:
         self.beta = beta
         self.learning_rate = learning_rate
 
-    def hyperparameters(self) -> dict:
-        return {"beta": self.beta, "learning_rate": self.learning_rate}
 
     def train(self, job: TrainingJob) -> TrainingOutcome:
         return train_pairwise(job, beta=self.beta, learning_rate=self.learning_rate,

@@ -41,8 +41,6 @@ class OnlineDPO:
         self.temperature = temperature
         self.missing_eos_penalty = missing_eos_penalty
 
-    def hyperparameters(self) -> dict:
-        return {k: getattr(self, k) for k in ("learning_rate", "beta", "loss_type", "temperature", "missing_eos_penalty")}
 
     def visit_cost(self, prompt_tokens: int, completion_tokens: int, budget, sizes) -> tuple[float, float]:
         """(trained, forward-only) tokens of one prompt visit, in policy-parameter equivalents (module docstring)."""

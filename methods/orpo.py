@@ -25,8 +25,6 @@ class ORPO:
         self.beta = beta
         self.learning_rate = learning_rate
 
-    def hyperparameters(self) -> dict:
-        return {"beta": self.beta, "learning_rate": self.learning_rate}
 
     def trl_config(self, job: TrainingJob):
         """The budget and this method's hyperparameters as a TRL ``ORPOConfig`` (no training)."""

@@ -348,11 +348,6 @@ class PPO:
         self.missing_eos_penalty = missing_eos_penalty
         self.value_init = value_init
 
-    def hyperparameters(self) -> dict:
-        return {k: getattr(self, k) for k in (
-            "learning_rate", "kl_coef", "adaptive_kl", "kl_target", "kl_horizon", "ppo_epochs", "minibatches", "clip",
-            "value_clip", "value_coef", "gamma", "lam", "temperature", "whiten_rewards", "missing_eos_penalty",
-            "value_init")}
 
     def visit_cost(self, prompt_tokens: int, completion_tokens: int, budget, sizes) -> tuple[float, float]:
         """(trained, forward-only) tokens of one prompt visit (one rollout), in policy-parameter equivalents:

@@ -47,9 +47,6 @@ class RLOO:
         self.num_iterations = num_iterations
         self.normalize_advantages = normalize_advantages
 
-    def hyperparameters(self) -> dict:
-        return {k: getattr(self, k) for k in ("learning_rate", "beta", "num_generations", "temperature", "epsilon",
-                                              "num_iterations", "normalize_advantages")}
 
     def visit_cost(self, prompt_tokens: int, completion_tokens: int, budget, sizes) -> tuple[float, float]:
         return sampling_visit_cost(prompt_tokens + completion_tokens, sizes, num_generations=self.num_generations,

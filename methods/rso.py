@@ -88,9 +88,6 @@ class RSO:
         self.judge = checked_judge_config(judge, f"method_params.{name}.judge")
         self.needs_reward = self.judge is None  # a judge labels instead of the sweep's reward
 
-    def hyperparameters(self) -> dict:
-        return {k: getattr(self, k) for k in ("loss_type", "gamma", "rejection_beta", "candidates", "accepted",
-                                              "ranking", "temperature", "top_k", "learning_rate", "judge")}
 
     # cost model for budget.match=tokens|flops (harness.train.matching), in policy-parameter equivalents
     def visit_cost(self, prompt_tokens: int, completion_tokens: int, budget, sizes) -> tuple[float, float]:

@@ -73,8 +73,6 @@ class SDPO:
         self.beta = beta
         self.learning_rate = learning_rate
 
-    def hyperparameters(self) -> dict:
-        return {"chunks": self.chunks, "beta": self.beta, "learning_rate": self.learning_rate}
 
     def train(self, job: TrainingJob) -> TrainingOutcome:
         chunks = split_at_batches(job.data["train"], self.chunks, job.budget.batch_pairs)

@@ -56,9 +56,6 @@ class SelfRewarding:
         self.temperature = temperature
         self.max_output_chars = max_output_chars
 
-    def hyperparameters(self) -> dict:
-        return {k: getattr(self, k) for k in ("rounds", "samples", "beta", "learning_rate", "temperature",
-                                              "max_output_chars")}
 
     # cost model for budget.match=tokens|flops (harness.train.matching), in policy-parameter equivalents
     def visit_cost(self, prompt_tokens: int, completion_tokens: int, budget, sizes) -> tuple[float, float]:

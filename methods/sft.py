@@ -18,8 +18,6 @@ class SFT:
         self.name = name
         self.learning_rate = learning_rate
 
-    def hyperparameters(self) -> dict:
-        return {"learning_rate": self.learning_rate}
 
     def train(self, job: TrainingJob) -> TrainingOutcome:
         from datasets import Dataset

@@ -38,8 +38,6 @@ class SLiC:
         self.sft_weight = sft_weight
         self.learning_rate = learning_rate
 
-    def hyperparameters(self) -> dict:
-        return {"margin": self.margin, "sft_weight": self.sft_weight, "learning_rate": self.learning_rate}
 
     def trl_options(self) -> dict:
         """δ and λ as ``DPOConfig`` keyword arguments: β = 1/δ, hinge + λ·sft."""

@@ -61,9 +61,6 @@ class SPPO:
         self.judge = checked_judge_config(judge, f"method_params.{name}.judge")
         self.needs_reward = self.judge is None  # the oracle is the sweep's reward unless a judge is named
 
-    def hyperparameters(self) -> dict:
-        return {k: getattr(self, k) for k in ("rounds", "samples", "beta", "learning_rate", "temperature",
-                                              "heldout_prompts", "min_improvement", "judge")}
 
     # cost model for budget.match=tokens|flops (harness.train.matching), in policy-parameter equivalents
     def visit_cost(self, prompt_tokens: int, completion_tokens: int, budget, sizes) -> tuple[float, float]:

@@ -57,6 +57,8 @@ def binary_ranking_accuracy(scores: list[float], labels: list[bool]) -> tuple[fl
 
 
 class HeldoutPreference:
+    reads_heldout_pairs = True  # its numbers depend on the sweep's held-out split and truncation (the score key has them)
+
     def __init__(self, name: str = "heldout_preference", version: str = "1", limit: int | None = 64):
         whole_number(name, "limit", limit, optional=True, unit="pairs")
         self.name, self.version, self.limit = name, str(version), limit

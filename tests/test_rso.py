@@ -124,7 +124,7 @@ def test_cost_model_by_hand():
     # own game, each in both orders: 2·(95 template + 10 + 2·5) = 230 tokens a comparison → 30 + 16·(15 + 230) + 230
     judged = RSO(candidates=64, accepted=8, judge={"type": "local_hf", "model": "tiny-random:3"})
     assert judged.visit_cost(10, 5, None, sizes) == (30.0, 30.0 + 16 * 245 + 230)
-    assert not judged.needs_reward and judged.hyperparameters()["judge"]["type"] == "local_hf"
+    assert not judged.needs_reward and judged.judge["type"] == "local_hf"
 
 
 # Shrunk as the online methods' sweep (tests/test_rewards_and_online.py): 4-token completions scored by characters,

@@ -37,10 +37,10 @@ from harness.inputs.paths import atomic_write_text
 from harness.protocols import Checkpoint, RewardContext, TaskContext, TrainingJob
 from harness.identity import config_hash
 from harness.records import append_record, finished_keys, now, versions, write_samples
+from harness.run.spec import START, RunSpec, ScoreKey, differences, shipped_choices, variant_name
 
 log = logging.getLogger("harness")
 SETTINGS = ("pretrained", "sft", "instruct")
-START = "start"  # the method name of a setting's untouched starting checkpoint
 
 
 @dataclass
@@ -78,10 +78,14 @@ class Sweep:
                                    f"set model.checkpoints.{setting}=<hub id or local path>")
         if not self.method_names and not cfg.include_start:
             raise HarnessError("nothing to do: methods is empty and include_start=false")
-        self.methods = {name: registry.instantiate("method", name, cfg.method_params.get(name), params_key="method_params")
-                        for name in self.method_names}
-        self.tasks = {name: registry.instantiate("task", name, cfg.task_params.get(name), params_key="task_params")
-                      for name in self.task_names}
+        self.methods, self.method_arguments = {}, {}
+        for name in self.method_names:
+            self.methods[name], self.method_arguments[name] = registry.build(
+                "method", name, cfg.method_params.get(name), params_key="method_params")
+        self.tasks, self.task_arguments = {}, {}
+        for name in self.task_names:
+            self.tasks[name], self.task_arguments[name] = registry.build(
+                "task", name, cfg.task_params.get(name), params_key="task_params")
         self.task_configs = {name: OmegaConf.to_container(registry.group_config("task", name, cfg.task_params.get(name)))
                              for name in self.task_names}
         self.budget = Budget.from_config(cfg.budget)
@@ -171,9 +175,9 @@ class Sweep:
         except ValueError:
             raise HarnessError(f"model.checkpoints.{setting}={spec}: write derived:<stage method>:<base setting>") from None
         base = self.start_point(base_setting, chain + (setting,))
-        method = registry.instantiate("method", stage, None, params_key="method_params")
+        method, arguments = registry.build("method", stage, None, params_key="method_params")
         identity = {"derived": stage, "from": base.identity, "budget": self.stage_budget.as_dict(),
-                    "method": method.hyperparameters(), "data": self.data_identity}
+                    "method": _hyperparameters(arguments), "data": self.data_identity}
         if base.path is None:
             return StartPoint(setting, identity, skip_reason=f"its base setting {base_setting!r} is skipped: {base.skip_reason}")
         stage_id = config_hash(identity)
@@ -245,11 +249,13 @@ class Sweep:
     # 3./4. scoring -----------------------------------------------------------------------
     def score(self, unit: dict, checkpoint: Checkpoint | None, consumed: dict, done: set) -> None:
         for task_name, task in self.tasks.items():
-            task_key = f"{task_name}-{config_hash(self.task_configs[task_name])}"
+            key = self.score_key(task_name, unit["run_id"])
+            task_key = key.task_key
             if (unit["run_id"], task_key) in done:
                 log.info("  %s: done before, skipped", task_name)
                 continue
             record = {**unit, "task": task_name, "task_key": task_key, "task_version": str(task.version),
+                      "score_key": key.value, "measurement": key.measurement, "measurement_key": key.measurement_key,
                       "task_config": self.task_configs[task_name], "consumed": consumed, "metrics": {},
                       "started_at": now(), "status": "ok", "reason": None}
             if checkpoint is None:
@@ -297,13 +303,13 @@ class Sweep:
         for index, (setting, method_name) in enumerate(units, start=1):
             log.info("[%d/%d] %s · %s", index, len(units), setting, method_name)
             start = self.start_point(setting)
-            method, tuning = self.methods.get(method_name), None
+            method, arguments, tuning = self.methods.get(method_name), self.method_arguments.get(method_name), None
             if method_name != START and self.cfg.tune.trials and start.path is not None:
-                method, tuning = self.tune(method_name, start)
-            unit = self._unit(setting, method_name, start, method)
+                method, arguments, tuning = self.tune(method_name, start)
+            unit = self._unit(setting, method_name, start, method, arguments)
             if tuning:
                 unit["tuning"] = tuning
-            if all((unit["run_id"], f"{t}-{config_hash(self.task_configs[t])}") in done for t in self.tasks):
+            if all((unit["run_id"], self.score_key(t, unit["run_id"]).task_key) in done for t in self.tasks):
                 log.info("  done before, skipped")
                 continue
             if start.path is None:
@@ -330,7 +336,7 @@ class Sweep:
         outputs = build_leaderboard(self.results)
         return outputs["markdown"]
 
-    def tune(self, name: str, start: StartPoint) -> tuple[object, dict]:
+    def tune(self, name: str, start: StartPoint) -> tuple[object, dict, dict]:
         """Equal tuning effort: ``tune.trials`` draws from the method's ``tune_grid``, each trained under the
         sweep's budget and scored by held-out preference accuracy of the method's implicit reward
         (log-ratio for reference-based methods, mean log-prob for reference-free ones) on the *last*
@@ -357,9 +363,9 @@ class Sweep:
         trials, best = [], None
         for index, params in enumerate(combinations[: tune.trials], start=1):
             overrides = OmegaConf.merge(self.cfg.method_params.get(name) or {}, params)
-            method = registry.instantiate("method", name, overrides, params_key="method_params")
+            method, arguments = registry.build("method", name, overrides, params_key="method_params")
             kind = "logratio" if method.reference_based else "avg_logp"
-            run_id = self._unit(start.setting, name, start, method)["run_id"]
+            run_id = self.run_spec(start.setting, name, start, method, arguments).run_id
             log.info("  tune %s trial %d/%d %s", name, index, tune.trials, params)
             trial = {"params": params, "run_id": run_id, "selected_by": f"heldout_{kind}_accuracy"}
             try:
@@ -369,7 +375,7 @@ class Sweep:
                 value, stderr, _ = preference_accuracy(policy, reference)[kind]
                 trial.update(accuracy=value, stderr=stderr, flops=consumed["flops"], status="ok")
                 if best is None or value > best[1]["accuracy"]:
-                    best = (method, trial)
+                    best = (method, trial, arguments)
             except HarnessError:
                 raise
             except Exception as error:
@@ -378,30 +384,69 @@ class Sweep:
         if best is None:
             raise HarnessError(f"method {name!r}: every tuning trial failed (see {self.results / 'logs'})")
         log.info("  tune %s: chose %s (accuracy %.3f)", name, best[1]["params"], best[1]["accuracy"])
-        return best[0], {"trials": trials, "chosen": best[1]["params"], "heldout_pairs": len(pairs),
+        return best[0], best[2], {"trials": trials, "chosen": best[1]["params"], "heldout_pairs": len(pairs),
                          "total_flops": sum(t.get("flops", 0) for t in trials)}
 
-    def _unit(self, setting: str, method_name: str, start: StartPoint, method=None) -> dict:
-        """The part of a record that identifies the run; ``run_id`` hashes ``run_config``."""
+    def run_spec(self, setting: str, method_name: str, start: StartPoint, method=None,
+                 arguments: dict | None = None) -> RunSpec:
+        """The one spec of a unit of work: every hyperparameter (``arguments``, bound by the registry), the budget,
+        data, seed, reward and feedback; its ``variant`` names what differs from the shipped defaults."""
         cfg = self.cfg
         if method_name == START:
-            run_config = {"family": cfg.model.family, "setting": setting, "start": start.identity, "method": START}
-            budget = None
-        else:
-            method = method or self.methods[method_name]
-            run_config = {"family": cfg.model.family, "setting": setting, "start": start.identity,
-                          "method": method_name, "method_class": type(method).__module__ + "." + type(method).__qualname__,
-                          "hyperparameters": method.hyperparameters(), "budget": self.budget.as_dict(),
-                          "data": self.data_identity, "seed": self.budget.seed}
-            if getattr(method, "needs_reward", False):  # the reward is part of what an online method's run is
-                from harness.train.rewards import run_identity
+            return RunSpec(family=cfg.model.family, setting=setting, start=start.identity, method=START, variant=START)
+        method = method or self.methods[method_name]
+        hyperparameters = _hyperparameters(arguments if arguments is not None else self.method_arguments[method_name])
+        reward = None
+        if getattr(method, "needs_reward", False):  # the reward is part of what an online method's run is
+            from harness.train.rewards import run_identity
 
-                run_config["reward"] = run_identity(cfg.reward, self.stage_budget)
-            if self.feedback.identity() is not None:  # AI feedback: a different run than on the human labels
-                run_config["feedback"] = self.feedback.identity()
-            budget = self.budget.as_dict()
-        unit = {"run_id": config_hash(run_config), "run_config": run_config, "sweep": cfg.name,
-                "family": cfg.model.family, "setting": setting, "method": method_name, "budget": budget,
+            reward = run_identity(cfg.reward, self.stage_budget)
+        spec = RunSpec(family=cfg.model.family, setting=setting, start=start.identity, method=method_name,
+                       method_class=type(method).__module__ + "." + type(method).__qualname__,
+                       hyperparameters=hyperparameters, budget=self.budget.as_dict(), data=self.data_identity,
+                       seed=self.budget.seed, reward=reward, feedback=self.feedback.identity())
+        return RunSpec(**{**spec.__dict__, "variant": self.variant(spec, uses_reward=reward is not None)})
+
+    def variant(self, spec: RunSpec, *, uses_reward: bool) -> str:
+        """``dpo[beta=0.05,pairs=64]``: the method plus what differs from its YAML, the named budget's YAML, the named
+        data set's YAML, and conf/sweep.yaml's data / feedback / reward choices (the budget's name is the folder's)."""
+        defaults = _default_arguments(self.cfg, spec.method)
+        changed = differences(spec.hyperparameters, defaults)
+        budget_defaults = _budget_defaults(self.budget.name)
+        for key, value in differences(spec.budget, budget_defaults).items():
+            changed[key if key not in changed else f"budget.{key}"] = value
+        shipped = shipped_choices()
+        data_name = self.cfg.data.name
+        if data_name != shipped.get("data"):
+            changed["data"] = data_name
+        changed.update({f"data.{k}": v for k, v in differences(self.data_identity, _group_defaults("data", data_name)).items()})
+        if self.feedback.identity() is not None:
+            changed["feedback"] = self.cfg.feedback.get("name", "judge")
+        reward_name = self.cfg.reward.get("name") or self.cfg.reward.get("kind")
+        if uses_reward and reward_name and reward_name != shipped.get("reward"):
+            changed["reward"] = reward_name
+        if self.cfg.tune.trials:
+            changed["tune.trials"] = self.cfg.tune.trials
+        return variant_name(spec.method, changed)
+
+    def score_key(self, task_name: str, run_id: str) -> ScoreKey:
+        """What the task's numbers depend on: task, version, its bound config, the evaluation settings it reads (the
+        scoring batch; the held-out split and its truncation for tasks that read held-out pairs) and the checkpoint."""
+        task = self.tasks[task_name]
+        evaluation = {"eval_batch_size": self.cfg.eval_batch_size}
+        if getattr(task, "reads_heldout_pairs", False):
+            evaluation["heldout_pairs"] = {"data": self.data_identity,
+                                           "max_prompt_tokens": self.budget.max_prompt_tokens,
+                                           "max_completion_tokens": self.budget.max_completion_tokens}
+        return ScoreKey(task=task_name, version=str(task.version), config=_hyperparameters(self.task_arguments[task_name]),
+                        evaluation=evaluation, run_id=run_id)
+
+    def _unit(self, setting: str, method_name: str, start: StartPoint, method=None, arguments: dict | None = None) -> dict:
+        """The part of a record that identifies the run: its spec (``run_config``), run id and variant."""
+        spec = self.run_spec(setting, method_name, start, method, arguments)
+        unit = {"run_id": spec.run_id, "run_config": spec.identity, "variant": spec.variant, "sweep": self.cfg.name,
+                "family": self.cfg.model.family, "setting": setting, "method": method_name,
+                "budget": None if method_name == START else self.budget.as_dict(),
                 "seed": self.budget.seed, "versions": self._versions, "data": self.data_provenance,
                 "chat_template": None}
         if method_name != START:
@@ -440,6 +485,27 @@ class Sweep:
                                                max_prompt_tokens=self.budget.max_prompt_tokens,
                                                max_completion_tokens=self.budget.max_completion_tokens)
         return self._heldout[key]
+
+
+def _hyperparameters(arguments: dict) -> dict:
+    """A plug-in's bound constructor arguments minus its ``name`` (the name is the spec's method)."""
+    return {key: value for key, value in arguments.items() if key != "name"}
+
+
+def _default_arguments(cfg, method_name: str) -> dict:
+    return _hyperparameters(registry.bound_arguments("method", method_name, None, params_key="method_params")[1])
+
+
+def _group_defaults(group: str, name: str) -> dict:
+    """A group option's YAML as shipped ({} for a name with no file, e.g. one composed inline)."""
+    if name not in registry.available(group):
+        return {}
+    return OmegaConf.to_container(registry.group_config(group, name), resolve=True)
+
+
+def _budget_defaults(name: str) -> dict:
+    values = _group_defaults("budget", name)
+    return Budget.from_config(OmegaConf.create(values)).as_dict() if values else {}
 
 
 def _parameter_count(folder: Path) -> int:
