@@ -13,6 +13,8 @@ import html
 import json
 from pathlib import Path
 
+from harness.report.board import table_rows
+
 SAMPLES_PER_RUN = 50   # samples per (run, task) embedded in the page; the full files stay beside the records
 
 
@@ -33,8 +35,6 @@ def _samples(board) -> list[dict]:
 
 
 def html_page(board, plots: dict[str, Path]) -> str:
-    from harness.report.leaderboard import table_rows
-
     rows = table_rows(board)
     metrics = board.metric_names()
     columns = ["family", "setting", "method", "unified_score", "rank", *metrics,

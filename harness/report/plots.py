@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from harness.report.board import matrix
+
 CURVE_PANELS = [
     # (log key, panel title): what TRL trainers log per step
     ("loss", "training loss"),
@@ -74,8 +76,6 @@ def task_bars(board, folder: Path) -> Path:
 def heatmap(board, folder: Path) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
-
-    from harness.report.leaderboard import matrix
 
     methods, settings, cells = matrix(board)
     values = np.array([[cells.get((m, s)) if cells.get((m, s)) is not None else np.nan for s in settings]
