@@ -96,19 +96,24 @@ def leaderboard_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="align-harness leaderboard",
         description="Rebuild leaderboard .md/.csv/.tex/.html and plots from a folder of records (any machines').")
+    parser.error = _fail  # one line, exit 2
     parser.add_argument("folder", help="a results folder holding records.jsonl, e.g. results/smollm2-135m-smoke")
-    parser.add_argument("--compare", nargs=2, metavar=("METHOD_A", "METHOD_B"),
-                        help="print paired-bootstrap differences A − B per task instead of rebuilding")
+    parser.add_argument("--compare", nargs="*", metavar="VARIANT",
+                        help="print paired-bootstrap differences A − B of every metric for each pair of the named "
+                             "variants (variant labels or method names) within each family and setting, instead of "
+                             "rebuilding; with no names, every pair")
     parser.add_argument("--experiment", help="show the published numbers of conf/experiment/<name>.yaml beside ours")
     arguments = parser.parse_args(argv)
     try:
         if arguments.experiment:
             write_published(arguments.folder, arguments.experiment)
-        if arguments.compare:
+        if arguments.compare is not None:
+            from harness.records import read_records
             from harness.report.leaderboard import Board, compare, compare_text
 
-            rows = compare(Board(arguments.folder), *arguments.compare)
-            print(compare_text(rows, *arguments.compare))
+            if not read_records(arguments.folder):
+                raise HarnessError(f"{arguments.folder} holds no records.jsonl (or it is empty); run a sweep into it first")
+            print(compare_text(compare(Board(arguments.folder), *arguments.compare)))
             return
         outputs = build_leaderboard(arguments.folder)
     except HarnessError as error:

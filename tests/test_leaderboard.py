@@ -1,11 +1,14 @@
 """The leaderboard from a fixture set of records: golden Markdown and CSV, unified score, paired
-bootstrap, LaTeX, and the HTML page in headless Chromium (sorting, row count, escaped model text).
+bootstrap, LaTeX, and the HTML page in headless Chromium (sorting, row count, escaped model text); rows per
+variant, the newest record, comparability (measurement and items), ties, intervals of every metric in [0, 1],
+``--compare`` of any number of variants, and no import circle in ``harness/report``.
 
 Regenerate the golden files after an intended change: UPDATE_GOLDEN=1 python -m pytest tests/test_leaderboard.py
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
@@ -14,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from harness.report.leaderboard import Board, build_leaderboard, compare, paired_bootstrap
 from harness.records import append_record, write_samples
+from harness.report.board import TIE_TOLERANCE, measurement_key_of, variant_of
+from harness.report.leaderboard import Board, build_leaderboard, compare, paired_bootstrap
 
 GOLDEN = Path(__file__).parent / "golden"
 SCRIPT = "<script>document.title='pwned'</script>"
@@ -113,10 +117,11 @@ def test_compare_cli_prints_intervals(board_folder, cache_dir):
     assert result.returncode == 0, result.stderr
     assert "dpo − kto" in result.stdout and "instruct" in result.stdout and "truthfulqa_mc" in result.stdout
     rows = compare(Board(board_folder), "dpo", "kto")
-    toxicity = next(r for r in rows if r["setting"] == "instruct" and r["task"] == "toxicity")
+    toxicity = next(r for r in rows if r["setting"] == "instruct" and r["task"] == "toxicity" and r["metric"] == "score")
     assert toxicity["difference"] == pytest.approx(0.5)  # mapped toxicity: dpo 0.75, kto 0.25
-    bad = run_cli("leaderboard", str(board_folder), "--compare", "dpo", "nope", cache=cache_dir)
-    assert bad.returncode == 2 and "no setting has both 'dpo' and 'nope'" in bad.stderr
+    bad = run_cli("leaderboard", str(board_folder), "--compare", "dpo", "nosuchvariant", cache=cache_dir)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        f"align-harness: error: no variant or method 'nosuchvariant' in {board_folder}; variants here: start, dpo, kto"]
 
 
 def test_latex_is_booktabs_with_best_in_bold(board_folder):
@@ -142,7 +147,7 @@ def test_breakdowns_leave_the_main_table_for_their_own(board_folder):
     add_breakdown(board_folder)
     outputs = build_leaderboard(board_folder)
     text = outputs["markdown"].read_text()
-    main_header = next(line for line in text.splitlines() if line.startswith("| method | unified"))
+    main_header = next(line for line in text.splitlines() if line.startswith("| variant | unified"))
     assert "group=women" not in main_header and "toxicity/toxic_share" in main_header
     assert "### fixture · instruct: breakdowns" in text
     assert "| toxicity/toxic_share/group=women | 0.5000 ± 0.2500 | 0.5000 ± 0.2500 | 0.5000 ± 0.2500 |" in text
@@ -216,3 +221,200 @@ def test_html_breakdown_columns_show_on_request(board_folder):
         page.locator("#show-breakdowns").check()
         assert page.locator(breakdown).count() == 1
         browser.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# rows per variant, comparability, ties, intervals (records carrying variant and measurement_key)
+def add_run(folder: Path, run_id: str, variant: str, scores: dict[str, list[float]], *, task: str = "truthfulqa_mc",
+            higher: dict[str, bool] | None = None, items: list[str] | None = None, **fields) -> None:
+    """One record of ``task`` as the sweep writes it, with per-item ``scores`` {metric: values} in its samples."""
+    items = items or [str(i) for i in range(len(next(iter(scores.values()))))]
+    samples = [{"item_id": item, "scores": {name: values[i] for name, values in scores.items()}}
+               for i, item in enumerate(items)]
+    metrics = {}
+    for name, values in scores.items():
+        value, stderr = mean_and_stderr([float(v) for v in values])
+        metrics[name] = {"value": value, "stderr": stderr, "higher_is_better": (higher or {}).get(name, True)}
+    task_key = fields.pop("task_key", f"{task}-{run_id}")
+    append_record(folder, {"run_id": run_id, "sweep": "fixture", "family": "fixture", "setting": "instruct",
+                           "method": variant.split("[")[0].split("#")[0], "variant": variant, "task": task,
+                           "task_key": task_key, "measurement_key": "m1", "status": "ok", "reason": None,
+                           "metrics": metrics, "consumed": {},
+                           "samples_file": write_samples(folder, run_id, task_key, samples), **fields})
+
+
+def row(markdown_text: str, label: str) -> list[str]:
+    """The cells of the first table row labelled ``label``."""
+    line = next(line for line in markdown_text.splitlines() if line.startswith(f"| {label} |"))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_one_row_per_variant_and_one_label_from_two_runs_stays_two_rows(tmp_path):
+    add_run(tmp_path, "run0", "start", {"mc1": [1, 0, 0, 0]})
+    add_run(tmp_path, "run1", "dpo", {"mc1": [1, 1, 0, 0]})
+    add_run(tmp_path, "run2", "dpo[beta=0.05,pairs=64]", {"mc1": [1, 1, 1, 0]})
+    add_run(tmp_path, "abcdef01", "kto", {"mc1": [0, 0, 0, 0]})   # two budgets, one label
+    add_run(tmp_path, "abcdef02", "kto", {"mc1": [1, 1, 1, 1]})
+    board = Board(tmp_path)
+    assert [key[2] for key in board.keys] == ["start", "dpo", "dpo[beta=0.05,pairs=64]", "kto#abcdef01", "kto#abcdef02"]
+    assert board.metric(("fixture", "instruct", "dpo[beta=0.05,pairs=64]"), "truthfulqa_mc/mc1")["value"] == 0.75
+    assert board.metric(("fixture", "instruct", "kto#abcdef02"), "truthfulqa_mc/mc1")["value"] == 1.0
+    text = build_leaderboard(tmp_path)["markdown"].read_text()
+    assert row(text, "dpo[beta=0.05,pairs=64]")[1] == "0.7500" and row(text, "kto#abcdef01")[1] == "0.0000"
+    csv = (tmp_path / "leaderboard.csv").read_text().splitlines()
+    assert csv[0].startswith("family,setting,method,variant,") and len(csv) == 6
+    # a method name stands for all its variants
+    rows = compare(board, "dpo")
+    assert {(r["a"], r["b"]) for r in rows} == {("dpo", "dpo[beta=0.05,pairs=64]")}
+
+
+def test_newest_record_of_a_row_and_task_wins(tmp_path):
+    add_run(tmp_path, "run0", "start", {"mc1": [1, 0, 0, 0]})
+    add_run(tmp_path, "run1", "dpo", {"mc1": [0, 0, 0, 0]}, task_key="truthfulqa_mc-a", finished_at="2025-01-02T00:00:00+00:00")
+    add_run(tmp_path, "run1", "dpo", {"mc1": [1, 1, 0, 0]}, task_key="truthfulqa_mc-b", finished_at="2025-01-03T00:00:00+00:00")
+    dpo = ("fixture", "instruct", "dpo")
+    assert Board(tmp_path).keys == [("fixture", "instruct", "start"), dpo]
+    assert Board(tmp_path).metric(dpo, "truthfulqa_mc/mc1")["value"] == 0.5            # later in the file
+    add_run(tmp_path, "run1", "dpo", {"mc1": [1, 1, 1, 1]}, task_key="truthfulqa_mc-c", finished_at="2025-01-01T00:00:00+00:00")
+    assert Board(tmp_path).metric(dpo, "truthfulqa_mc/mc1")["value"] == 0.5            # ... unless it finished earlier
+    add_run(tmp_path, "run1", "dpo", {"mc1": [1, 1, 1, 0]}, task_key="truthfulqa_mc-a", finished_at="2025-01-04T00:00:00+00:00")
+    assert Board(tmp_path).metric(dpo, "truthfulqa_mc/mc1")["value"] == 0.75           # same (run, task_key): replaced
+
+
+def test_measured_differently_is_not_comparable(tmp_path, cache_dir):
+    add_run(tmp_path, "run0", "start", {"mc1": [1, 0, 0, 0]})
+    add_run(tmp_path, "run1", "dpo", {"mc1": [1, 0, 0, 0]}, measurement_key="m2")   # e.g. another eval batch size
+    add_run(tmp_path, "run2", "kto", {"mc1": [1, 1, 0, 0]})
+    text = build_leaderboard(tmp_path)["markdown"].read_text()
+    header = row(text, "variant")
+    dpo = dict(zip(header, row(text, "dpo")))
+    assert dpo["Δ truthfulqa_mc"] == "not comparable: measured differently" and dpo["rank"] == "—"
+    assert dict(zip(header, row(text, "kto")))["Δ truthfulqa_mc"].startswith("+0.250 [")
+    assert dict(zip(header, row(text, "kto")))["rank"] == "1" and dict(zip(header, row(text, "start")))["rank"] == "2"
+    assert "-0.000" not in text and "not comparable: measured differently" in row(text, "truthfulqa_mc/mc1 (higher better)")
+    csv = (tmp_path / "leaderboard.csv").read_text()
+    assert "not comparable: measured differently" in next(line for line in csv.splitlines() if ",dpo," in line)
+    result = run_cli("leaderboard", str(tmp_path), "--compare", "dpo", "start", cache=cache_dir)
+    assert result.returncode == 0, result.stderr
+    assert "not comparable: truthfulqa_mc measured differently" in result.stdout   # the unified line
+    assert "not comparable: measured differently" in result.stdout and "-0.0000" not in result.stdout
+
+
+def test_different_items_are_not_comparable(tmp_path):
+    add_run(tmp_path, "run0", "start", {"mc1": [1, 0, 0, 0]})
+    add_run(tmp_path, "run1", "dpo", {"mc1": [1, 0, 0, 0, 1, 1, 0, 0]})              # another limit, same config hash
+    add_run(tmp_path, "run2", "kto", {"mc1": [1, 0, 0, 0]}, items=["0", "1", "7", "8"])
+    board = Board(tmp_path)
+    start = ("fixture", "instruct", "start")
+    assert board.paired_difference(("fixture", "instruct", "dpo"), start, "truthfulqa_mc") == {
+        "note": "not comparable: items differ (8 vs 4)"}
+    assert board.paired_difference(("fixture", "instruct", "kto"), start, "truthfulqa_mc", "mc1") == {
+        "note": "not comparable: items differ (4 vs 4, 2 shared)"}
+    assert board.ranks() == {start: 1, ("fixture", "instruct", "dpo"): None, ("fixture", "instruct", "kto"): None}
+    text = build_leaderboard(board.folder)["markdown"].read_text()
+    assert "not comparable: items differ (8 vs 4)" in row(text, "dpo")
+
+
+def test_ties_within_noise_share_a_rank(tmp_path):
+    """Competition ranking: 1, 2, 2, 4 — 0.376843 and 0.376842 are float noise apart."""
+    for run_id, variant, value in [("run0", "start", 0.2), ("run1", "a", 0.5), ("run2", "b", 0.376843),
+                                   ("run3", "c", 0.376842), ("run4", "d", 0.3767)]:
+        append_record(tmp_path, {"run_id": run_id, "sweep": "fixture", "family": "fixture", "setting": "instruct",
+                                 "method": variant, "variant": variant, "task": "truthfulqa_mc",
+                                 "task_key": f"truthfulqa_mc-{run_id}", "measurement_key": "m1", "status": "ok",
+                                 "metrics": {"mc1": {"value": value, "stderr": 0.01, "higher_is_better": True}}})
+    ranks = {key[2]: rank for key, rank in Board(tmp_path).ranks().items()}
+    assert ranks == {"a": 1, "b": 2, "c": 2, "d": 4, "start": 5}
+    assert 0.376843 - 0.3767 >= TIE_TOLERANCE > 0.376843 - 0.376842
+    assert row(build_leaderboard(tmp_path)["markdown"].read_text(), "c")[2] == "2"
+
+
+def test_every_metric_in_0_1_gets_an_interval_not_only_primary_ones(tmp_path):
+    """heldout_preference: the unified score uses avg_logp_accuracy (primary); logratio_accuracy gets its standard
+    error (from the samples when the record has none) and its Δ with a bootstrap interval all the same."""
+    config = {"task_config": {"primary_metrics": ["avg_logp_accuracy"]}}
+    for run_id, variant, logratio in [("run0", "start", [0, 0, 1, 0]), ("run1", "dpo", [1, 1, 1, 0]),
+                                      ("run2", "kto", [1, 0, 1, 1])]:
+        add_run(tmp_path, run_id, variant, {"avg_logp_accuracy": [1, 0, 0, 1], "logratio_accuracy": logratio},
+                task="heldout_preference", **config)
+    records = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    (tmp_path / "records.jsonl").unlink()
+    for record in records:
+        record["metrics"]["logratio_accuracy"]["stderr"] = None
+        append_record(tmp_path, record)
+    board = Board(tmp_path)
+    dpo, start = ("fixture", "instruct", "dpo"), ("fixture", "instruct", "start")
+    assert board.task_score(dpo, "heldout_preference") == 0.5          # primary only
+    assert board.metric(dpo, "heldout_preference/logratio_accuracy")["stderr"] == pytest.approx(0.25)
+    difference = board.paired_difference(dpo, start, "heldout_preference", "logratio_accuracy")
+    assert difference["difference"] == pytest.approx(0.5) and difference["items"] == 4
+    assert difference["low"] <= 0.5 <= difference["high"] and difference["low"] < difference["high"]
+    text = build_leaderboard(tmp_path)["markdown"].read_text()
+    assert "0.7500 ± 0.2500" in row(text, "dpo")
+    assert row(text, "heldout_preference/logratio_accuracy (higher better)")[1] == fmt(difference)
+    header = (tmp_path / "leaderboard.csv").read_text().splitlines()[0].split(",")
+    assert {"delta heldout_preference/logratio_accuracy low", "delta heldout_preference/logratio_accuracy high",
+            "delta heldout_preference/avg_logp_accuracy low"} <= set(header)
+
+
+def fmt(difference: dict) -> str:
+    return f"{difference['difference']:+.3f} [{difference['low']:+.3f}, {difference['high']:+.3f}]"
+
+
+def test_compare_three_variants_and_all_pairs_through_the_cli(board_folder, cache_dir):
+    named = run_cli("leaderboard", str(board_folder), "--compare", "kto", "dpo", "start", cache=cache_dir)
+    assert named.returncode == 0, named.stderr
+    for pair in ("kto − dpo · fixture · instruct", "kto − start · fixture · instruct", "dpo − start · fixture · instruct",
+                 "dpo − start · fixture · sft"):
+        assert pair in named.stdout
+    block = named.stdout.split("kto − dpo · fixture · instruct")[1].split("\n\n")[0]
+    lines = {tuple(line.split()[:2]): line for line in block.splitlines()[2:]}
+    assert set(lines) == {("unified", "score"), ("truthfulqa_mc", "score"), ("truthfulqa_mc", "mc1"),
+                          ("toxicity", "score"), ("toxicity", "mean_length"), ("toxicity", "toxic_share")}
+    assert lines[("toxicity", "toxic_share")].split()[-4:] == ["+0.5000", "[+0.0000,", "+1.0000]", "4"]
+    assert lines[("truthfulqa_mc", "mc1")].split()[-4:] == ["+0.2500", "[+0.0000,", "+0.7500]", "4"]
+    assert lines[("unified", "score")].split()[-4:] == ["-0.1250", "[-0.3750,", "+0.1250]", "8"]
+    assert "no per-item scores" in lines[("toxicity", "mean_length")]
+    every = run_cli("leaderboard", str(board_folder), "--compare", cache=cache_dir)
+    assert every.returncode == 0, every.stderr
+    pairs = [line for line in every.stdout.splitlines() if " − " in line and " · " in line]
+    assert pairs == ["dpo − kto · fixture · sft", "dpo − start · fixture · sft", "kto − start · fixture · sft",
+                     "dpo − kto · fixture · instruct", "dpo − start · fixture · instruct", "kto − start · fixture · instruct"]
+    assert "kto has no scores (failed)" in every.stdout
+    one = run_cli("leaderboard", str(board_folder), "--compare", "kto", cache=cache_dir)
+    assert one.returncode == 2 and one.stderr.startswith("align-harness: error: no (family, setting) holds two of 'kto'")
+
+
+def test_old_records_without_variant_or_measurement_key_are_read(board_folder):
+    """Records written before ``variant`` / ``measurement_key``: the row is the method, the measurement the task_key."""
+    old = json.loads((board_folder / "records.jsonl").read_text().splitlines()[0])
+    assert "variant" not in old and "measurement_key" not in old
+    assert variant_of(old) == old["method"] and measurement_key_of(old) == old["task_key"]
+    assert variant_of({**old, "variant": "dpo[beta=0.05]"}) == "dpo[beta=0.05]"
+    assert measurement_key_of({**old, "measurement_key": "m1"}) == "m1"
+    board = Board(board_folder)
+    assert [key[2] for key in board.keys] == ["start", "dpo", "kto", "start", "dpo", "kto"]
+    # a newer record measured under a measurement_key never counts as measured like an old one
+    add_run(board_folder, "run7", "ipo", {"mc1": [1, 0, 0, 0]}, task_key="truthfulqa_mc-x")
+    board = Board(board_folder)
+    assert board.paired_difference(("fixture", "instruct", "ipo"), ("fixture", "instruct", "start"), "truthfulqa_mc") == {
+        "note": "not comparable: measured differently"}
+
+
+def test_report_package_has_no_import_circle():
+    """plots and html import board only; leaderboard imports them; no module imports back (at any level)."""
+    folder = Path(__file__).resolve().parent.parent / "harness" / "report"
+    imports = {}
+    for path in folder.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        names |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        imports[path.stem] = {name.rsplit(".", 1)[1] for name in names if name.startswith("harness.report.")}
+    assert imports["board"] == set() and imports["plots"] == {"board"} and imports["html"] == {"board"}
+    assert imports["leaderboard"] == {"board", "plots", "html"}
+
+    def reaches(start: str, target: str, seen: frozenset = frozenset()) -> bool:
+        return any(name == target or (name not in seen and reaches(name, target, seen | {name}))
+                   for name in imports.get(start, ()))
+
+    assert not [module for module in imports if reaches(module, module)]

@@ -13,6 +13,8 @@ import html
 import json
 from pathlib import Path
 
+from harness.report.board import TIE_TOLERANCE, table_rows
+
 SAMPLES_PER_RUN = 50   # samples per (run, task) embedded in the page; the full files stay beside the records
 
 
@@ -23,21 +25,20 @@ def _json_for_script(value) -> str:
 
 def _samples(board) -> list[dict]:
     out = []
-    for record in board.records:
-        path = board.folder / (record.get("samples_file") or "")
-        if record.get("samples_file") and path.exists():
-            lines = path.read_text(encoding="utf-8").splitlines()[:SAMPLES_PER_RUN]
-            out.append({"setting": record["setting"], "method": record["method"], "task": record["task"],
-                        "family": record.get("family"), "samples": [json.loads(line) for line in lines]})
+    for key in board.keys:
+        for record in board.by_key(key):
+            path = board.folder / (record.get("samples_file") or "")
+            if record.get("samples_file") and path.exists():
+                lines = path.read_text(encoding="utf-8").splitlines()[:SAMPLES_PER_RUN]
+                out.append({"setting": record["setting"], "variant": key[2], "task": record["task"],
+                            "family": record.get("family"), "samples": [json.loads(line) for line in lines]})
     return out
 
 
 def html_page(board, plots: dict[str, Path]) -> str:
-    from harness.report.leaderboard import table_rows
-
     rows = table_rows(board)
     metrics = board.metric_names()
-    columns = ["family", "setting", "method", "unified_score", "rank", *metrics,
+    columns = ["family", "setting", "variant", "unified_score", "rank", *metrics,
                *[f"delta {t}" for t in board.tasks], "optimizer_steps", "policy_tokens", "flops", "wall_seconds", "status"]
     images = "".join(
         f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,'
@@ -47,7 +48,7 @@ def html_page(board, plots: dict[str, Path]) -> str:
     breakdowns = [m for m in metrics if m not in board.metric_names(breakdowns=False)]  # hidden until asked for
     data = {"columns": columns, "breakdowns": breakdowns, "rows": rows, "samples": _samples(board),
             "published": board.published}
-    return PAGE.replace("__TITLE__", html.escape(title)).replace("__IMAGES__", images).replace(
+    return PAGE.replace("__TITLE__", html.escape(title)).replace("__TIE_TOLERANCE__", f"{TIE_TOLERANCE:g}").replace("__IMAGES__", images).replace(
         "__DATA__", _json_for_script(data))
 
 
@@ -63,7 +64,9 @@ tr.start td{background:#f7f7f7}figure{display:inline-block;margin:0.5em}img{max-
 </style></head><body>
 <h1>__TITLE__</h1>
 <p>Metrics: value ± standard error. Unified score: mean over tasks of primary metrics mapped to [0, 1], higher better.
-Δ: task-score difference from the starting checkpoint (paired bootstrap). Click a column header to sort.</p>
+A row per variant (method and what differs from its defaults). Rank: scores less than __TIE_TOLERANCE__ apart share one.
+Δ: task-score difference from the start row on the same items (paired bootstrap 95% interval), or why the two are
+not comparable (measured differently, other items). Click a column header to sort.</p>
 <div class="controls">
 <label>setting <select id="filter-setting"><option value="">all</option></select></label>
 <label>method <select id="filter-method"><option value="">all</option></select></label>
@@ -79,13 +82,14 @@ tr.start td{background:#f7f7f7}figure{display:inline-block;margin:0.5em}img{max-
 const data = JSON.parse(document.getElementById("data").textContent);
 const table = document.getElementById("leaderboard");
 let sortColumn = null, sortAscending = true;
+function signed(x) { const s = x.toFixed(3); return /^-0\\.0+$/.test(s) ? "+" + s.slice(1) : (s.startsWith("-") ? s : "+" + s); }
 function cell(row, column) {
   const value = row[column];
-  if (value === null || value === undefined) return "—";
+  if (value === null || value === undefined) return row[column + " note"] || "—";
   if (typeof value === "number") {
     const error = row[column + " stderr"], low = row[column + " low"], high = row[column + " high"];
     if (error !== undefined && error !== null) return value.toFixed(4) + " ± " + error.toFixed(4);
-    if (low !== undefined && low !== null) return (value >= 0 ? "+" : "") + value.toFixed(3) + " [" + low.toFixed(3) + ", " + high.toFixed(3) + "]";
+    if (low !== undefined && low !== null) return signed(value) + " [" + signed(low) + ", " + signed(high) + "]";
     return Math.abs(value) >= 1e6 ? value.toExponential(2) : (Number.isInteger(value) ? String(value) : value.toFixed(4));
   }
   return String(value);
@@ -131,7 +135,7 @@ function renderPublished() {
 }
 function renderSamples() {
   const select = document.getElementById("sample-run");
-  data.samples.forEach((group, index) => { const option = document.createElement("option"); option.value = index; option.textContent = group.setting + " · " + group.method + " · " + group.task; select.appendChild(option); });
+  data.samples.forEach((group, index) => { const option = document.createElement("option"); option.value = index; option.textContent = group.setting + " · " + group.variant + " · " + group.task; select.appendChild(option); });
   const show = () => {
     const list = document.getElementById("sample-list"); list.textContent = "";
     const group = data.samples[Number(select.value)]; if (!group) return;

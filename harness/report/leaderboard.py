@@ -2,193 +2,36 @@
 
 ``build_leaderboard(folder)`` writes into ``folder``:
 
-* ``leaderboard.md`` — per (family, setting): rows = the starting checkpoint and every method;
-  columns = every task metric ± standard error, the unified alignment score with its rank, the
-  alignment tax or gain per task (difference from the starting checkpoint, paired bootstrap 95%
-  interval over the same items) and the budget consumed; then the method × setting matrix of the
-  unified score, and published reference rows where an experiment config carries them;
-* ``leaderboard.csv`` — one row per (family, setting, method): every number above, unrounded;
+* ``leaderboard.md`` — per (family, setting): a row per variant (the starting checkpoint and each method
+  under each hyperparameter set); columns = every headline task metric ± standard error, the unified
+  alignment score with its rank, the alignment tax or gain per task (Δ: difference from the start row,
+  paired bootstrap 95% interval over the same items, or why it is not comparable) and the budget
+  consumed; then the Δ of every metric in [0, 1], each task's breakdowns, the variant × setting matrix of
+  the unified score, and published reference rows where an experiment config carries them;
+* ``leaderboard.csv`` — one row per (family, setting, variant): every number above, unrounded;
 * ``leaderboard.tex`` — booktabs tables, best value per column in bold;
 * ``leaderboard.html`` — one self-contained page (``harness.report.html``);
 * ``plots/*.png`` and ``plots/*.svg`` (``harness.report.plots``).
 
-**Unified alignment score.** Each task's *primary* metrics (the task config's ``primary_metrics``;
-by default every metric whose values lie in [0, 1] and whose name has no ``/`` breakdown) are mapped
-to [0, 1] with higher better — ``v`` when higher is better, ``1 − v`` otherwise (toxicity) —; a task's
-score is the mean of its mapped primary metrics; the unified score is the mean over the tasks the
-row was scored on. Rows scored on fewer tasks than the most complete row are not ranked.
+What a row is, when two rows are comparable, the unified score, the tie rule of the rank and the intervals:
+``harness.report.board``.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import random
 from pathlib import Path
 
 from harness.errors import HarnessError
 from harness.inputs.paths import atomic_write_text
-from harness.records import latest_records, read_records
+from harness.records import read_records
+from harness.report.board import (BOOTSTRAP_SAMPLES, CONSUMED_COLUMNS, TIE_TOLERANCE, Board, compare, matrix,
+                                  paired_bootstrap, table_rows)
+from harness.report.html import html_page
+from harness.report.plots import write_plots
 
-BOOTSTRAP_SAMPLES = 1000   # resamples of the items for paired intervals
-BOOTSTRAP_SEED = 0
-CONSUMED_COLUMNS = [
-    # (record key, column title)
-    ("optimizer_steps", "steps"),
-    ("pairs", "pairs"),
-    ("policy_tokens", "policy tokens"),
-    ("reference_tokens", "ref tokens"),
-    ("generation_tokens", "gen tokens"),  # sampled by online methods (prompt + completion), inside FLOPs
-    ("flops", "FLOPs"),
-    ("match_ratio", "match ratio"),        # budget.match=tokens|flops: consumed / the pair methods' target
-    ("wall_seconds", "train s"),
-    ("peak_memory_mib", "peak MiB"),
-]
-SETTING_ORDER = {"pretrained": 0, "sft": 1, "instruct": 2}
-
-
-# ---------------------------------------------------------------------------------------------
-# reading
-def primary_metrics(record: dict) -> list[str]:
-    configured = (record.get("task_config") or {}).get("primary_metrics")
-    if configured:
-        return [m for m in configured if m in (record.get("metrics") or {})]
-    return [name for name, m in (record.get("metrics") or {}).items()
-            if "/" not in name and m.get("value") is not None and 0.0 <= m["value"] <= 1.0]
-
-
-def mapped(value: float, higher_is_better: bool) -> float:
-    return value if higher_is_better else 1.0 - value
-
-
-def row_key(record: dict) -> tuple:
-    return (record.get("family"), record["setting"], record["method"])
-
-
-def ordered_keys(keys) -> list[tuple]:
-    return sorted(set(keys), key=lambda k: (str(k[0]), SETTING_ORDER.get(k[1], 9), k[1], k[2] != "start"))
-
-
-class Board:
-    """The latest records of a folder, grouped by (family, setting, method)."""
-
-    def __init__(self, folder: Path, records: list[dict] | None = None, published: list[dict] | None = None):
-        self.folder = Path(folder)
-        all_records = read_records(self.folder) if records is None else records
-        self.record_count = len(all_records)
-        self.records = latest_records(all_records)
-        self.published = published if published is not None else read_published(self.folder)
-        first_seen: dict[tuple, int] = {}
-        for index, record in enumerate(self.records):
-            first_seen.setdefault(row_key(record), index)
-        self.keys = sorted(first_seen, key=lambda k: (str(k[0]), SETTING_ORDER.get(k[1], 9), k[1],
-                                                      k[2] != "start", first_seen[k]))
-        self.tasks = list(dict.fromkeys(r["task"] for r in self.records))
-        self._items: dict[tuple, dict] = {}
-
-    def by_key(self, key: tuple) -> list[dict]:
-        return [r for r in self.records if row_key(r) == key]
-
-    def metric_names(self, *, breakdowns: bool = True) -> list[str]:
-        """``task/metric`` columns in task order; without ``breakdowns``, only headline metrics (a breakdown is a
-        metric name with a ``/`` of its own, e.g. toxicity's ``toxic_share/group=women``)."""
-        names = []
-        for task in self.tasks:
-            for record in self.records:
-                if record["task"] == task:
-                    names += [f"{task}/{m}" for m in record.get("metrics") or {} if breakdowns or "/" not in m]
-        return list(dict.fromkeys(names))
-
-    def status(self, key: tuple) -> tuple[str, str]:
-        bad = [r for r in self.by_key(key) if r["status"] != "ok"]
-        return (bad[0]["status"], bad[0].get("reason") or "") if bad else ("ok", "")
-
-    def metric(self, key: tuple, column: str) -> dict | None:
-        task, name = column.split("/", 1)
-        for record in self.by_key(key):
-            if record["task"] == task and record["status"] == "ok":
-                return (record.get("metrics") or {}).get(name)
-        return None
-
-    def consumed(self, key: tuple) -> dict:
-        for record in self.by_key(key):
-            if record.get("consumed"):
-                return record["consumed"]
-        return {}
-
-    def task_score(self, key: tuple, task: str) -> float | None:
-        for record in self.by_key(key):
-            if record["task"] == task and record["status"] == "ok":
-                names = primary_metrics(record)
-                if names:
-                    return sum(mapped(record["metrics"][n]["value"], record["metrics"][n]["higher_is_better"])
-                               for n in names) / len(names)
-        return None
-
-    def unified(self, key: tuple) -> tuple[float | None, int]:
-        scores = [s for s in (self.task_score(key, t) for t in self.tasks) if s is not None]
-        return (sum(scores) / len(scores) if scores else None), len(scores)
-
-    def ranks(self) -> dict[tuple, int | None]:
-        out: dict[tuple, int | None] = {}
-        groups: dict[tuple, list[tuple]] = {}
-        for key in self.keys:
-            groups.setdefault(key[:2], []).append(key)
-        for members in groups.values():
-            complete = max(self.unified(k)[1] for k in members)
-            ranked = sorted((k for k in members if self.unified(k)[0] is not None and self.unified(k)[1] == complete),
-                            key=lambda k: -self.unified(k)[0])
-            for key in members:
-                out[key] = ranked.index(key) + 1 if key in ranked else None
-        return out
-
-    # per-item scores for paired comparisons ------------------------------------------------
-    def item_task_scores(self, key: tuple, task: str) -> dict[str, float]:
-        """Per item: the mean of this task's mapped primary-metric scores (from the samples file)."""
-        cache_key = (key, task)
-        if cache_key in self._items:
-            return self._items[cache_key]
-        scores: dict[str, list[float]] = {}
-        for record in self.by_key(key):
-            if record["task"] != task or record["status"] != "ok" or not record.get("samples_file"):
-                continue
-            path = self.folder / record["samples_file"]
-            if not path.exists():
-                continue
-            wanted = {n: record["metrics"][n]["higher_is_better"] for n in primary_metrics(record)}
-            for line in path.read_text(encoding="utf-8").splitlines():
-                sample = json.loads(line)
-                if "item_id" not in sample:
-                    continue
-                for name, value in (sample.get("scores") or {}).items():
-                    if name in wanted and value is not None:
-                        scores.setdefault(str(sample["item_id"]), []).append(mapped(float(value), wanted[name]))
-        result = {item: sum(v) / len(v) for item, v in scores.items()}
-        self._items[cache_key] = result
-        return result
-
-    def paired_difference(self, key: tuple, other: tuple, task: str) -> dict | None:
-        return paired_bootstrap(self.item_task_scores(key, task), self.item_task_scores(other, task))
-
-
-def paired_bootstrap(a: dict[str, float], b: dict[str, float], *, samples: int = BOOTSTRAP_SAMPLES,
-                     seed: int = BOOTSTRAP_SEED) -> dict | None:
-    """Mean of a − b over the items both have, with a percentile 95% interval from resampling items."""
-    items = sorted(set(a) & set(b))
-    if not items:
-        return None
-    differences = [a[i] - b[i] for i in items]
-    n = len(differences)
-    mean = sum(differences) / n
-    generator = random.Random(seed)
-    means = sorted(sum(differences[generator.randrange(n)] for _ in range(n)) / n for _ in range(samples))
-    low, high = means[int(0.025 * samples)], means[min(samples - 1, int(math.ceil(0.975 * samples)) - 1)]
-    return {"difference": mean, "low": low, "high": high, "items": n}
-
-
-def read_published(folder: Path) -> list[dict]:
-    path = Path(folder) / "published.json"
-    return json.loads(path.read_text()) if path.exists() else []
+# Board, compare and paired_bootstrap live in harness.report.board; importers may take them from here too
+__all__ = ["Board", "build_leaderboard", "compare", "compare_text", "csv_text", "latex", "markdown", "paired_bootstrap"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,80 +55,71 @@ def fmt_number(value) -> str:
     return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"  # ratios such as the match ratio keep 3 decimals
 
 
-def fmt_difference(difference: dict | None) -> str:
+def signed(value: float, digits: int = 3) -> str:
+    """``+0.250``; a value that rounds to zero is ``+0.000``, never ``-0.000``."""
+    text = f"{value:+.{digits}f}"
+    return "+" + text[1:] if float(text) == 0 else text
+
+
+def fmt_difference(difference: dict | None, digits: int = 3) -> str:
+    """``+0.250 [+0.000, +0.750]``, the reason a difference is not comparable, or ``—``."""
     if not difference:
         return "—"
-    return f"{difference['difference']:+.3f} [{difference['low']:+.3f}, {difference['high']:+.3f}]"
+    if "difference" not in difference:
+        return difference.get("note") or "—"
+    return (f"{signed(difference['difference'], digits)} [{signed(difference['low'], digits)}, "
+            f"{signed(difference['high'], digits)}]")
 
 
-def table_rows(board: Board) -> list[dict]:
-    """Everything the tables show, one dict per (family, setting, method), unrounded."""
-    ranks = board.ranks()
-    rows = []
-    for key in board.keys:
-        family, setting, method = key
-        unified, tasks_scored = board.unified(key)
-        status, reason = board.status(key)
-        row = {"family": family, "setting": setting, "method": method, "unified_score": unified,
-               "rank": ranks.get(key), "tasks_scored": tasks_scored}
-        for column in board.metric_names():
-            metric = board.metric(key, column)
-            row[column] = metric.get("value") if metric else None
-            row[column + " stderr"] = metric.get("stderr") if metric else None
-        start = (family, setting, "start")
-        for task in board.tasks:
-            difference = board.paired_difference(key, start, task) if method != "start" and start in board.keys else None
-            row[f"delta {task}"] = difference["difference"] if difference else None
-            row[f"delta {task} low"] = difference["low"] if difference else None
-            row[f"delta {task} high"] = difference["high"] if difference else None
-        consumed = board.consumed(key)
-        for name, _ in CONSUMED_COLUMNS:
-            row[name] = consumed.get(name)
-        row["status"], row["reason"] = status, reason
-        rows.append(row)
-    return rows
+def direction(board: Board, keys: list[tuple], column: str) -> str:
+    higher = next((m.get("higher_is_better") for m in (board.metric(k, column, fill=False) for k in keys) if m), None)
+    return "" if higher is None else f" ({'higher' if higher else 'lower'} better)"
 
 
+# ---------------------------------------------------------------------------------------------
+# Markdown
 def markdown(board: Board) -> str:
-    """Per (family, setting): a table of headline metrics, Δ, budget; then each task's breakdowns (per group,
-    hate / neutral, ...) transposed, a row per breakdown. The CSV has every column in one table."""
+    """Per (family, setting): a table of headline metrics, Δ, budget; then the Δ of each metric in [0, 1] and each
+    task's breakdowns (per group, hate / neutral, ...), transposed. The CSV has every column in one table."""
     ranks = board.ranks()
     metrics = board.metric_names(breakdowns=False)
     breakdowns = [m for m in board.metric_names() if m not in metrics]
+    bounded_metrics = board.bounded_metric_names()
     sweeps = ", ".join(sorted({str(r.get("sweep")) for r in board.records}))
     out = [f"# Leaderboard: {sweeps}", "",
-           f"Built from {board.record_count} records in `{board.folder / 'records.jsonl'}`; every row's exact "
-           "configuration is in its records. Metrics: value ± standard error. **unified**: mean over tasks of the "
-           "mean primary metric mapped to [0, 1], higher better (toxicity inverted). **Δ task**: difference of the "
-           "task score from the starting checkpoint on the same items, with a paired-bootstrap 95% interval "
-           f"({BOOTSTRAP_SAMPLES} resamples). Budget: what each run consumed (FLOPs = 6·N·policy tokens + "
+           f"Built from {board.record_count} records in `{board.folder / 'records.jsonl'}`; a row per variant (the "
+           "method and what differs from its defaults); every row's exact configuration is in its records. Metrics: "
+           "value ± standard error. **unified**: mean over tasks of the mean primary metric mapped to [0, 1], higher "
+           "better (toxicity inverted). **rank**: by unified score among rows scored on every task and measured like "
+           f"the start row; scores less than {TIE_TOLERANCE:g} apart share a rank. **Δ task**: difference of the "
+           "task score from the start row on the same items, with a paired-bootstrap 95% interval "
+           f"({BOOTSTRAP_SAMPLES} resamples); *not comparable* where the two were measured differently (task config, "
+           "evaluation settings, judge) or on other items. Budget: what each run consumed (FLOPs = 6·N·policy tokens + "
            "2·N·reference tokens; online methods count generation, reward- and value-model tokens in policy-"
            "parameter equivalents; gen tokens = tokens they sampled; match ratio = consumed over what the pair "
            "methods consume under budget.match=tokens or flops: policy tokens under tokens).", ""]
-    groups: dict[tuple, list[tuple]] = {}
-    for key in board.keys:
-        groups.setdefault(key[:2], []).append(key)
     # budget columns no run filled (e.g. gen tokens in a sweep without online methods) are left out; the CSV keeps all
     budget_columns = [(name, title) for name, title in CONSUMED_COLUMNS
                       if any(board.consumed(key).get(name) is not None for key in board.keys)]
-    for (family, setting), keys in groups.items():
+    for (family, setting), keys in board.groups().items():
         out += [f"## {family} · {setting}", ""]
-        header = ["method", "unified", "rank", *metrics, *[f"Δ {t}" for t in board.tasks],
+        header = ["variant", "unified", "rank", *metrics, *[f"Δ {t}" for t in board.tasks],
                   *[title for _, title in budget_columns], "status"]
         out += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        start = board.start_key(keys[0])
         for key in keys:
             unified, _ = board.unified(key)
             status, reason = board.status(key)
-            start = (family, setting, "start")
             cells = [key[2], "—" if unified is None else f"{unified:.4f}", str(ranks.get(key) or "—")]
             cells += [fmt_value(board.metric(key, m)) for m in metrics]
-            cells += [fmt_difference(board.paired_difference(key, start, t)) if key[2] != "start" and start in keys else "—"
+            cells += [fmt_difference(board.paired_difference(key, start, t)) if start not in (None, key) else "—"
                       for t in board.tasks]
             consumed = board.consumed(key)
             cells += [fmt_number(consumed.get(name)) for name, _ in budget_columns]
             cells.append("ok" if status == "ok" else f"{status}: {reason}".replace("|", "\\|"))
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
+        out += metric_differences_markdown(board, family, setting, keys, start, bounded_metrics)
         shown = [m for m in breakdowns if any(board.metric(key, m) for key in keys)]
         if shown:
             out += [f"### {family} · {setting}: breakdowns", "",
@@ -299,20 +133,33 @@ def markdown(board: Board) -> str:
     return "\n".join(out)
 
 
-def matrix(board: Board) -> tuple[list[str], list[str], dict[tuple, float | None]]:
-    methods = list(dict.fromkeys(k[2] for k in board.keys))
-    settings = list(dict.fromkeys(f"{k[0]} · {k[1]}" for k in board.keys))
-    cells = {(k[2], f"{k[0]} · {k[1]}"): board.unified(k)[0] for k in board.keys}
-    return methods, settings, cells
+def metric_differences_markdown(board: Board, family: str, setting: str, keys: list[tuple], start: tuple | None,
+                                bounded_metrics: list[str]) -> list[str]:
+    """Δ from the start row of every metric in [0, 1] (primary or not, breakdowns included), a row per metric."""
+    others = [key for key in keys if key != start and board.unified(key)[0] is not None]  # failed rows have none
+    if start is None or not others:
+        return []
+    rows = []
+    for column in bounded_metrics:
+        task, name = column.split("/", 1)
+        cells = [fmt_difference(board.paired_difference(key, start, task, name)) for key in others]
+        if any(cell != "—" for cell in cells):
+            rows.append("| " + " | ".join([column + direction(board, keys, column), *cells]) + " |")
+    if not rows:
+        return []
+    return [f"### {family} · {setting}: Δ per metric from start", "",
+            "Raw metric (not inverted), paired-bootstrap 95% interval over the same items.", "",
+            "| metric | " + " | ".join(key[2] for key in others) + " |", "|" + "|".join("---" for _ in range(len(others) + 1)) + "|",
+            *rows, ""]
 
 
 def matrix_markdown(board: Board) -> list[str]:
-    methods, settings, cells = matrix(board)
-    out = ["## Unified score: method × setting", "",
-           "| method | " + " | ".join(settings) + " |", "|" + "|".join("---" for _ in range(len(settings) + 1)) + "|"]
-    for method in methods:
-        values = [cells.get((method, s)) for s in settings]
-        out.append(f"| {method} | " + " | ".join("—" if v is None else f"{v:.4f}" for v in values) + " |")
+    labels, settings, cells = matrix(board)
+    out = ["## Unified score: variant × setting", "",
+           "| variant | " + " | ".join(settings) + " |", "|" + "|".join("---" for _ in range(len(settings) + 1)) + "|"]
+    for label in labels:
+        values = [cells.get((label, s)) for s in settings]
+        out.append(f"| {label} | " + " | ".join("—" if v is None else f"{v:.4f}" for v in values) + " |")
     return out + [""]
 
 
@@ -329,15 +176,12 @@ def latex(board: Board) -> str:
     """booktabs tables per (family, setting) of the headline metrics (breakdowns are in the CSV); the best value of
     each metric column in bold."""
     metrics = board.metric_names(breakdowns=False)
-    groups: dict[tuple, list[tuple]] = {}
-    for key in board.keys:
-        groups.setdefault(key[:2], []).append(key)
     out = ["% Generated by align-harness leaderboard; needs \\usepackage{booktabs}"]
-    for (family, setting), keys in groups.items():
+    for (family, setting), keys in board.groups().items():
         columns = ["unified", *metrics]
         out += ["\\begin{table}[t]", "\\centering", f"\\caption{{{escape_latex(family)} · {escape_latex(setting)}: "
                 "value $\\pm$ standard error; best in bold.}}", "\\begin{tabular}{l" + "r" * len(columns) + "}",
-                "\\toprule", "Method & " + " & ".join(escape_latex(c) for c in columns) + " \\\\", "\\midrule"]
+                "\\toprule", "Variant & " + " & ".join(escape_latex(c) for c in columns) + " \\\\", "\\midrule"]
         best: dict[str, float] = {}
         for column in columns:
             values = []
@@ -363,8 +207,8 @@ def latex(board: Board) -> str:
                     cells.append("--")
                     continue
                 text = f"{value:.3f}" + (f" $\\pm$ {stderr:.3f}" if stderr is not None else "")
-                signed = value if higher else -value
-                cells.append(f"\\textbf{{{text}}}" if column in best and abs(signed - best[column]) < 1e-12 else text)
+                oriented = value if higher else -value
+                cells.append(f"\\textbf{{{text}}}" if column in best and abs(oriented - best[column]) < 1e-12 else text)
             out.append(" & ".join(cells) + " \\\\")
         out += ["\\bottomrule", "\\end{tabular}", "\\end{table}", ""]
     return "\n".join(out)
@@ -382,42 +226,35 @@ def csv_text(board: Board) -> str:
     return pd.DataFrame(table_rows(board)).to_csv(index=False, float_format="%.6g")
 
 
-def compare(board: Board, method_a: str, method_b: str) -> list[dict]:
-    """Paired-bootstrap differences ``method_a − method_b`` per task, in every (family, setting) with both."""
-    rows = []
-    for key in board.keys:
-        if key[2] != method_a:
-            continue
-        other = (key[0], key[1], method_b)
-        if other not in board.keys:
-            continue
-        for task in board.tasks:
-            difference = board.paired_difference(key, other, task)
-            rows.append({"family": key[0], "setting": key[1], "task": task, **(difference or {})})
-    if not rows:
-        methods = sorted({k[2] for k in board.keys})
-        raise HarnessError(f"no setting has both {method_a!r} and {method_b!r}; methods here: {', '.join(methods)}")
-    return rows
-
-
-def compare_text(rows: list[dict], method_a: str, method_b: str) -> str:
-    lines = [f"{method_a} − {method_b}: task-score difference on the same items, paired bootstrap 95% interval",
-             f"{'family':<16} {'setting':<10} {'task':<22} {'difference':>11} {'95% interval':>20} {'items':>6}"]
+# ---------------------------------------------------------------------------------------------
+# --compare
+def compare_text(rows: list[dict]) -> str:
+    """The rows of ``compare`` as one table per (family, setting, pair)."""
+    lines = [f"A − B: mean paired difference over the same items, percentile-bootstrap 95% interval ({BOOTSTRAP_SAMPLES} "
+             "resamples). metric 'score': the task score (primary metrics mapped to [0, 1], higher better); 'unified': "
+             "the mean over tasks; other metrics raw."]
+    pairs: dict[tuple, list[dict]] = {}
     for row in rows:
-        if "difference" not in row:
-            lines.append(f"{row['family']:<16} {row['setting']:<10} {row['task']:<22} {'—':>11}")
-            continue
-        interval = f"[{row['low']:+.4f}, {row['high']:+.4f}]"
-        lines.append(f"{row['family']:<16} {row['setting']:<10} {row['task']:<22} {row['difference']:>+11.4f} "
-                     f"{interval:>20} {row['items']:>6}")
+        pairs.setdefault((row["family"], row["setting"], row["a"], row["b"]), []).append(row)
+    for (family, setting, a, b), members in pairs.items():
+        names = [row["metric"] + ("" if row.get("higher_is_better") is None else
+                                  f" ({'higher' if row['higher_is_better'] else 'lower'} better)") for row in members]
+        task_width = max(4, *(len(row["task"]) for row in members))
+        metric_width = max(6, *(len(name) for name in names))
+        lines += ["", f"{a} − {b} · {family} · {setting}",
+                  f"  {'task':<{task_width}}  {'metric':<{metric_width}}  {'difference':>10}  {'95% interval':>18}  {'items':>5}"]
+        for row, name in zip(members, names):
+            prefix = f"  {row['task']:<{task_width}}  {name:<{metric_width}}  "
+            if "difference" not in row:
+                lines.append(prefix + f"{'—':>10}  {row.get('note', '')}")
+                continue
+            interval = f"[{signed(row['low'], 4)}, {signed(row['high'], 4)}]"
+            lines.append(prefix + f"{signed(row['difference'], 4):>10}  {interval:>18}  {row['items']:>5}")
     return "\n".join(lines)
 
 
 def build_leaderboard(folder: Path) -> dict[str, Path]:
     """Rebuild every leaderboard file of a results folder from its records."""
-    from harness.report.plots import write_plots
-    from harness.report.html import html_page
-
     folder = Path(folder)
     if not folder.is_dir():
         raise HarnessError(f"{folder} is not a folder; pass a results folder, e.g. results/<sweep>")

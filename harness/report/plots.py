@@ -1,10 +1,12 @@
-"""Leaderboard plots (PNG and SVG): per-task bars with ± standard-error whiskers, the method ×
+"""Leaderboard plots (PNG and SVG): per-task bars with ± standard-error whiskers, the variant ×
 setting heatmap of the unified score, win rate against mean output length, and training curves."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from harness.report.board import matrix
 
 CURVE_PANELS = [
     # (log key, panel title): what TRL trainers log per step
@@ -55,8 +57,8 @@ def task_bars(board, folder: Path) -> Path:
     width = max(4.5, 0.5 * len(keys) + 2)
     figure, axes = plt.subplots(len(columns), 1, figsize=(width, 2.6 * len(columns)), squeeze=False)
     labels = [f"{k[1]}\n{k[2]}" for k in keys]
-    methods = list(dict.fromkeys(k[2] for k in keys if k[2] != "start"))
-    colors = ["#9a9a9a" if k[2] == "start" else f"C{methods.index(k[2]) % 10}" for k in keys]
+    variants = list(dict.fromkeys(k[2] for k in keys if board.variants[k] != "start"))
+    colors = ["#9a9a9a" if board.variants[k] == "start" else f"C{variants.index(k[2]) % 10}" for k in keys]
     for axis, column in zip(axes[:, 0], columns):
         metrics = [board.metric(k, column) or {} for k in keys]
         values = [m.get("value") if m.get("value") is not None else float("nan") for m in metrics]
@@ -75,21 +77,19 @@ def heatmap(board, folder: Path) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from harness.report.leaderboard import matrix
-
-    methods, settings, cells = matrix(board)
-    values = np.array([[cells.get((m, s)) if cells.get((m, s)) is not None else np.nan for s in settings]
-                       for m in methods], dtype=float)
-    figure, axis = plt.subplots(figsize=(1.6 * len(settings) + 2.5, 0.45 * len(methods) + 1.5))
+    labels, settings, cells = matrix(board)
+    values = np.array([[cells.get((v, s)) if cells.get((v, s)) is not None else np.nan for s in settings]
+                       for v in labels], dtype=float)
+    figure, axis = plt.subplots(figsize=(1.6 * len(settings) + 2.5, 0.45 * len(labels) + 1.5))
     image = axis.imshow(values, cmap="viridis", aspect="auto")
     axis.set_xticks(range(len(settings)), settings, fontsize=8)
-    axis.set_yticks(range(len(methods)), methods, fontsize=8)
-    for i in range(len(methods)):
+    axis.set_yticks(range(len(labels)), labels, fontsize=8)
+    for i in range(len(labels)):
         for j in range(len(settings)):
             if not np.isnan(values[i, j]):
                 axis.text(j, i, f"{values[i, j]:.3f}", ha="center", va="center", fontsize=7, color="white")
     figure.colorbar(image, ax=axis, label="unified score")
-    axis.set_title("unified alignment score: method × setting", fontsize=9)
+    axis.set_title("unified alignment score: variant × setting", fontsize=9)
     figure.tight_layout()
     return _save(figure, folder, "heatmap")
 
@@ -127,7 +127,7 @@ def training_curves(board, folder: Path) -> Path | None:
     for key in board.keys:
         run_id = next((r["run_id"] for r in board.by_key(key)), None)
         path = board.folder / "curves" / f"{run_id}.jsonl"
-        if key[2] != "start" and path.exists():
+        if board.variants[key] != "start" and path.exists():
             entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
             runs.append((key, [e for e in entries if "loss" in e]))
     panels = [(k, t) for k, t in CURVE_PANELS if any(k in e for _, entries in runs for e in entries)]

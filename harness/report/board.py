@@ -1,0 +1,472 @@
+"""The board: a results folder's records grouped into rows, and the numbers every renderer shares.
+
+``harness.report.leaderboard`` (Markdown, CSV, LaTeX), ``harness.report.plots`` and ``harness.report.html``
+import this module; it imports none of them.
+
+**Record fields read here** beyond those of ``harness.records``, each with a fallback for older records:
+
+* ``variant`` — the row name: the method plus what differs from its defaults (``dpo``,
+  ``dpo[beta=0.05,pairs=64]``; ``start`` for the starting checkpoint). Without it: ``method``.
+* ``measurement_key`` — hash of how a task was measured (task, version, config, evaluation settings, judge):
+  equal keys were measured the same way. Without it: ``task_key`` (older records' task-config hash), so an
+  older record never counts as measured like a newer one.
+
+**Rows.** One row per (family, setting, variant). Two different ``run_id``\\ s under one variant label in one
+(family, setting) are two rows, labelled ``<variant>#<first 6 characters of run_id>`` (more characters if
+those collide). Of several records of one row and task, the newest counts: the later ``finished_at``, then
+the later in file order (a record without ``finished_at`` counts as older than one with it).
+
+**Comparable.** Two rows' records of a task are compared — a Δ, a paired bootstrap, ``--compare``, a rank —
+only when their ``measurement_key``\\ s are equal and their samples hold the same item ids; otherwise the
+difference says why in words (``not comparable: measured differently``, ``not comparable: items differ
+(32 vs 64)``) and carries no number.
+
+**Unified score.** Each task's *primary* metrics (the task config's ``primary_metrics``; by default every
+metric whose values lie in [0, 1] and whose name has no ``/`` breakdown) are mapped to [0, 1] with higher
+better — ``v`` when higher is better, ``1 − v`` otherwise (toxicity) —; a task's score is the mean of its
+mapped primary metrics; the unified score is the mean over the tasks the row was scored on.
+
+**Rank**, within a (family, setting): only rows scored on as many tasks as the most complete row and, on
+every task, comparable with the group's reference (the start row, or without one the first row scored on
+that task). Competition ranking ("1, 2, 2, 4"): rows sorted by unified score fall into one tie group while
+they are less than ``TIE_TOLERANCE`` below the group's best; a tie group shares the rank of its first row.
+``TIE_TOLERANCE`` = 1e-4 is far above float noise (merging, reordering, rounding: ≤ 1e-6) and below one
+item's weight in the unified score at the suite's full sizes (1 / (tasks × items) ≥ 1.9e-4 for four tasks
+of up to 1319 items), so a tie never hides a whole item; whether a larger gap is real is what the Δ
+intervals and ``--compare`` answer.
+
+**Intervals.** Every metric shows its standard error (from the record; for a metric in [0, 1] without one,
+from the per-item values of its samples). Differences — task score, every metric in [0, 1], the unified
+score — are means of per-item paired differences with a percentile bootstrap 95% interval
+(``BOOTSTRAP_SAMPLES`` resamples of the items; for the unified score, items resampled within each task).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+from harness.errors import HarnessError
+from harness.records import latest_records, read_records
+
+BOOTSTRAP_SAMPLES = 1000   # resamples of the items for paired intervals
+BOOTSTRAP_SEED = 0
+BOOTSTRAP_CHUNK = 250      # resamples drawn at once (memory: chunk × items integers)
+TIE_TOLERANCE = 1e-4       # unified scores closer than this to their tie group's best share its rank (see above)
+RUN_ID_CHARS = 6           # run_id characters appended to a variant label shared by several runs
+START = "start"            # the starting checkpoint's variant (and method)
+CONSUMED_COLUMNS = [
+    # (record key, column title)
+    ("optimizer_steps", "steps"),
+    ("pairs", "pairs"),
+    ("policy_tokens", "policy tokens"),
+    ("reference_tokens", "ref tokens"),
+    ("generation_tokens", "gen tokens"),  # sampled by online methods (prompt + completion), inside FLOPs
+    ("flops", "FLOPs"),
+    ("match_ratio", "match ratio"),        # budget.match=tokens|flops: consumed / the pair methods' target
+    ("wall_seconds", "train s"),
+    ("peak_memory_mib", "peak MiB"),
+]
+SETTING_ORDER = {"pretrained": 0, "sft": 1, "instruct": 2}
+
+
+# ---------------------------------------------------------------------------------------------
+# record fields
+def variant_of(record: dict) -> str:
+    """The record's row name; records written before ``variant`` existed fall back to their method."""
+    return record.get("variant") or record["method"]
+
+
+def measurement_key_of(record: dict) -> str:
+    """How the record's task was measured; records written before ``measurement_key`` existed fall back to
+    their ``task_key`` (then the task-config hash)."""
+    return record.get("measurement_key") or record["task_key"]
+
+
+def primary_metrics(record: dict) -> list[str]:
+    configured = (record.get("task_config") or {}).get("primary_metrics")
+    if configured:
+        return [m for m in configured if m in (record.get("metrics") or {})]
+    return [name for name, m in (record.get("metrics") or {}).items()
+            if "/" not in name and m.get("value") is not None and 0.0 <= m["value"] <= 1.0]
+
+
+def mapped(value: float, higher_is_better: bool) -> float:
+    return value if higher_is_better else 1.0 - value
+
+
+def bounded(value) -> bool:
+    """A value in [0, 1]: a share or a rate, which gets an interval wherever it appears."""
+    return value is not None and 0.0 <= value <= 1.0
+
+
+def standard_error(values: list[float]) -> float | None:
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def newer_first_order(records: list[dict]) -> list[dict]:
+    """Records oldest first: by ``finished_at`` (none counts as oldest), then file order."""
+    return [r for _, r in sorted(enumerate(records), key=lambda pair: (str(pair[1].get("finished_at") or ""), pair[0]))]
+
+
+def row_labels(records: list[dict]) -> dict[str, tuple[str, str]]:
+    """run_id → (variant, row label). The variant is that of the run's newest record; the label is the variant,
+    with ``#<run_id prefix>`` when one (family, setting, variant) holds several run_ids (two runs under one label
+    never merge into one row)."""
+    variants = {r["run_id"]: variant_of(r) for r in newer_first_order(records)}
+    runs: dict[tuple, list[str]] = {}
+    for record in records:
+        group = runs.setdefault((record.get("family"), record["setting"], variants[record["run_id"]]), [])
+        if record["run_id"] not in group:
+            group.append(record["run_id"])
+    labels = {}
+    for (_, _, variant), run_ids in runs.items():
+        if len(run_ids) == 1:
+            labels[run_ids[0]] = (variant, variant)
+            continue
+        length = RUN_ID_CHARS
+        while len({run_id[:length] for run_id in run_ids}) < len(run_ids):
+            length += 1
+        labels.update({run_id: (variant, f"{variant}#{run_id[:length]}") for run_id in run_ids})
+    return labels
+
+
+def read_published(folder: Path) -> list[dict]:
+    path = Path(folder) / "published.json"
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+# ---------------------------------------------------------------------------------------------
+# the board
+class Board:
+    """The records of a folder as rows: key = (family, setting, row label), one record per (row, task)."""
+
+    def __init__(self, folder: Path, records: list[dict] | None = None, published: list[dict] | None = None):
+        self.folder = Path(folder)
+        all_records = read_records(self.folder) if records is None else records
+        self.record_count = len(all_records)
+        self.records = latest_records(all_records)           # newest per (run_id, task_key)
+        self.published = published if published is not None else read_published(self.folder)
+        labels = row_labels(self.records)
+        self.rows: dict[tuple, dict[str, dict]] = {}           # key → task → the newest record
+        first_seen: dict[tuple, int] = {}
+        for index, record in enumerate(self.records):
+            first_seen.setdefault(self.key_of(record, labels), index)
+        for record in newer_first_order(self.records):
+            self.rows.setdefault(self.key_of(record, labels), {})[record["task"]] = record
+        self.variants = {self.key_of(r, labels): labels[r["run_id"]][0] for r in self.records}
+        self.methods = {self.key_of(r, labels): r["method"] for r in self.records}
+        self.keys = sorted(self.rows, key=lambda k: (str(k[0]), SETTING_ORDER.get(k[1], 9), k[1],
+                                                     self.variants[k] != START, first_seen[k]))
+        self.tasks = list(dict.fromkeys(r["task"] for r in self.records))
+        self._samples: dict[tuple, list[dict]] = {}
+
+    @staticmethod
+    def key_of(record: dict, labels: dict[str, tuple[str, str]]) -> tuple:
+        return (record.get("family"), record["setting"], labels[record["run_id"]][1])
+
+    def groups(self) -> dict[tuple, list[tuple]]:
+        """(family, setting) → its row keys, the start row first."""
+        out: dict[tuple, list[tuple]] = {}
+        for key in self.keys:
+            out.setdefault(key[:2], []).append(key)
+        return out
+
+    def start_key(self, key: tuple) -> tuple | None:
+        """The start row of ``key``'s (family, setting), when there is exactly one."""
+        starts = [k for k in self.keys if k[:2] == key[:2] and self.variants[k] == START]
+        return starts[0] if len(starts) == 1 else None
+
+    def by_key(self, key: tuple) -> list[dict]:
+        return list(self.rows.get(key, {}).values())
+
+    def record(self, key: tuple, task: str, *, ok: bool = True) -> dict | None:
+        record = self.rows.get(key, {}).get(task)
+        return record if record and (not ok or record["status"] == "ok") else None
+
+    def metric_names(self, *, breakdowns: bool = True) -> list[str]:
+        """``task/metric`` columns in task order; without ``breakdowns``, only headline metrics (a breakdown is a
+        metric name with a ``/`` of its own, e.g. toxicity's ``toxic_share/group=women``)."""
+        names = []
+        for task in self.tasks:
+            for key in self.keys:
+                record = self.record(key, task, ok=False)
+                if record:
+                    names += [f"{task}/{m}" for m in record.get("metrics") or {} if breakdowns or "/" not in m]
+        return list(dict.fromkeys(names))
+
+    def bounded_metric_names(self) -> list[str]:
+        """``task/metric`` columns whose every value lies in [0, 1]: each gets a Δ with an interval."""
+        out = []
+        for column in self.metric_names():
+            values = [m.get("value") for m in (self.metric(k, column, fill=False) for k in self.keys) if m]
+            if values and all(bounded(v) for v in values):
+                out.append(column)
+        return out
+
+    def status(self, key: tuple) -> tuple[str, str]:
+        bad = [r for r in self.by_key(key) if r["status"] != "ok"]
+        return (bad[0]["status"], bad[0].get("reason") or "") if bad else ("ok", "")
+
+    def metric(self, key: tuple, column: str, *, fill: bool = True) -> dict | None:
+        """``{value, stderr, higher_is_better}``; a metric in [0, 1] without a standard error gets one from the
+        per-item values of its samples (``fill``)."""
+        task, name = column.split("/", 1)
+        record = self.record(key, task)
+        metric = (record.get("metrics") or {}).get(name) if record else None
+        if fill and metric and metric.get("stderr") is None and bounded(metric.get("value")):
+            stderr = standard_error(list(self.item_scores(key, task, name).values()))
+            if stderr is not None:
+                metric = {**metric, "stderr": stderr}
+        return metric
+
+    def consumed(self, key: tuple) -> dict:
+        for record in self.by_key(key):
+            if record.get("consumed"):
+                return record["consumed"]
+        return {}
+
+    def run_id(self, key: tuple) -> str | None:
+        return next((r["run_id"] for r in self.by_key(key)), None)
+
+    def task_score(self, key: tuple, task: str) -> float | None:
+        record = self.record(key, task)
+        names = primary_metrics(record) if record else []
+        if not names:
+            return None
+        return sum(mapped(record["metrics"][n]["value"], record["metrics"][n]["higher_is_better"]) for n in names) / len(names)
+
+    def unified(self, key: tuple) -> tuple[float | None, int]:
+        scores = [s for s in (self.task_score(key, t) for t in self.tasks) if s is not None]
+        return (sum(scores) / len(scores) if scores else None), len(scores)
+
+    # ranks ----------------------------------------------------------------------------------
+    def reference(self, members: list[tuple], task: str) -> tuple | None:
+        """The row a group's rows must be comparable with on ``task`` to be ranked: the start row, or the first
+        row scored on the task."""
+        start = next((k for k in members if self.variants[k] == START and self.task_score(k, task) is not None), None)
+        return start or next((k for k in members if self.task_score(k, task) is not None), None)
+
+    def ranks(self) -> dict[tuple, int | None]:
+        """Competition ranks per (family, setting), ties within ``TIE_TOLERANCE`` sharing one (module docstring)."""
+        out: dict[tuple, int | None] = {}
+        for members in self.groups().values():
+            complete = max(self.unified(k)[1] for k in members)
+            references = {t: self.reference(members, t) for t in self.tasks}
+            ranked = [k for k in members if self.unified(k)[0] is not None and self.unified(k)[1] == complete
+                      and all(self.incomparability(k, references[t], t) is None
+                              for t in self.tasks if self.task_score(k, t) is not None)]
+            ranked.sort(key=lambda k: -self.unified(k)[0])
+            rank, best = 0, None
+            for position, key in enumerate(ranked, start=1):
+                score = self.unified(key)[0]
+                if best is None or best - score >= TIE_TOLERANCE:
+                    rank, best = position, score
+                out[key] = rank
+            for key in members:
+                out.setdefault(key, None)
+        return out
+
+    # per-item scores and paired differences -------------------------------------------------
+    def samples(self, key: tuple, task: str) -> list[dict]:
+        """The samples of the row's record of ``task`` (those with an ``item_id``)."""
+        if (key, task) not in self._samples:
+            record = self.record(key, task)
+            path = self.folder / (record.get("samples_file") or "") if record else None
+            samples = []
+            if record and record.get("samples_file") and path.exists():
+                samples = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            self._samples[(key, task)] = [s for s in samples if "item_id" in s]
+        return self._samples[(key, task)]
+
+    def item_scores(self, key: tuple, task: str, metric: str | None = None) -> dict[str, float]:
+        """Per item: ``metric``'s value, or (no ``metric``) the mean of the task's mapped primary metrics."""
+        record = self.record(key, task)
+        if not record:
+            return {}
+        if metric is not None:
+            return {str(s["item_id"]): float(s["scores"][metric]) for s in self.samples(key, task)
+                    if (s.get("scores") or {}).get(metric) is not None}
+        wanted = {n: record["metrics"][n]["higher_is_better"] for n in primary_metrics(record)}
+        out = {}
+        for sample in self.samples(key, task):
+            values = [mapped(float(v), wanted[n]) for n, v in (sample.get("scores") or {}).items()
+                      if n in wanted and v is not None]
+            if values:
+                out[str(sample["item_id"])] = sum(values) / len(values)
+        return out
+
+    def incomparability(self, key: tuple, other: tuple | None, task: str, metric: str | None = None) -> str | None:
+        """Why the two rows' records of ``task`` cannot be compared, in words; None when they can (the items are
+        checked where both rows have per-item scores)."""
+        a, b = self.record(key, task), self.record(other, task) if other else None
+        if not a or not b:
+            return None
+        if measurement_key_of(a) != measurement_key_of(b):
+            return "measured differently"
+        items_a, items_b = set(self.item_scores(key, task, metric)), set(self.item_scores(other, task, metric))
+        if items_a and items_b and items_a != items_b:
+            shared = "" if len(items_a) != len(items_b) else f", {len(items_a & items_b)} shared"
+            return f"items differ ({len(items_a)} vs {len(items_b)}{shared})"
+        return None
+
+    def paired_difference(self, key: tuple, other: tuple, task: str, metric: str | None = None) -> dict | None:
+        """``key − other`` on ``task``'s score (or on ``metric``) over the same items: ``{difference, low, high,
+        items}``; ``{note}`` when not comparable; None when either row lacks the record or per-item scores."""
+        a, b = self.record(key, task), self.record(other, task)
+        if not a or not b or (metric is not None and not (metric in (a.get("metrics") or {}) and metric in (b.get("metrics") or {}))):
+            return None
+        reason = self.incomparability(key, other, task, metric)
+        if reason:
+            return {"note": f"not comparable: {reason}"}
+        return paired_bootstrap(self.item_scores(key, task, metric), self.item_scores(other, task, metric))
+
+    def unified_difference(self, key: tuple, other: tuple) -> dict | None:
+        """``key − other`` on the unified score: per task the paired item differences, items resampled within
+        each task; only over tasks both rows were scored on, all comparable."""
+        tasks = [t for t in self.tasks if self.task_score(key, t) is not None or self.task_score(other, t) is not None]
+        if any(self.task_score(key, t) is None or self.task_score(other, t) is None for t in tasks):
+            return {"note": "not comparable: scored on different tasks"}
+        for task in tasks:
+            reason = self.incomparability(key, other, task)
+            if reason:
+                return {"note": f"not comparable: {task} {reason}"}
+        strata = [(self.item_scores(key, t), self.item_scores(other, t)) for t in tasks]
+        if not strata or not all(a and b for a, b in strata):
+            return None
+        return paired_bootstrap(*itertools.chain.from_iterable(strata))
+
+    def pair_differences(self, key: tuple, other: tuple) -> list[dict]:
+        """Every difference ``key − other``: the unified score, each task's score, each metric (breakdowns
+        included); one dict each, ``task``, ``metric`` and the difference or a ``note``."""
+        for row in (key, other):
+            if self.unified(row)[0] is None:
+                return [{"task": "unified", "metric": "score", "note": f"{row[2]} has no scores ({self.status(row)[0]})"}]
+        out = [{"task": "unified", "metric": "score", **(self.unified_difference(key, other) or {"note": "no per-item scores"})}]
+        for task in self.tasks:
+            a, b = self.record(key, task), self.record(other, task)
+            if not a and not b:
+                continue
+            if not a or not b:
+                out.append({"task": task, "metric": "score", "note": "not scored by both"})
+                continue
+            out.append({"task": task, "metric": "score",
+                        **(self.paired_difference(key, other, task) or {"note": "no per-item scores"})})
+            metrics_a, metrics_b = a.get("metrics") or {}, b.get("metrics") or {}
+            for name in dict.fromkeys([*metrics_a, *metrics_b]):
+                higher = (metrics_a.get(name) or metrics_b.get(name) or {}).get("higher_is_better")
+                difference = self.paired_difference(key, other, task, name)
+                if difference is None:
+                    difference = {"note": "no per-item scores" if name in metrics_a and name in metrics_b
+                                  else "not reported by both"}
+                out.append({"task": task, "metric": name, "higher_is_better": higher, **difference})
+        return out
+
+
+def paired_bootstrap(*strata: dict[str, float], samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED) -> dict | None:
+    """Mean of a − b over the items both have, with a percentile 95% interval from resampling items.
+
+    ``paired_bootstrap(a, b)``; with more pairs ``paired_bootstrap(a1, b1, a2, b2, ...)`` the statistic is the
+    mean over the pairs (tasks) of each pair's mean difference, items resampled within each pair.
+    """
+    import numpy as np
+
+    differences = []
+    for a, b in zip(strata[0::2], strata[1::2]):
+        items = sorted(set(a) & set(b))
+        if not items:
+            return None
+        differences.append(np.array([a[i] - b[i] for i in items], dtype=float))
+    if not differences:
+        return None
+    generator = np.random.default_rng(seed)
+    means = np.zeros(samples)
+    for values in differences:
+        n = len(values)
+        for first in range(0, samples, BOOTSTRAP_CHUNK):
+            count = min(BOOTSTRAP_CHUNK, samples - first)
+            means[first:first + count] += values[generator.integers(0, n, size=(count, n))].mean(axis=1)
+    means = np.sort(means / len(differences))
+    low, high = means[int(0.025 * samples)], means[min(samples - 1, int(math.ceil(0.975 * samples)) - 1)]
+    mean = sum(float(values.sum()) / len(values) for values in differences) / len(differences)
+    return {"difference": mean, "low": float(low), "high": float(high), "items": sum(len(v) for v in differences)}
+
+
+# ---------------------------------------------------------------------------------------------
+# comparisons between named rows (``align-harness leaderboard --compare``)
+def compare(board: Board, *names: str) -> list[dict]:
+    """Paired-bootstrap differences A − B of every metric for every pair of the named rows within each
+    (family, setting). A name is a row label, a variant or a method (all its variants); pairs follow the names'
+    order. With no names, every pair of rows (the start row last, so a difference reads "variant − start")."""
+    known = {name: [k for k in board.keys if name in (k[2], board.variants[k], board.methods[k])] for name in names}
+    unknown = [name for name, keys in known.items() if not keys]
+    if unknown:
+        raise HarnessError(f"no variant or method {unknown[0]!r} in {board.folder}; variants here: "
+                           f"{', '.join(dict.fromkeys(k[2] for k in board.keys))}")
+    rows = []
+    for (family, setting), members in board.groups().items():
+        if names:
+            chosen = list(dict.fromkeys(k for name in names for k in known[name] if k in members))
+        else:
+            chosen = [k for k in members if board.variants[k] != START] + [k for k in members if board.variants[k] == START]
+        for key, other in itertools.combinations(chosen, 2):
+            rows += [{"family": family, "setting": setting, "a": key[2], "b": other[2], **difference}
+                     for difference in board.pair_differences(key, other)]
+    if not rows:
+        raise HarnessError(f"no (family, setting) holds two of {', '.join(map(repr, names))}; name two or more "
+                           "variants of one setting, or none for every pair")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# what the tables show
+def table_rows(board: Board) -> list[dict]:
+    """Everything the tables show, one dict per (family, setting, variant), unrounded. A difference from the
+    start row that is not comparable has no numbers and its reason in ``<column> note``."""
+    ranks = board.ranks()
+    bounded_metrics = board.bounded_metric_names()
+    rows = []
+    for key in board.keys:
+        family, setting, label = key
+        unified, tasks_scored = board.unified(key)
+        status, reason = board.status(key)
+        row = {"family": family, "setting": setting, "method": board.methods[key], "variant": label,
+               "unified_score": unified, "rank": ranks.get(key), "tasks_scored": tasks_scored}
+        for column in board.metric_names():
+            metric = board.metric(key, column)
+            row[column] = metric.get("value") if metric else None
+            row[column + " stderr"] = metric.get("stderr") if metric else None
+        start = board.start_key(key)
+        compared = start is not None and start != key
+        for task in board.tasks:
+            add_difference(row, f"delta {task}", board.paired_difference(key, start, task) if compared else None)
+        for column in bounded_metrics:
+            task, name = column.split("/", 1)
+            add_difference(row, f"delta {column}", board.paired_difference(key, start, task, name) if compared else None)
+        consumed = board.consumed(key)
+        for name, _ in CONSUMED_COLUMNS:
+            row[name] = consumed.get(name)
+        row["status"], row["reason"] = status, reason
+        rows.append(row)
+    return rows
+
+
+def add_difference(row: dict, column: str, difference: dict | None) -> None:
+    difference = difference or {}
+    row[column] = difference.get("difference")
+    for part in ("low", "high", "items", "note"):
+        row[f"{column} {part}"] = difference.get(part)
+
+
+def matrix(board: Board) -> tuple[list[str], list[str], dict[tuple, float | None]]:
+    """Row labels, ``family · setting`` columns, and the unified score of each (label, column)."""
+    labels = list(dict.fromkeys(k[2] for k in board.keys))
+    settings = list(dict.fromkeys(f"{k[0]} · {k[1]}" for k in board.keys))
+    cells = {(k[2], f"{k[0]} · {k[1]}"): board.unified(k)[0] for k in board.keys}
+    return labels, settings, cells
