@@ -160,6 +160,9 @@ def test_records_carry_spec_variant_and_score_key_and_a_changed_subset_rescores(
     assert example.returncode == 0, example.stderr[-3000:]
     variants = {r["variant"] for r in read_records(tmp_path / "t")}
     assert variants == {"start", "dpo", "dpo[beta=0.05,pairs=8]", "kto[pairs=8]"}
+    table = (tmp_path / "t" / "leaderboard.md").read_text()
+    for variant in variants:  # one row each in the setting's table
+        assert f"| {variant} |" in table, variant
 
 
 def test_records_from_before_keep_their_run_ids():
