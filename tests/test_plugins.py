@@ -129,12 +129,12 @@ def clean_registry():
     import methods
     import tasks
 
-    saved = (list(registry._plugins), list(methods.__path__), list(tasks.__path__), list(sys.path), set(sys.modules))
+    saved = (list(registry._plugins), list(methods.__path__), list(tasks.__path__), list(sys.path))
     yield
     registry._plugins[:] = saved[0]
     methods.__path__[:], tasks.__path__[:], sys.path[:] = saved[1], saved[2], saved[3]
-    for name in set(sys.modules) - saved[4]:
-        del sys.modules[name]
+    for name in ("methods.my_dpo", "tasks.my_task"):
+        sys.modules.pop(name, None)
 
 
 def test_activation_is_idempotent_and_reaches_every_group(tmp_path, clean_registry):
