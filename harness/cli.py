@@ -53,6 +53,7 @@ def sweep_main(argv: list[str]) -> None:
 
     argv = expand_shorthands(argv)
     try:
+        argv = with_plugins(argv)
         check_group_choices(argv)
     except HarnessError as error:
         _fail(str(error))
@@ -74,6 +75,42 @@ def expand_shorthands(argv: list[str]) -> list[str]:
             argument = f"{key}s=" + ",".join(f"[{name}]" for name in value.split(","))
         out.append(argument)
     return out
+
+
+def with_plugins(argv: list[str]) -> list[str]:
+    """Activate the folders of ``plugins=[...]`` and put their ``conf/`` on Hydra's search path.
+
+    Hydra composes before the sweep runs, so a plugin's config groups (``budget=<a plugin's budget>``) must be on
+    ``hydra.searchpath`` already; the folders are read from the command line here. A ``hydra.searchpath`` override
+    given too is kept, the plugins' folders after its entries. Under ``-m``, ``plugins=[a],[b]`` searches both.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from harness.run.registry import activate_plugins
+
+    parser = OverridesParser.create()
+    folders, searchpath, rest = [], [], []
+    for argument in argv:
+        override = None
+        if "=" in argument and not argument.startswith("-"):
+            try:
+                override = parser.parse_override(argument)
+            except Exception:  # Hydra reports malformed overrides itself
+                pass
+        if override is not None and override.key_or_group == "plugins" and not override.is_delete():
+            values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
+            for value in values:
+                folders.extend([value] if isinstance(value, str) else value or [])
+        if override is not None and override.key_or_group == "hydra.searchpath":
+            searchpath.extend(override.value() or [])
+            continue
+        rest.append(argument)
+    plugins = activate_plugins(folders)
+    searchpath.extend(f"file://{folder / 'conf'}" for folder in dict.fromkeys(plugins) if (folder / "conf").is_dir())
+    if not searchpath:
+        return rest
+    quoted = ",".join("'" + entry.replace("\\", "\\\\").replace("'", "\\'") + "'" for entry in searchpath)
+    return [*rest, f"hydra.searchpath=[{quoted}]"]
 
 
 def check_group_choices(argv: list[str]) -> None:

@@ -1,5 +1,6 @@
 """The real ``align-harness`` entry point end to end on ``tiny-random`` (fast) and on the embedded
-model (slow): training, scoring, records, resume, bad input, and adding a method in two files."""
+model (slow): training, scoring, records, resume, bad input. Adding a method or a task in two files, from a
+folder outside the repository: ``test_plugins.py``."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -130,55 +130,6 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path, cache_dir):
     assert by_method["dpo"]["status"] == "failed" and "logs/" in by_method["dpo"]["reason"]
     assert by_method["kto"]["status"] == "ok" and by_method["start"]["status"] == "ok"
     assert "failed" in (tmp_path / "t" / "leaderboard.md").read_text()
-
-
-THROWAWAY_METHOD = '''
-"""A throwaway method for the registry test: one SGD step of SFT loss, by hand."""
-from harness.protocols import TrainingJob, TrainingOutcome
-
-
-class Throwaway:
-    data_view = "sft"
-    reference_based = False
-
-    def __init__(self, name="zz_throwaway", learning_rate=1e-3):
-        self.name, self.learning_rate = name, learning_rate
-
-    def hyperparameters(self):
-        return {"learning_rate": self.learning_rate}
-
-    def train(self, job: TrainingJob) -> TrainingOutcome:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(job.start_checkpoint)
-        model = AutoModelForCausalLM.from_pretrained(job.start_checkpoint)
-        text = job.data["train"][0]["completion"]
-        batch = tokenizer(text, return_tensors="pt")
-        loss = model(**batch, labels=batch["input_ids"]).loss
-        loss.backward()
-        torch.optim.SGD(model.parameters(), lr=self.learning_rate).step()
-        model.save_pretrained(job.output_dir)
-        tokenizer.save_pretrained(job.output_dir)
-        tokens = batch["input_ids"].numel()
-        return TrainingOutcome(optimizer_steps=1, examples=1, pairs=1, policy_tokens=tokens, reference_tokens=0,
-                               curves=[{"step": 1, "loss": loss.item()}])
-'''
-
-
-def test_adding_a_method_touches_only_its_two_files(tmp_path, cache_dir):
-    code, config = REPO / "methods" / "zz_throwaway.py", REPO / "conf" / "method" / "zz_throwaway.yaml"
-    try:
-        code.write_text(textwrap.dedent(THROWAWAY_METHOD))
-        config.write_text("_target_: methods.zz_throwaway.Throwaway\nname: zz_throwaway\nlearning_rate: 0.001\n")
-        result = run_cli(*sweep_args(tmp_path, "settings=[instruct]", "methods=[zz_throwaway]", "include_start=false"),
-                         cache=cache_dir)
-    finally:
-        code.unlink(missing_ok=True)
-        config.unlink(missing_ok=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    [record] = read_records(tmp_path / "t")
-    assert record["method"] == "zz_throwaway" and record["status"] == "ok"
-    assert record["consumed"]["optimizer_steps"] == 1 and record["consumed"]["policy_tokens"] > 0
 
 
 def test_method_and_task_shorthands(tmp_path, cache_dir):

@@ -532,4 +532,5 @@ def _failure(error: Exception, results: Path, run_id: str) -> str:
 
 
 def run_sweep(cfg: DictConfig) -> Path:
+    registry.activate_plugins(cfg.get("plugins"))  # again here: a multirun job may run in a process of its own
     return Sweep(cfg).run()
