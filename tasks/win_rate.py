@@ -23,15 +23,17 @@ Metrics (per-item scores in each sample's ``scores``; each value is the mean of 
 
 * ``win_rate`` — share of items whose output the judge prefers, a draw counting half; a judgment is
   a draw when |p − 0.5| ≤ ``draw_margin``. ± standard error as AlpacaEval (ddof = 1).
-* ``length_controlled_win_rate`` — AlpacaEval 2's length debiasing (Dubois et al. 2024,
-  arXiv:2404.04475), simplified: a logistic regression of the item score y ∈ {0, ½, 1} on
-  tanh(Δ / sd(Δ)), Δ = output chars − reference chars, fitted with soft labels; the controlled win
-  rate is its prediction at Δ = 0, σ(intercept). AlpacaEval's GLM also has a per-instruction
-  difficulty term (precomputed on its hub data, not in the mirror) and regularizes towards "gamed"
-  baseline models; both are left out, and the slope's L2 strength is fixed (C = 1) instead of
-  cross-validated. Per item the score is y − ŷ + σ(intercept), whose mean is
-  σ(intercept) (the unpenalized intercept's normal equation); its standard error treats the fitted
-  slope as fixed. It is a large-sample correction: on a few dozen items it is mostly noise.
+* ``length_controlled_win_rate`` — AlpacaEval 2's length-controlled win rate (Dubois et al. 2024,
+  arXiv:2404.04475) with its ``length_controlled_minimal`` GLM, the variant without the instruction-difficulty
+  term (precomputed on AlpacaEval's hub data, not in the mirror) and without the regularization towards "gamed"
+  baselines of the default ``length_controlled_v1``: logit P(win) = θ + φ·tanh(Δ / sd(Δ)), Δ = reference chars
+  − output chars, fitted to the item scores as soft labels by L1-penalized logistic regression (liblinear,
+  θ penalized too, C cross-validated over 5 item folds) exactly as ``alpaca_eval/metrics/glm_winrate.py``;
+  the rate is σ(θ), the prediction at equal lengths (``length_controlled_fit`` has the recipe). Per item the
+  score is σ(θ) + (y − mean y) − (ŷ − mean ŷ), whose mean is σ(θ); its standard error treats θ and φ as fixed.
+  Fewer than 5 items, no length variation or one score for every item: nothing is fitted and the raw scores
+  are kept. On a few dozen items cross-validation often picks the smallest C, where θ = φ = 0 and the rate is
+  exactly 0.5: it is a large-sample correction. ``details.length_control`` records θ, φ and C.
 * ``mean_output_chars`` / ``mean_reference_chars`` — mean lengths in characters (AlpacaEval's unit);
   ``higher_is_better: false`` only so that the leaderboard never rewards verbosity; not primary.
 * ``position_consistency`` — share of judged items where both presentation orders name the same
@@ -40,9 +42,14 @@ Metrics (per-item scores in each sample's ``scores``; each value is the mean of 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import sys
 import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import HarnessError, SkipRun
@@ -53,8 +60,11 @@ from harness.identity import config_hash
 from harness.evaluate.task_support import limit_fits, whole_number
 
 REFERENCES = ("start", "davinci003")
-LENGTH_CONTROL_C = 1.0  # inverse L2 strength on the length slope: scikit-learn's default C (AlpacaEval picks C by
-                        # 5-fold CV over 805 items; with the few items here a weak penalty lets two points swing it)
+# AlpacaEval's length_controlled_minimal fit (length_controlled_fit): cross-validation folds, size of the C grid
+# (log-spaced 1e-4..1e4, LogisticRegressionCV's default) and liblinear's seed, as alpaca_eval/metrics/glm_winrate.py
+LENGTH_CONTROL_FOLDS = 5
+LENGTH_CONTROL_CS = 10
+LENGTH_CONTROL_SEED = 123
 
 
 class WinRate:
@@ -63,7 +73,7 @@ class WinRate:
     def __init__(
         self,
         name: str = "win_rate",
-        version: str = "1",
+        version: str = "2",
         limit: int | None = 16,
         reference: str = "start",
         max_new_tokens: int = 64,
@@ -112,7 +122,8 @@ class WinRate:
             samples = [self._sample(index, instruction, output, output, None) for index, (instruction, output)
                        in enumerate(zip(instructions, outputs))]
             details["seconds"] = {"generation": round(generated - started, 1), "judging": 0.0}
-            return TaskResult(metrics=self._metrics(samples, judged=False), samples=samples, details=details)
+            metrics = self._metrics(samples, judged=False, details=details)
+            return TaskResult(metrics=metrics, samples=samples, details=details)
         else:
             references = self._generations(checkpoint.reference_path, checkpoint.use_chat_template, instructions,
                                            context, "reference outputs")
@@ -128,7 +139,8 @@ class WinRate:
         details["seconds"] = {"generation": round(generated - started, 1),
                               "reference_generation": round(referenced - generated, 1),
                               "judging": round(time.perf_counter() - referenced, 1)}
-        return TaskResult(metrics=self._metrics(samples, judged=True), samples=samples, details=details)
+        metrics = self._metrics(samples, judged=True, details=details)
+        return TaskResult(metrics=metrics, samples=samples, details=details)
 
     # ------------------------------------------------------------------------------------------
     def _judge_for(self, context: TaskContext):
@@ -170,11 +182,16 @@ class WinRate:
             sample["scores"]["position_consistency"] = float(consistent)
         return sample
 
-    def _metrics(self, samples: list[dict], *, judged: bool) -> dict[str, Metric]:
+    def _metrics(self, samples: list[dict], *, judged: bool, details: dict) -> dict[str, Metric]:
+        """The metrics of ``samples``; the length-control fit (θ, φ, C) goes into ``details``."""
         outcome = win_rate_from_preferences([s["preference"] for s in samples])
         scores = [s["scores"]["win_rate"] for s in samples]
         lengths = [s["output_chars"] for s in samples], [s["reference_chars"] for s in samples]
-        controlled = length_controlled_scores(scores, *lengths) if judged else scores
+        controlled = scores
+        if judged:
+            fit = length_controlled_fit(scores, *lengths)
+            controlled = fit.scores
+            details["length_control"] = fit.summary()
         for sample, value in zip(samples, controlled):
             sample["scores"]["length_controlled_win_rate"] = value
         metrics = {
@@ -244,53 +261,119 @@ def model_identity(path: Path) -> dict:
     return {"path": str(path.resolve()), "weights": [(w.name, w.stat().st_size, w.stat().st_mtime_ns) for w in weights]}
 
 
-def length_controlled_scores(scores: list[float], output_lengths: list[int], reference_lengths: list[int],
-                             *, c: float = LENGTH_CONTROL_C) -> list[float]:
-    """Per-item length-controlled win scores (see the module docstring); their mean is the controlled win rate.
+@dataclass
+class LengthControlledFit:
+    """AlpacaEval 2's ``length_controlled_minimal`` GLM fitted to one model's items (see the module docstring)."""
 
-    Fits P(win) = σ(a + b·tanh(Δ / sd(Δ))) to the soft targets y by Newton's method, with an L2 penalty
-    b² / (2c) on the slope only. When Δ does not vary (or every y is equal) there is nothing to control
-    for and the scores are returned unchanged.
+    value: float                  # σ(θ): the predicted win rate at equal lengths (AlpacaEval's LC win rate / 100)
+    scores: list[float]           # per item: value + (y − mean y) − (ŷ − mean ŷ); their mean is ``value``
+    intercept: float | None       # θ, the coefficient of the model's column of ones (L1-penalized like the slope)
+    length_slope: float | None    # φ, the coefficient of tanh((reference chars − output chars) / length_sd)
+    C: float | None               # inverse L1 strength chosen by cross-validation
+    length_sd: float              # sample standard deviation (ddof = 1) of reference chars − output chars
+    note: str | None = None       # why nothing was fitted (the scores are then returned unchanged)
+
+    def summary(self) -> dict:
+        return {"intercept": self.intercept, "length_slope": self.length_slope, "C": self.C,
+                "length_sd_chars": self.length_sd, "note": self.note}
+
+
+def length_controlled_fit(scores: list[float], output_lengths: list[int],
+                          reference_lengths: list[int]) -> LengthControlledFit:
+    """AlpacaEval 2's ``length_controlled_minimal`` (``alpaca_eval/metrics/glm_winrate.py``: GLM_INFO,
+    ``_get_featurized_data``, ``fit_LogisticRegressionCV``), written here with scikit-learn:
+
+    * y = item score in [0, 1] (preference − 1, a draw ½); Δ = reference chars − output chars (AlpacaEval's
+      len(output_1) − len(output_2), output_1 being the reference); x = tanh(Δ / sd(Δ)), sd with ddof = 1;
+    * logit P(win) = θ·1 + φ·x with no separate intercept: θ is the model's own column and is penalized;
+    * soft labels as AlpacaEval: each item twice, label 1 with weight y and label 0 with weight 1 − y;
+    * L1 penalty, liblinear, random_state 123; C from 10 values log-spaced over 1e-4..1e4 (LogisticRegressionCV's
+      default grid) by 5-fold GroupKFold over items (both copies of an item in one fold), scored by the soft-label
+      log loss on the held-out items (predictions clipped to [1e-15, 1 − 1e-15]); best = lowest summed loss;
+      then refitted on every item with that C;
+    * the length-controlled win rate is the prediction at Δ = 0: σ(θ), the same for every item.
+
+    Per item the score is σ(θ) + (y − mean y) − (ŷ − mean ŷ), ŷ = σ(θ + φx): the item's outcome minus the part its
+    length predicts, centred so that the mean is exactly σ(θ) (the penalized θ does not make the residuals sum to 0).
+    Their standard error treats θ and φ as fixed. Returned unchanged, with a ``note``, where the recipe is undefined
+    or degenerate: fewer items than folds; Δ the same for every item (sd = 0: AlpacaEval would divide by zero);
+    every item with the same score (all wins, say: AlpacaEval's fit gives the raw rate within ~1e-4).
     """
-    n = len(scores)
-    y = [float(s) for s in scores]
-    delta = [o - r for o, r in zip(output_lengths, reference_lengths)]
-    mean_delta = sum(delta) / n
-    sd = math.sqrt(sum((d - mean_delta) ** 2 for d in delta) / (n - 1)) if n > 1 else 0.0
-    if sd == 0.0 or len(set(y)) == 1:
-        return y
-    x = [math.tanh(d / sd) for d in delta]
-    penalty = 1.0 / c
+    import numpy as np
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GroupKFold
 
-    def loss(a: float, b: float) -> float:  # soft-label log loss + slope penalty
-        return sum(_softplus(a + b * xi) - t * (a + b * xi) for xi, t in zip(x, y)) + penalty * b * b / 2
+    y = np.asarray(scores, dtype=float)
+    n = len(y)
+    if not np.all((y >= 0) & (y <= 1)):
+        raise HarnessError("length control needs item scores in [0, 1] (no missing preferences)")
+    delta = np.asarray(reference_lengths, dtype=float) - np.asarray(output_lengths, dtype=float)
+    sd = float(delta.std(ddof=1)) if n > 1 else 0.0
+    unchanged = dict(value=float(y.mean()) if n else math.nan, scores=[float(v) for v in y], intercept=None,
+                     length_slope=None, C=None, length_sd=sd)
+    if n < LENGTH_CONTROL_FOLDS:
+        return LengthControlledFit(**unchanged, note=f"{n} items: fewer than the {LENGTH_CONTROL_FOLDS} "
+                                                     f"cross-validation folds; not fitted")
+    if sd == 0.0:
+        return LengthControlledFit(**unchanged, note="every output differs from its reference by the same length; "
+                                                     "nothing to control for")
+    if np.all(y == y[0]):  # liblinear would see one class; AlpacaEval's fit lands within ~1e-4 of the raw rate
+        return LengthControlledFit(**unchanged, note="every item has the same score; nothing to control for")
+    x = np.tanh(delta / sd)
+    features = np.column_stack([np.ones(n), x])
+    rows = np.vstack([features, features])                       # each item twice: as a win and as a loss
+    labels = np.concatenate([np.ones(n), np.zeros(n)])
+    weights = np.concatenate([y, 1.0 - y])
+    items = np.concatenate([np.arange(n), np.arange(n)])
 
-    a, b = 0.0, 0.0
-    for _ in range(100):  # Newton's method with step halving
-        fitted = [_sigmoid(a + b * xi) for xi in x]
-        residual = [f - t for f, t in zip(fitted, y)]
-        weight = [f * (1 - f) for f in fitted]
-        g_a, g_b = sum(residual), sum(r * xi for r, xi in zip(residual, x)) + penalty * b
-        h_aa, h_ab = sum(weight), sum(w * xi for w, xi in zip(weight, x))
-        h_bb = sum(w * xi * xi for w, xi in zip(weight, x)) + penalty
-        determinant = h_aa * h_bb - h_ab * h_ab
-        if determinant <= 0 or abs(g_a) + abs(g_b) < 1e-12:
-            break
-        step_a, step_b = (h_bb * g_a - h_ab * g_b) / determinant, (h_aa * g_b - h_ab * g_a) / determinant
-        current, scale = loss(a, b), 1.0
-        while scale > 1e-6 and loss(a - scale * step_a, b - scale * step_b) > current:
-            scale /= 2
-        a, b = a - scale * step_a, b - scale * step_b
-    controlled = _sigmoid(a)
-    return [t - _sigmoid(a + b * xi) + controlled for t, xi in zip(y, x)]
+    def fit(c: float, keep):
+        model = LogisticRegression(C=c, l1_ratio=1.0, solver="liblinear", fit_intercept=False,
+                                   random_state=LENGTH_CONTROL_SEED)
+        with warnings.catch_warnings(), _stderr_silenced():
+            warnings.simplefilter("ignore", ConvergenceWarning)  # liblinear's 100-iteration cap (AlpacaEval's too)
+            return model.fit(rows[keep], labels[keep], sample_weight=weights[keep])
+
+    grid = np.logspace(-4, 4, LENGTH_CONTROL_CS)
+    folds = list(GroupKFold(n_splits=LENGTH_CONTROL_FOLDS).split(rows, labels, groups=items))
+    losses = np.zeros(len(grid))
+    for train, test in folds:
+        target = y[items[test]]                                  # both copies of a held-out item carry its y
+        for k, c in enumerate(grid):
+            predicted = np.clip(fit(c, train).predict_proba(rows[test])[:, 1], 1e-15, 1 - 1e-15)
+            losses[k] += -np.mean(target * np.log(predicted) + (1 - target) * np.log(1 - predicted))
+    best = float(grid[int(np.argmin(losses))])
+    theta, phi = (float(w) for w in fit(best, slice(None)).coef_[0])
+    value = _sigmoid(theta)
+    fitted = 1.0 / (1.0 + np.exp(-(theta + phi * x)))
+    per_item = value + (y - y.mean()) - (fitted - fitted.mean())
+    return LengthControlledFit(value=value, scores=[float(v) for v in per_item], intercept=theta, length_slope=phi,
+                               C=best, length_sd=sd)
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """File descriptor 2 to /dev/null: liblinear's C code prints "WARNING: class label ... not found" there when a
+    training fold holds only wins or only losses (the zero-weight copies are dropped); the fit itself is right."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def length_controlled_scores(scores: list[float], output_lengths: list[int],
+                             reference_lengths: list[int]) -> list[float]:
+    """Per-item length-controlled win scores (``length_controlled_fit``); their mean is the controlled win rate."""
+    return length_controlled_fit(scores, output_lengths, reference_lengths).scores
 
 
 def _sigmoid(z: float) -> float:
     return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
-
-
-def _softplus(z: float) -> float:
-    return z + math.log1p(math.exp(-z)) if z > 0 else math.log1p(math.exp(z))
 
 
 def _mean(values) -> float:

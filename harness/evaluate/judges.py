@@ -23,8 +23,9 @@ Judges (``judge.type`` in ``conf/task/win_rate.yaml``; ``judge.model`` names the
   the order cannot matter, so both orders agree by construction.
 
 Also here: AlpacaEval's aggregation of pairwise preferences into a win rate with its standard error
-(``win_rate_from_preferences``) and the judge check against the GPT-4 annotations in the data mirror
-(``read_gpt4_annotations``, ``judge_agreement``; ``align-harness judge-check``).
+(``win_rate_from_preferences``; preferences without a verdict, None/NaN, are dropped and counted as AlpacaEval
+drops them) and the judge check against the GPT-4 annotations in the data mirror (``read_gpt4_annotations``,
+``judge_agreement``, which skips pairs GPT-4 gave no verdict; ``align-harness judge-check``).
 """
 
 from __future__ import annotations
@@ -402,10 +403,10 @@ class RewardModelJudge:
     type = "reward_model"
 
     def __init__(self, model: str, *, max_output_chars: int | None = None, device: str = "cpu", batch_size: int = 8,
-                 config_key: str = "judge"):
+                 config_key: str = "judge", cache_dir: Path | None = None):
         _check_local_spec(model, config_key)
         self.spec, self.max_output_chars, self.device, self.batch_size = model, max_output_chars, device, batch_size
-        self.config_key = config_key
+        self.config_key, self.cache_dir = config_key, cache_dir
         self._loaded = None
 
     def identity(self) -> dict:
@@ -485,37 +486,53 @@ class WinRate:
     wins: int
     losses: int
     draws: int
-    scores: list[float]          # per item: 1 win, 0 loss, 0.5 draw (or the weighted preference − 1)
+    scores: list[float]          # per counted item: 1 win, 0 loss, 0.5 draw (or the weighted preference − 1)
+    dropped: int = 0             # preferences that were None/NaN (no verdict): left out, as AlpacaEval does
+
+
+def preference_value(preference, where: str) -> float | None:
+    """An AlpacaEval preference as a number in [1, 2] (a draw "0"/0 becomes 1.5); None when there is no verdict
+    (None or NaN, which AlpacaEval drops). Anything else is refused, naming ``where``."""
+    if preference is None:
+        return None
+    try:
+        value = float(preference)
+    except (TypeError, ValueError):
+        value = math.inf  # refused below
+    if math.isnan(value):
+        return None
+    if value == 0.0:
+        return 1.5
+    if not 1.0 <= value <= 2.0:
+        raise HarnessError(f"{where}: {preference!r} is not 1, 2, 0 (a draw), a weight in [1, 2] or None (no verdict)")
+    return value
 
 
 def win_rate_from_preferences(preferences) -> WinRate:
     """AlpacaEval's win rate of ``output_2`` (the judged model) over ``output_1`` (the reference).
 
     A preference is "1"/1 (output_1 better), "2"/2 (output_2 better) or "0"/0 (a draw; AlpacaEval 2 also
-    writes 1.5), or a weighted preference in [1, 2]. As in AlpacaEval's ``describe_head2head``
-    (``alpaca_eval/metrics/helpers.py``): a draw becomes 1.5, each item scores preference − 1, the win
-    rate is the mean score and the standard error is the sample standard deviation (ddof = 1, pandas'
-    ``sem``) over √n. On the mirror's GPT-4 annotations this gives the published 26.46 ± 1.54
-    (alpaca-7b) and 41.24 ± 1.73 (alpaca-farm-ppo-human); ddof = 0 would give 1.53 for alpaca-7b.
+    writes 1.5), or a weighted preference in [1, 2]; None or NaN means no verdict. As in AlpacaEval's
+    ``describe_head2head`` (``alpaca_eval/metrics/helpers.py``): a draw becomes 1.5, rows without a verdict are
+    dropped (counted in ``dropped``), each item scores preference − 1, the win rate is the mean score and the
+    standard error is the sample standard deviation (ddof = 1, pandas' ``sem``) over √n. Values outside [1, 2]
+    are refused here (AlpacaEval drops them silently). On the mirror's GPT-4 annotations this gives the published
+    26.46 ± 1.54 (alpaca-7b) and 41.24 ± 1.73 (alpaca-farm-ppo-human); ddof = 0 would give 1.53 for alpaca-7b.
     """
-    scores = []
+    scores, dropped = [], 0
     for index, preference in enumerate(preferences):
-        try:
-            value = float(preference)
-        except (TypeError, ValueError):
-            value = math.nan
-        if value == 0.0:
-            value = 1.5
-        if not 1.0 <= value <= 2.0:  # also rejects NaN
-            raise HarnessError(f"preference {index}: {preference!r} is not 1, 2, 0 (a draw) or a weight in [1, 2]")
-        scores.append(value - 1.0)
+        value = preference_value(preference, f"preference {index}")
+        if value is None:
+            dropped += 1
+        else:
+            scores.append(value - 1.0)
     if not scores:
-        raise HarnessError("no preferences to aggregate")
+        raise HarnessError(f"no preferences to aggregate ({dropped} without a verdict)")
     n = len(scores)
     mean = sum(scores) / n
     stderr = math.sqrt(sum((s - mean) ** 2 for s in scores) / (n - 1) / n) if n > 1 else None
     return WinRate(value=mean, stderr=stderr, wins=sum(s > 0.5 for s in scores), losses=sum(s < 0.5 for s in scores),
-                   draws=sum(s == 0.5 for s in scores), scores=scores)
+                   draws=sum(s == 0.5 for s in scores), scores=scores, dropped=dropped)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -526,7 +543,9 @@ ANNOTATIONS_DIR = "alpaca_eval/annotations_gpt4"
 def read_gpt4_annotations(data_mirror: Path | None, limit: int | None) -> list[dict]:
     """The first ``limit`` GPT-4-annotated pairs, taking the annotation files (sorted by name: alpaca-7b,
     alpaca-farm-ppo-human) in turn item by item: alpaca-7b #0, ppo-human #0, alpaca-7b #1, ... In every
-    file output_1 is text-davinci-003 (the reference) and output_2 the judged model."""
+    file output_1 is text-davinci-003 (the reference) and output_2 the judged model. Rows whose preference is
+    None/NaN (GPT-4 gave no verdict) are kept, with ``gpt4`` None; ``judge_agreement`` skips them. Each row gets
+    ``gpt4``: its preference as "1", "2" or "0" (a draw)."""
     if data_mirror is None:
         raise HarnessError("the judge check reads the GPT-4 annotations from the data mirror; "
                            "set ALIGN_HARNESS_DATA=<folder> (or --data-mirror)")
@@ -545,28 +564,42 @@ def read_gpt4_annotations(data_mirror: Path | None, limit: int | None) -> list[d
                        if not isinstance(row, dict) or k not in row]
             if missing:
                 raise HarnessError(f"{path}: row {index}: field {missing[0]!r} is missing")
-        per_file.append([{**row, "source": path.name, "index": index} for index, row in enumerate(rows)])
+        per_file.append([{**row, "source": path.name, "index": index,
+                          "gpt4": _label_of_annotation(row["preference"], f"{path}: row {index}: preference")}
+                         for index, row in enumerate(rows)])
     interleaved = [rows[i] for i in range(max(len(r) for r in per_file)) for rows in per_file if i < len(rows)]
     return interleaved if limit is None else interleaved[:limit]
 
 
-def _label_of_annotation(preference) -> str:
-    value = float(preference)
-    return "0" if value in (0.0, 1.5) else ("1" if value < 1.5 else "2")
+def _label_of_annotation(preference, where: str = "preference") -> str | None:
+    """GPT-4's verdict as "1", "2" or "0" (a draw; a weight rounds to the nearer side, 1.5 is a draw); None when
+    there is none (None/NaN)."""
+    value = preference_value(preference, where)
+    if value is None:
+        return None
+    return "0" if value == 1.5 else ("1" if value < 1.5 else "2")
 
 
 def judge_agreement(judge: Judge, annotations: list[dict], *, draw_margin: float) -> dict:
     """How often ``judge`` prefers the same output as GPT-4 on ``annotations`` (AlpacaEval rows).
 
+    Pairs whose GPT-4 preference is None/NaN (no verdict) are not judged and not counted (``unannotated``).
     Per pair: 1 when both name the same winner (or both a draw), 0 when they name opposite winners,
     0.5 when exactly one of them calls a draw. Also the judge's position consistency and the judged
     models' win rate over the reference by the judge and by GPT-4 on the same pairs; two baselines put
     the agreement in context (always preferring the reference; always preferring the longer output).
     """
+    labelled = [(row, _label_of_annotation(row["preference"], f"{row.get('source', 'annotation')}: row "
+                                            f"{row.get('index', '?')}: preference")) for row in annotations]
+    unannotated = sum(label is None for _, label in labelled)
+    annotations = [row for row, label in labelled if label is not None]  # no GPT-4 verdict: nothing to agree with
+    if not annotations:
+        raise HarnessError(f"none of the {unannotated} pairs has a GPT-4 preference; "
+                           f"nothing to check the judge against")
+    gpt4 = [label for _, label in labelled if label is not None]
     started = time.perf_counter()
     judgments = judge.judge_batch([(row["instruction"], row["output_1"], row["output_2"]) for row in annotations])
     seconds = time.perf_counter() - started
-    gpt4 = [_label_of_annotation(row["preference"]) for row in annotations]
     ours = [j.preference(draw_margin) for j in judgments]
 
     def agree(a: str, b: str) -> float:
@@ -583,6 +616,7 @@ def judge_agreement(judge: Judge, annotations: list[dict], *, draw_margin: float
               for r in annotations]
     return {
         "pairs": len(annotations),
+        "unannotated": unannotated,  # pairs skipped: GPT-4's preference is None/NaN
         "agreement": mean_stderr(agreement),
         "position_consistency": mean_stderr(consistency),
         "judge_win_rate": win_rate_from_preferences(ours),
@@ -628,7 +662,8 @@ def judge_check_report(result: dict, draw_margin: float) -> str:
         f"judge: {judge['type']} {judge.get('model')} (max_output_chars={judge.get('max_output_chars')}, "
         f"draw_margin={draw_margin}, read by {', '.join(methods)})",
         f"pairs: {result['pairs']} GPT-4-annotated (alpaca_eval_gpt4) from {', '.join(sources)}; "
-        f"output_1 = text-davinci-003, output_2 = the judged model",
+        f"output_1 = text-davinci-003, output_2 = the judged model"
+        + (f"; {result['unannotated']} without a GPT-4 preference skipped" if result.get("unannotated") else ""),
         f"agreement with GPT-4: {pm(*result['agreement'])}",
         f"position consistency: {pm(*result['position_consistency'])}",
         f"win rate of output_2: judge {pm(ours.value, ours.stderr)} "
