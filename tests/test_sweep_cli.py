@@ -152,7 +152,7 @@ class Throwaway:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(job.start_checkpoint)
         model = AutoModelForCausalLM.from_pretrained(job.start_checkpoint)
-        text = job.data["train"][0]["completion"]
+        text = job.plan.rows[0]["completion"]
         batch = tokenizer(text, return_tensors="pt")
         loss = model(**batch, labels=batch["input_ids"]).loss
         loss.backward()
