@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -34,11 +35,13 @@ def budget(**changes) -> Budget:
                                               {"batch_pairs": 2, **changes}))
 
 
+PAIR_METHOD = SimpleNamespace(data_view="pairs")  # what the plan reads of every own-loss method: it trains on pairs
+
+
 def job_for(start: Path, folder: Path, reference_cache: Path, **budget_changes) -> TrainingJob:
     from transformers import AutoTokenizer
 
-    plan = plan_training(budget(**budget_changes), registry.instantiate("method", "dpo", None), ROWS, [],
-                         AutoTokenizer.from_pretrained(start))
+    plan = plan_training(budget(**budget_changes), PAIR_METHOD, ROWS, [], AutoTokenizer.from_pretrained(start))
     return TrainingJob(start_checkpoint=start, output_dir=folder / "out", plan=plan, seed=0,
                        scratch_dir=folder / "scratch", reference_cache_dir=reference_cache)
 
