@@ -1,5 +1,5 @@
-"""Plain functions every TRL-backed method adapter shares: the budget → TRL arguments mapping,
-chat-format conversion, token accounting and saving.
+"""Plain functions every TRL-backed method adapter shares: the training plan → TRL arguments mapping
+(``harness.train.plan``), chat-format conversion, token accounting and saving.
 
 Keeping these here (and TRL imports inside each adapter) means a TRL release that moves a
 trainer touches one adapter file.
