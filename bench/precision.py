@@ -31,11 +31,12 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from harness.train.budget import Budget, ResourceMeter
-    from harness.inputs.data import load_preference_rows, split_rows, truncate_rows, view_rows
+    from harness.inputs.data import load_preference_rows, split_rows
     from harness.inputs.models import materialize_embedded
     from harness.inputs.paths import default_cache_dir
     from harness.protocols import TrainingJob
     from harness.run.registry import CONF_DIR, instantiate
+    from harness.train.plan import plan_training
 
     model = Path(arguments.model) if arguments.model else materialize_embedded("smollm2-135m-instruct", default_cache_dir())
     data_cfg = OmegaConf.load(CONF_DIR / "data" / "hh-harmless.yaml")
@@ -44,14 +45,13 @@ def main() -> None:
     base = Budget.from_config(OmegaConf.load(CONF_DIR / "budget" / "smoke.yaml"))
     base = replace(base, pairs=arguments.pairs, batch_pairs=arguments.batch, micro_batch_pairs=arguments.batch)
     tokenizer = AutoTokenizer.from_pretrained(model)
-    pairs = view_rows(truncate_rows(train[: base.pairs], tokenizer, max_prompt_tokens=base.max_prompt_tokens,
-                                    max_completion_tokens=base.max_completion_tokens), "pairs")
     results = {}
     for precision in ("fp32", "bf16"):
         method = instantiate("method", "dpo", None, params_key="method_params")
         scratch = Path(tempfile.mkdtemp(prefix=f"bench-{precision}-"))
-        job = TrainingJob(start_checkpoint=model, output_dir=scratch / "out", data={"train": pairs, "heldout": []},
-                          budget=replace(base, precision=precision), seed=0, scratch_dir=scratch / "scratch")
+        plan = plan_training(replace(base, precision=precision), method, train, [], tokenizer)
+        job = TrainingJob(start_checkpoint=model, output_dir=scratch / "out", plan=plan, seed=0,
+                          scratch_dir=scratch / "scratch")
         with ResourceMeter() as meter:
             outcome = method.train(job)
         results[precision] = (meter.wall_seconds / max(outcome.optimizer_steps, 1), meter.peak_memory_mib,

@@ -67,10 +67,11 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     from harness.train.budget import Budget
-    from harness.inputs.data import load_preference_rows, split_rows, truncate_rows, view_rows
+    from harness.inputs.data import load_preference_rows, split_rows
     from harness.inputs.models import materialize_tiny_random
     from harness.inputs.paths import default_cache_dir
     from harness.protocols import TrainingJob
+    from harness.train.plan import plan_training
     from methods.dpo import DPO
     from methods.rdpo import RDPO
 
@@ -84,10 +85,9 @@ def main() -> None:
         "name": "bench", "pairs": arguments.pairs, "batch_pairs": arguments.batch_pairs,
         "micro_batch_pairs": arguments.micro_batch_pairs, "max_prompt_tokens": arguments.max_prompt_tokens,
         "max_completion_tokens": arguments.max_completion_tokens}))
-    pairs = view_rows(truncate_rows(train_rows[: budget.pairs], AutoTokenizer.from_pretrained(model),
-                                    max_prompt_tokens=budget.max_prompt_tokens,
-                                    max_completion_tokens=budget.max_completion_tokens), "pairs")
     methods = [DPO(), DPO(name="ipo", loss_type="ipo", beta=0.01), RDPO()]
+    plan = plan_training(budget, methods[0], train_rows, [], AutoTokenizer.from_pretrained(model))  # every method: pairs
+    pairs = plan.rows
     print(f"model {model} · {len(pairs)} pairs · batch {budget.batch_pairs} · "
           f"{budget.max_prompt_tokens}+{budget.max_completion_tokens} tokens", flush=True)
 
@@ -100,8 +100,7 @@ def main() -> None:
                 for state in ("cold", "warm"):
                     store = scratch / f"cache-cold-{method.name}-{repeat}" if state == "cold" else warm_store
                     run = scratch / f"{method.name}-{state}-{repeat}"
-                    job = TrainingJob(start_checkpoint=model, output_dir=run / "out",
-                                      data={"train": pairs, "heldout": []}, budget=budget, seed=budget.seed,
+                    job = TrainingJob(start_checkpoint=model, output_dir=run / "out", plan=plan, seed=budget.seed,
                                       scratch_dir=run / "scratch", reference_cache_dir=store)
                     started = time.perf_counter()
                     with contextlib.redirect_stdout(io.StringIO()):

@@ -20,13 +20,19 @@ class TrainingJob:
 
     start_checkpoint: Path          # local HF model directory (policy init and reference)
     output_dir: Path                # write the trained model here (save_pretrained layout)
-    data: dict                      # {"train": [...], "heldout": [...]}: rows of the method's view, truncated to the budget
-    budget: Any                     # harness.train.budget.Budget
+    plan: Any                       # harness.train.plan.TrainingPlan: rows (method's view, cut), held-out rows, steps,
+    #                                 micro-batch, accumulation, visits — computed once by the sweep
     seed: int
     scratch_dir: Path               # for trainer state; deleted after the run
     reference_cache_dir: Path | None = None  # shared reference log-prob cache (content-addressed)
     reward: Any = None              # for methods with ``needs_reward = True``: a harness.train.rewards reward (see there)
     cache_root: Path | None = None  # the sweep's paths.cache: judges resolve their models here
+
+    @property
+    def budget(self):
+        """The budget as configured (harness.train.budget.Budget): lengths, optimizer, schedule, LoRA. Derived
+        numbers — steps, accumulation, micro-batch, visits — are the plan's."""
+        return self.plan.budget
 
 
 @dataclass
@@ -53,7 +59,7 @@ class Method(Protocol):
     Optional attributes the harness reads: ``needs_reward`` (the job carries the sweep's reward),
     ``prompts_only`` (samples its own responses; the data's responses and labels are unused),
     ``forward_only_ratio`` and the cost-model hooks of ``harness.train.matching`` (``visit_cost``, ``run_cost``,
-    ``visit_granularity``).
+    ``visit_granularity``), and the plan's (``harness.train.plan``): ``examples_per_pair``, ``updates_per_batch``.
 
     Hyperparameters are the constructor's arguments, declared once in its signature and documented by a comment in
     ``conf/method/<name>.yaml``: the registry binds every one of them into the run spec (``harness.run.spec``), so

@@ -43,7 +43,7 @@ class CPO:
         """The budget and this method's hyperparameters as a TRL ``CPOConfig`` (no training)."""
         from trl.experimental.cpo import CPOConfig
 
-        arguments = trl_arguments(job, examples_per_pair=1, learning_rate=self.learning_rate)
+        arguments = trl_arguments(job, learning_rate=self.learning_rate)
         return CPOConfig(**arguments, beta=self.beta, loss_type=self.loss_type, cpo_alpha=self.cpo_alpha,
                          simpo_gamma=self.beta * self.gamma_beta_ratio, label_smoothing=self.label_smoothing)
 
@@ -53,7 +53,7 @@ class CPO:
         from trl.experimental.cpo import CPOTrainer
 
         config = self.trl_config(job)
-        train = Dataset.from_list(to_conversational(job.data["train"]))
+        train = Dataset.from_list(to_conversational(job.plan.rows))
         trainer = CPOTrainer(
             model=str(job.start_checkpoint),
             args=config,
@@ -62,7 +62,7 @@ class CPO:
             peft_config=peft_config(job),
         )
         trainer.train()
-        passes = epochs_fraction(trainer, len(train), job.budget.batch_pairs)
+        passes = epochs_fraction(trainer, job)
         # chosen_input_ids / rejected_input_ids hold whole sequences (prompt included, truncated to
         # max_length); nothing is scored by a frozen model
         tokens = sum(len(ids) for column in ("chosen_input_ids", "rejected_input_ids")

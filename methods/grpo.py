@@ -49,6 +49,14 @@ class GRPO:
     def visit_granularity(self, budget) -> tuple[int, int]:
         return budget.batch_pairs, budget.batch_pairs  # whole generation batches
 
+    # the training plan (harness.train.plan): a batch holds k completions a prompt, and is trained μ times
+    @property
+    def examples_per_pair(self) -> int:
+        return self.num_generations
+
+    def updates_per_batch(self, prompts: int) -> int:
+        return self.num_iterations
+
     def train(self, job: TrainingJob) -> TrainingOutcome:
         from trl import GRPOConfig, GRPOTrainer
 

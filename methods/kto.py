@@ -64,11 +64,11 @@ class KTO:
         from transformers import AutoTokenizer
         from trl import KTOConfig, KTOTrainer
 
-        weights = self.class_weights(job.data["train"])
-        arguments = trl_arguments(job, examples_per_pair=2, learning_rate=self.learning_rate)
+        weights = self.class_weights(job.plan.rows)
+        arguments = trl_arguments(job, learning_rate=self.learning_rate)
         config = KTOConfig(**arguments, beta=self.beta, desirable_weight=weights["desirable_weight"],
                            undesirable_weight=weights["undesirable_weight"])
-        train = Dataset.from_list(to_conversational(job.data["train"]))
+        train = Dataset.from_list(to_conversational(job.plan.rows))
         trainer = KTOTrainer(
             model=str(job.start_checkpoint),
             args=config,
@@ -77,7 +77,7 @@ class KTO:
             peft_config=peft_config(job),
         )
         trainer.train()
-        passes = epochs_fraction(trainer, len(train), 2 * job.budget.batch_pairs)
+        passes = epochs_fraction(trainer, job)
         trained = count_tokens(trainer.train_dataset, ["completion_ids"], config.max_length)
         kl_columns = ["KL_completion_ids"] if "KL_completion_ids" in trainer.train_dataset.column_names else []
         kl = count_tokens(trainer.train_dataset, kl_columns, config.max_length) if kl_columns else 0

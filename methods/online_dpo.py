@@ -60,13 +60,12 @@ class OnlineDPO:
         budget = job.budget
         tokenizer = AutoTokenizer.from_pretrained(job.start_checkpoint)
         reward_function = trl_reward_function(job.reward, tokenizer)
-        arguments = trl_arguments(job, examples_per_pair=1, learning_rate=self.learning_rate)
-        arguments["max_steps"] = budget.planned_steps()
+        arguments = trl_arguments(job, learning_rate=self.learning_rate)
         config = OnlineDPOConfig(**arguments, beta=self.beta, loss_type=self.loss_type, temperature=self.temperature,
                                  max_new_tokens=budget.max_completion_tokens,
                                  missing_eos_penalty=self.missing_eos_penalty,
                                  model_init_kwargs={"dtype": "float32", "device_map": None})
-        prompts = Dataset.from_list([{"prompt": row["prompt"]} for row in job.data["train"]])
+        prompts = Dataset.from_list([{"prompt": row["prompt"]} for row in job.plan.rows])
         trainer = OnlineDPOTrainer(model=str(job.start_checkpoint), reward_funcs=reward_function, args=config,
                                    train_dataset=prompts, processing_class=tokenizer, peft_config=peft_config(job))
         before = job.reward.tokens_scored

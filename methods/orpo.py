@@ -30,7 +30,7 @@ class ORPO:
         """The budget and this method's hyperparameters as a TRL ``ORPOConfig`` (no training)."""
         from trl.experimental.orpo import ORPOConfig
 
-        arguments = trl_arguments(job, examples_per_pair=1, learning_rate=self.learning_rate)
+        arguments = trl_arguments(job, learning_rate=self.learning_rate)
         return ORPOConfig(**arguments, beta=self.beta)
 
     def train(self, job: TrainingJob) -> TrainingOutcome:
@@ -39,7 +39,7 @@ class ORPO:
         from trl.experimental.orpo import ORPOTrainer
 
         config = self.trl_config(job)
-        train = Dataset.from_list(to_conversational(job.data["train"]))
+        train = Dataset.from_list(to_conversational(job.plan.rows))
         trainer = ORPOTrainer(
             model=str(job.start_checkpoint),
             args=config,
@@ -48,7 +48,7 @@ class ORPO:
             peft_config=peft_config(job),
         )
         trainer.train()
-        passes = epochs_fraction(trainer, len(train), job.budget.batch_pairs)
+        passes = epochs_fraction(trainer, job)
         # chosen_input_ids / rejected_input_ids hold whole sequences (prompt included, truncated to
         # max_length); nothing is scored by a frozen model
         tokens = sum(len(ids) for column in ("chosen_input_ids", "rejected_input_ids")

@@ -22,11 +22,12 @@ implementation details of RLHF with PPO"):
 **Budget.** The prompts are the budget's pairs' prompts (chosen and rejected responses are unused):
 one rollout per prompt per PPO iteration, ``budget.batch_pairs`` prompts per iteration, ``budget.epochs``
 passes over the prompts; completions are sampled up to ``budget.max_completion_tokens`` tokens.
-``budget.precision`` applies as for the TRL methods (``harness.train.trl_support.precision_flags``): weights and
-the optimizer stay fp32, generation and every forward pass run under ``torch.autocast`` in bf16 / fp16
+``budget.precision`` applies as for the TRL methods (the plan's ``precision``, ``harness.train.plan``): weights
+and the optimizer stay fp32, generation and every forward pass run under ``torch.autocast`` in bf16 / fp16
 (fp16 with a gradient scaler); ``auto`` is bf16 on a GPU that supports it, else fp32; ``extra`` records
-the precision used. Optimizer steps = iterations × ``ppo_epochs`` × ``minibatches``; the learning-rate
-schedule is the budget's. Forward passes run in micro-batches of 2 × ``budget.micro_batch_pairs``
+the precision used. Optimizer steps = iterations × ``ppo_epochs`` × ``minibatches`` (``updates_per_batch``:
+the plan's ``optimizer_steps``, over which the budget's learning-rate schedule and the plan's warm-up run).
+Forward passes run in micro-batches of the plan's ``sequence_batch`` = 2 × ``budget.micro_batch_pairs``
 sequences (a pair is two sequences). ``budget.lora`` trains LoRA adapters on the policy (merged when saved).
 
 **FLOPs.** The harness computes 6·N·policy_tokens + 2·N·reference_tokens with N = the saved policy's
@@ -54,7 +55,6 @@ loss, policy loss, loss, clip fractions, β and the optimizer step reached.
 
 from __future__ import annotations
 
-import math
 import random
 import shutil
 from dataclasses import dataclass
@@ -359,6 +359,10 @@ class PPO:
         forward_only = sequence * (3.0 + value + sizes.reward_share)
         return trained, forward_only
 
+    def updates_per_batch(self, prompts: int) -> int:
+        """Optimizer steps per rollout batch of ``prompts`` (the training plan's, ``harness.train.plan``)."""
+        return self.ppo_epochs * min(self.minibatches, prompts)
+
     def value_share(self, sizes) -> float:
         """N_value / N as ``_value_source`` will pick the value model: the reward model's size when it starts from it."""
         from_reward = self.value_init != "policy" and sizes.reward > 0 and sizes.reward_reads_policy_tokens
@@ -372,11 +376,11 @@ class PPO:
         from harness.train.rewards import reward_record
         from harness.train.trl_support import peft_config
 
-        reward, budget = job.reward, job.budget
+        reward, plan, budget = job.reward, job.plan, job.budget
         if reward is None:
             raise HarnessError("ppo needs a reward: set reward=<name> (conf/reward/)")
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        precision, autocast = mixed_precision(budget.precision, device)
+        precision, autocast = mixed_precision(plan.precision, device)
         scaler = torch.amp.GradScaler(device, enabled=precision == "fp16")
         torch.manual_seed(job.seed)
         generator = random.Random(job.seed)
@@ -402,18 +406,15 @@ class PPO:
         eos_ids |= set(configured if isinstance(configured, list) else [configured] if configured is not None else [])
 
         use_template = bool(getattr(tokenizer, "chat_template", None))
-        prompts = [row["prompt"] for row in job.data["train"]]
+        prompts = [row["prompt"] for row in plan.rows]
         prompt_ids = [tokenizer(format_prompt(tokenizer, p, use_template), add_special_tokens=False)["input_ids"]
                       for p in prompts]
-        batch, micro = budget.batch_pairs, 2 * budget.micro_batch_pairs
-        iterations_per_epoch = math.ceil(len(prompts) / batch)
-        total_steps = sum(min(self.minibatches, len(prompts[i * batch: (i + 1) * batch]))
-                          for i in range(iterations_per_epoch)) * budget.epochs * self.ppo_epochs
+        batch, micro = budget.batch_pairs, plan.sequence_batch
         trainable = [p for p in list(policy.parameters()) + list(value_model.parameters()) if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=self.learning_rate, eps=1e-5, weight_decay=budget.weight_decay,
                                       foreach=True)
-        scheduler = get_scheduler(budget.lr_scheduler, optimizer, num_warmup_steps=round(budget.warmup_ratio * total_steps),
-                                  num_training_steps=total_steps)
+        scheduler = get_scheduler(budget.lr_scheduler, optimizer, num_warmup_steps=plan.warmup_steps,
+                                  num_training_steps=plan.optimizer_steps)
         kl_control = AdaptiveKLController(self.kl_coef, self.kl_target if self.adaptive_kl else None, self.kl_horizon)
 
         n_value = sum(p.numel() for p in value_model.parameters())
@@ -421,7 +422,7 @@ class PPO:
                   "reward_tokens": 0, "policy_trained_tokens": 0, "value_trained_tokens": 0}
         curves: list[dict] = []
         steps = rollouts = 0
-        for epoch in range(budget.epochs):
+        for epoch in range(plan.epochs):
             order = list(range(len(prompts)))
             generator.shuffle(order)
             for start in range(0, len(order), batch):
@@ -556,19 +557,16 @@ class PPO:
 
 
 def mixed_precision(precision: str, device: str):
-    """(precision used, a context factory): ``torch.autocast`` in bf16 / fp16 as ``budget.precision`` says
-    (``harness.train.trl_support.precision_flags``, which the TRL methods use), a no-op for fp32."""
+    """(precision used, a context factory): ``torch.autocast`` in bf16 / fp16 as the plan's resolved ``precision``
+    says (the TRL methods get the same through ``trl_arguments``), a no-op for fp32."""
     import contextlib
 
     import torch
 
-    from harness.train.trl_support import precision_flags
-
-    flags = precision_flags(precision)
-    dtype = torch.bfloat16 if flags["bf16"] else torch.float16 if flags["fp16"] else None
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     if dtype is None:
         return "fp32", contextlib.nullcontext
-    return ("bf16" if flags["bf16"] else "fp16"), lambda: torch.autocast(device_type=device, dtype=dtype)
+    return precision, lambda: torch.autocast(device_type=device, dtype=dtype)
 
 
 def _chunks(items: list, size: int) -> list[list]:

@@ -9,9 +9,10 @@ and the policy follows the clipped importance-weighted REINFORCE gradient (TRL's
 
 **Budget** (shared with ``methods/grpo.py`` by ``train_sampling_method``): the prompts of the budget's
 pairs, ``budget.batch_pairs`` prompts × ``num_generations`` completions per optimizer step,
-``budget.epochs`` passes (``max_steps`` = budget.planned_steps() × ``num_iterations``), completions up
-to ``budget.max_completion_tokens``. The reward is ``job.reward`` wrapped as a TRL reward function
-(``harness.train.rewards.trl_reward_function``), so a reward model is loaded once, by the harness.
+``budget.epochs`` passes, each generation batch trained ``num_iterations`` times (the plan's optimizer steps,
+``harness.train.plan``), completions up to ``budget.max_completion_tokens``. The reward is ``job.reward``
+wrapped as a TRL reward function (``harness.train.rewards.trl_reward_function``), so a reward model is loaded
+once, by the harness.
 
 **Tokens / FLOPs** (policy-parameter equivalents, as ``methods/ppo.py``): with G = prompt + completion
 tokens of every sampled completion (TRL's ``num_input_tokens_seen``),
@@ -54,6 +55,14 @@ class RLOO:
 
     def visit_granularity(self, budget) -> tuple[int, int]:
         return budget.batch_pairs, budget.batch_pairs  # whole generation batches
+
+    # the training plan (harness.train.plan): a batch holds k completions a prompt, and is trained μ times
+    @property
+    def examples_per_pair(self) -> int:
+        return self.num_generations
+
+    def updates_per_batch(self, prompts: int) -> int:
+        return self.num_iterations
 
     def train(self, job: TrainingJob) -> TrainingOutcome:
         from trl import RLOOConfig, RLOOTrainer

@@ -113,11 +113,11 @@ class RSO:
             raise HarnessError(f"{self.name} needs a reward to rejection-sample with: set reward=<name> (conf/reward/) "
                                f"or +method_params.{self.name}.judge.type=<judge type>")
         oracle = JudgeOracle(self.judge, job, self.name) if self.judge else None
-        target = len(job.data["train"])
-        prompts = [row["prompt"] for row in job.data["train"]]
-        anchors = [row["chosen"] for row in job.data["train"]]
+        target = len(job.plan.rows)
+        prompts = [row["prompt"] for row in job.plan.rows]
+        anchors = [row["chosen"] for row in job.plan.rows]
         per_prompt = games_per_prompt(self.accepted, self.ranking)
-        sampler = Sampler(job.budget, self.temperature, self.top_k)
+        sampler = Sampler(job.plan, self.temperature, self.top_k)
         reward_before = reward.tokens_scored if oracle is None else 0
         uniform = random.Random(job.seed).random
         pairs: list[dict] = []
@@ -158,8 +158,7 @@ class RSO:
                                f"pair to train on (raise candidates or rejection_beta, or use another reward or judge)")
         train = [{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in pairs]
         sub_job = TrainingJob(start_checkpoint=job.start_checkpoint, output_dir=job.output_dir,
-                              data={"train": train, "heldout": []}, budget=replace(job.budget, pairs=len(train)),
-                              seed=job.seed, scratch_dir=job.scratch_dir / "dpo",
+                              plan=job.plan.for_rows(train), seed=job.seed, scratch_dir=job.scratch_dir / "dpo",
                               reference_cache_dir=job.reference_cache_dir)
         outcome = PairwiseRound(beta=self.gamma, learning_rate=self.learning_rate,
                                 loss_type=self.loss_type).train(sub_job)

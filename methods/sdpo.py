@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from dataclasses import replace
 
 from harness.protocols import TrainingJob, TrainingOutcome
 from harness.train.trl_support import finish
@@ -75,16 +76,17 @@ class SDPO:
 
 
     def train(self, job: TrainingJob) -> TrainingOutcome:
-        chunks = split_at_batches(job.data["train"], self.chunks, job.budget.batch_pairs)
+        chunks = split_at_batches(job.plan.rows, self.chunks, job.budget.batch_pairs)
         if len(chunks) < self.chunks:
             log.warning("  sdpo: %d optimizer batches fit only %d of %d chunks", len(chunks), len(chunks), self.chunks)
         start, steps, curves, statuses = job.start_checkpoint, 0, [], []
         totals = {"examples": 0, "pairs": 0.0, "policy_tokens": 0, "reference_tokens": 0}
         seconds = 0.0
         for index, rows in enumerate(chunks, start=1):
-            trainer = pairwise_trainer(job, rows, start=start, beta=self.beta, learning_rate=self.learning_rate)
+            chunk_job = replace(job, plan=job.plan.for_rows(rows))  # the chunk's own steps and schedule
+            trainer = pairwise_trainer(chunk_job, start=start, beta=self.beta, learning_rate=self.learning_rate)
             trainer.train()
-            usage = pairwise_usage(trainer, job, len(rows))
+            usage = pairwise_usage(trainer, chunk_job)
             for key in totals:
                 totals[key] += usage[key]
             statuses.append(usage["extra"]["reference_cache"])

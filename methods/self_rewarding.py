@@ -81,13 +81,13 @@ class SelfRewarding:
         from harness.train.oracles import judged_win_matrices, mean_win_probabilities
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        sampler = Sampler(job.budget, self.temperature)
+        sampler = Sampler(job.plan, self.temperature)
         judge_tokens = [0]
 
         def label(path, prompts: list, round_number: int) -> tuple[list[dict], dict]:
             samples = sampler.samples(path, prompts, self.samples, seed=round_seed(job.seed, round_number, self.samples))
             judge = LocalHFJudge(str(path), max_output_chars=self.max_output_chars, device=device,
-                                 batch_size=2 * job.budget.micro_batch_pairs, config_key=f"method_params.{self.name}")
+                                 batch_size=job.plan.sequence_batch, config_key=f"method_params.{self.name}")
             matrices, judgments = judged_win_matrices(judge, prompts, samples)
             del judge
             judge_tokens[0] += judged_prompt_tokens(judgments)

@@ -24,9 +24,9 @@ class SFT:
         from transformers import AutoTokenizer
         from trl import SFTConfig, SFTTrainer
 
-        arguments = trl_arguments(job, examples_per_pair=1, learning_rate=self.learning_rate)
+        arguments = trl_arguments(job, learning_rate=self.learning_rate)
         config = SFTConfig(**arguments, completion_only_loss=True)
-        train = Dataset.from_list(to_conversational(job.data["train"]))
+        train = Dataset.from_list(to_conversational(job.plan.rows))
         trainer = SFTTrainer(
             model=str(job.start_checkpoint),
             args=config,
@@ -35,7 +35,7 @@ class SFT:
             peft_config=peft_config(job),
         )
         trainer.train()
-        passes = epochs_fraction(trainer, len(train), job.budget.batch_pairs)
+        passes = epochs_fraction(trainer, job)
         lengths = sum(min(len(ids), config.max_length) for ids in trainer.train_dataset["input_ids"])
         return finish(trainer, job, examples=round(passes * len(train)), pairs=passes * len(train),
                       policy_tokens=round(passes * lengths), reference_tokens=0)

@@ -129,7 +129,7 @@ def test_budget_validation_and_flops():
     cfg = compose_sweep()
     budget = Budget.from_config(cfg.budget)
     plain = OmegaConf.to_container(cfg.budget)
-    assert budget.gradient_accumulation() == 2 and budget.planned_steps() == 2
+    assert not hasattr(budget, "planned_steps")  # derived numbers are the training plan's (tests/test_training_plan.py)
     with pytest.raises(HarnessError, match=r"budget\.pairs=5000 but hh-harmless has only 2051"):
         Budget.from_config({**plain, "pairs": 5000}).check_fits(2051, "hh-harmless")
     with pytest.raises(HarnessError, match=r"not a multiple of budget\.micro_batch_pairs"):

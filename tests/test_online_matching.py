@@ -142,7 +142,10 @@ def test_ppo_applies_the_budgets_precision(tmp_path, tiny_model, monkeypatch):
     from safetensors.torch import load_file
 
     import methods.ppo as ppo
+    from transformers import AutoTokenizer
+
     from harness.protocols import TrainingJob
+    from harness.train.plan import plan_training
     from harness.train.rewards import ShortAnswers
 
     seen = []
@@ -155,10 +158,12 @@ def test_ppo_applies_the_budgets_precision(tmp_path, tiny_model, monkeypatch):
     monkeypatch.setattr(ppo, "completion_logprobs", spy)
     rows = [{"prompt": [{"role": "user", "content": f"Request {n}: please describe the sea."}], "chosen": "Yes.",
              "rejected": "No."} for n in range(4)]
-    job = TrainingJob(start_checkpoint=tiny_model, output_dir=tmp_path / "out", data={"train": rows, "heldout": []},
-                      budget=budget(precision="bf16", max_completion_tokens=4, match="examples"), seed=0,
+    method = PPO(ppo_epochs=1, learning_rate=1e-3)
+    plan = plan_training(budget(precision="bf16", max_completion_tokens=4, match="examples"), method, rows, [],
+                         AutoTokenizer.from_pretrained(tiny_model))
+    job = TrainingJob(start_checkpoint=tiny_model, output_dir=tmp_path / "out", plan=plan, seed=0,
                       scratch_dir=tmp_path / "scratch", reward=ShortAnswers(max_chars=32))
-    outcome = PPO(ppo_epochs=1, learning_rate=1e-3).train(job)
+    outcome = method.train(job)
     assert outcome.extra["precision"] == "bf16" and outcome.optimizer_steps == 2  # 4 prompts, 2 per rollout
     assert seen and set(seen) == {torch.bfloat16}, seen  # every log-prob pass: old, reference and trained
     assert all(math.isfinite(c["loss"]) for c in outcome.curves)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from harness.run import registry
 from harness.train.budget import Budget
 from harness.protocols import TrainingJob
 from harness.records import read_records
+from harness.train.plan import plan_training
 
 OWN = ["rdpo", "dpop", "beta_dpo", "npo", "sdpo"]
 REPO = Path(__file__).resolve().parent.parent
@@ -33,10 +35,15 @@ def budget(**changes) -> Budget:
                                               {"batch_pairs": 2, **changes}))
 
 
+PAIR_METHOD = SimpleNamespace(data_view="pairs")  # what the plan reads of every own-loss method: it trains on pairs
+
+
 def job_for(start: Path, folder: Path, reference_cache: Path, **budget_changes) -> TrainingJob:
-    return TrainingJob(start_checkpoint=start, output_dir=folder / "out", data={"train": ROWS, "heldout": []},
-                       budget=budget(**budget_changes), seed=0, scratch_dir=folder / "scratch",
-                       reference_cache_dir=reference_cache)
+    from transformers import AutoTokenizer
+
+    plan = plan_training(budget(**budget_changes), PAIR_METHOD, ROWS, [], AutoTokenizer.from_pretrained(start))
+    return TrainingJob(start_checkpoint=start, output_dir=folder / "out", plan=plan, seed=0,
+                       scratch_dir=folder / "scratch", reference_cache_dir=reference_cache)
 
 
 def test_own_methods_train_through_the_cli_and_share_the_reference_cache(tmp_path, cache_dir):
@@ -88,8 +95,8 @@ def test_reference_cache_hit_returns_the_stored_logprobs(tiny_model, tmp_path):
 
     store = tmp_path / "reference"
     job = job_for(tiny_model, tmp_path, store)
-    first = pairwise_trainer(job, ROWS, start=tiny_model, beta=0.1, learning_rate=1e-6)  # TRL's own sigmoid loss
-    second = pairwise_trainer(job, ROWS, start=tiny_model, beta=0.1, learning_rate=1e-6,
+    first = pairwise_trainer(job, start=tiny_model, beta=0.1, learning_rate=1e-6)  # TRL's own sigmoid loss
+    second = pairwise_trainer(job, start=tiny_model, beta=0.1, learning_rate=1e-6,
                               pairwise_loss=partial(rdpo_loss, beta=0.1, alpha=0.01))
     assert first.reference_cache_status == {"train": "miss"}
     assert second.reference_cache_status == {"train": "hit"}
@@ -98,13 +105,13 @@ def test_reference_cache_hit_returns_the_stored_logprobs(tiny_model, tmp_path):
     entries = list(store.iterdir())
     assert len(entries) == 1 and entries[0].suffix == ".safetensors"  # one entry, no leftover temporary file
 
-    uncached = pairwise_trainer(job_for(tiny_model, tmp_path, None), ROWS, start=tiny_model, beta=0.1, learning_rate=1e-6)
+    uncached = pairwise_trainer(job_for(tiny_model, tmp_path, None), start=tiny_model, beta=0.1, learning_rate=1e-6)
     assert uncached.reference_cache_status == {"train": "off"}
     for column in CACHE_COLUMNS:
         assert uncached.train_dataset[column] == pytest.approx(first.train_dataset[column], rel=1e-6, abs=1e-5)
 
     # other lengths are another key: a miss, and a second entry
-    shorter = pairwise_trainer(job_for(tiny_model, tmp_path, store, max_completion_tokens=8), ROWS, start=tiny_model,
+    shorter = pairwise_trainer(job_for(tiny_model, tmp_path, store, max_completion_tokens=8), start=tiny_model,
                                beta=0.1, learning_rate=1e-6)
     assert shorter.reference_cache_status == {"train": "miss"} and len(list(store.iterdir())) == 2
 

@@ -65,7 +65,8 @@ def test_bradley_terry_reward_trains_is_cached_and_records_heldout_accuracy(tmp_
     assert reward.kind == "bradley-terry" and reward.cache_hit is False
     info = json.loads((reward.path / MODEL_INFO).read_text())
     assert info["heldout_pairs"] == 8 and info["heldout_accuracy"] == reward.heldout_accuracy
-    assert info["consumed"]["optimizer_steps"] == budget.planned_steps() and info["consumed"]["flops"] > 0
+    assert info["consumed"]["optimizer_steps"] == 8 and info["consumed"]["flops"] > 0  # budget=toy: 32 pairs, 4 a step
+    assert info["consumed"]["pairs"] == 32
     # the toy preference ("Certainly, happy to help." over "No.") is learnable: held-out accuracy well above chance
     assert reward.heldout_accuracy > 0.75, info
     assert reward.parameters > 0 and reward.path.parent == tmp_path / "rewards"

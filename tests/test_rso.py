@@ -12,8 +12,14 @@ from conftest import REPO, run_cli
 from harness.run import registry
 from harness.errors import HarnessError
 from harness.train.matching import ModelSizes
+from harness.train.plan import plan_training
 from harness.records import read_records
 from methods.rso import RSO, anchored_rewards, games_per_prompt, rank_pairs, statistical_rejection_sampling
+
+
+def sampling_plan(budget):
+    """A plan without rows: what ``Sampler`` reads of it (the completion length cap and the sequence batch)."""
+    return plan_training(budget, RSO(), [], [], tokenizer=None)
 
 
 def uniforms(*values: float):
@@ -175,7 +181,7 @@ def test_rso_trains_through_the_cli_on_reward_labelled_pairs(tmp_path, cache_dir
     reward = ShortAnswers(max_chars=32)
 
     def mean_reward(path) -> float:
-        samples = Sampler(budget, 0.5).samples(path, prompts, 16, seed=7)
+        samples = Sampler(sampling_plan(budget), 0.5).samples(path, prompts, 16, seed=7)
         return sum(map(sum, score_samples(reward, prompts, samples))) / (16 * len(prompts))
 
     before = mean_reward(cache_dir / "models" / "tiny-random-3")
@@ -220,10 +226,11 @@ def test_top_k_restricts_sampling(tiny_model):
     budget = Budget.from_config({**OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "budget" / "toy.yaml")),
                                  "max_completion_tokens": 6})
     prompts = [[{"role": "user", "content": f"Tell me about item {i}."}] for i in range(4)]
-    greedy = [texts[0] for texts in Sampler(budget, 1.0).complete(tiny_model, prompts)]
-    top_1 = Sampler(budget, 5.0, top_k=1).samples(tiny_model, prompts, 2, seed=3)
+    plan = sampling_plan(budget)
+    greedy = [texts[0] for texts in Sampler(plan, 1.0).complete(tiny_model, prompts)]
+    top_1 = Sampler(plan, 5.0, top_k=1).samples(tiny_model, prompts, 2, seed=3)
     assert all(texts == [g, g] for texts, g in zip(top_1, greedy))
-    free = Sampler(budget, 5.0).samples(tiny_model, prompts, 2, seed=3)
+    free = Sampler(plan, 5.0).samples(tiny_model, prompts, 2, seed=3)
     assert any(texts != [g, g] for texts, g in zip(free, greedy))
     with pytest.raises(HarnessError, match=r"top_k=0 must be a positive number of tokens or null"):
         RSO(top_k=0)
@@ -232,7 +239,7 @@ def test_top_k_restricts_sampling(tiny_model):
 def test_rso_without_a_reward_names_the_key(tmp_path, tiny_model):
     from harness.protocols import TrainingJob
 
-    job = TrainingJob(start_checkpoint=tiny_model, output_dir=tmp_path / "out", data={"train": [], "heldout": []},
-                      budget=None, seed=0, scratch_dir=tmp_path / "scratch")
+    job = TrainingJob(start_checkpoint=tiny_model, output_dir=tmp_path / "out", plan=None, seed=0,
+                      scratch_dir=tmp_path / "scratch")
     with pytest.raises(HarnessError, match=r"set reward=<name> \(conf/reward/\) or \+method_params\.rso\.judge"):
         RSO().train(job)

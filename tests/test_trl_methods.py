@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+from types import SimpleNamespace
 
 import pytest
 from omegaconf import OmegaConf
@@ -16,6 +17,7 @@ from harness.run import registry
 from harness.train.budget import Budget
 from harness.protocols import TrainingJob
 from harness.records import read_records
+from harness.train.plan import plan_training
 from harness.train.trl_support import trl_arguments
 from methods.cdpo import conservative_dpo_loss, robust_label_smoothing_for
 from methods.kto import kto_class_weights
@@ -32,9 +34,14 @@ def micro_budget(**changes) -> Budget:
     return dataclasses.replace(Budget.from_config(OmegaConf.load(REPO / "conf" / "budget" / "micro.yaml")), **changes)
 
 
-def make_job(tmp_path, start, rows=(), budget=None) -> TrainingJob:
-    return TrainingJob(start_checkpoint=start, output_dir=tmp_path / "out", data={"train": list(rows), "heldout": []},
-                       budget=budget or micro_budget(), seed=0, scratch_dir=tmp_path / "scratch")
+def make_job(tmp_path, start, rows=(), budget=None, method=SimpleNamespace(data_view="pairs")) -> TrainingJob:
+    """A job on ``rows`` under ``budget`` (``budget=micro``), planned as the sweep plans it (no rows: no tokenizer)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(start) if rows else None
+    plan = plan_training(budget or micro_budget(), method, list(rows), [], tokenizer)
+    return TrainingJob(start_checkpoint=start, output_dir=tmp_path / "out", plan=plan, seed=0,
+                       scratch_dir=tmp_path / "scratch")
 
 
 def trl_dpo_loss_types() -> set[str]:
@@ -66,7 +73,7 @@ def test_dpo_alias_selects_a_loss_trl_implements(tmp_path, name):
     dpo = method.dpo if name == "cdpo" else method  # cDPO wraps methods.dpo.DPO (see methods/cdpo.py)
     assert dpo.loss_type == DPO_ALIASES[name]
     assert dpo.loss_type in trl_dpo_loss_types(), f"TRL's DPOTrainer no longer implements {dpo.loss_type!r}"
-    arguments = trl_arguments(make_job(tmp_path, tmp_path), examples_per_pair=1, learning_rate=dpo.learning_rate)
+    arguments = trl_arguments(make_job(tmp_path, tmp_path), learning_rate=dpo.learning_rate)
     config = DPOConfig(**arguments, beta=dpo.beta, loss_type=[dpo.loss_type], label_smoothing=dpo.label_smoothing)
     assert config.loss_type == [DPO_ALIASES[name]]
     if name == "exo":
@@ -77,7 +84,7 @@ def test_slic_maps_margin_and_weight_onto_trl(tmp_path):
     from trl import DPOConfig
 
     method = registry.instantiate("method", "slic", {"margin": 2.0, "sft_weight": 0.25}, params_key="method_params")
-    arguments = trl_arguments(make_job(tmp_path, tmp_path), examples_per_pair=1, learning_rate=method.learning_rate)
+    arguments = trl_arguments(make_job(tmp_path, tmp_path), learning_rate=method.learning_rate)
     config = DPOConfig(**arguments, **method.trl_options())
     assert config.loss_type == ["hinge", "sft"] and config.loss_weights == [1.0, 0.25]
     assert config.beta == pytest.approx(0.5)  # TRL's hinge relu(1 − βΔ) has margin 1/β
@@ -158,7 +165,7 @@ def test_all_new_methods_train_in_one_matched_sweep(tmp_path, cache_dir):
     assert sorted(by_method) == sorted(NEW_METHODS) and len(records) == len(NEW_METHODS)
     assert all(r["status"] == "ok" for r in records), {r["method"]: r["reason"] for r in records if r["status"] != "ok"}
     steps = {name: r["consumed"]["optimizer_steps"] for name, r in by_method.items()}
-    assert set(steps.values()) == {micro_budget().planned_steps()}, steps  # matched: the same optimizer steps
+    assert set(steps.values()) == {1}, steps  # matched: the same optimizer steps (budget=micro: 4 pairs, one batch)
     assert {r["consumed"]["pairs"] for r in records} == {micro_budget().pairs}
     for name, record in by_method.items():
         consumed = record["consumed"]
@@ -182,7 +189,7 @@ def test_training_changes_every_trainable_parameter(tmp_path, tiny_model, name):
 
     method = registry.instantiate("method", name, {"learning_rate": 1e-2}, params_key="method_params")
     budget = micro_budget(pairs=len(PAIRS), batch_pairs=2, micro_batch_pairs=2)  # 4 optimizer steps
-    outcome = method.train(make_job(tmp_path, tiny_model, PAIRS, budget))
+    outcome = method.train(make_job(tmp_path, tiny_model, PAIRS, budget, method))
     assert outcome.optimizer_steps == 4 and outcome.pairs == len(PAIRS)
     before = dict(AutoModelForCausalLM.from_pretrained(tiny_model).named_parameters())
     after = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "out").named_parameters())

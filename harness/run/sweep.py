@@ -28,10 +28,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness.run import registry
 from harness.train.budget import Budget, ResourceMeter, training_flops
-from harness.inputs.data import budget_rows, is_binary, load_preference_rows, pair_count, split_data, truncate_rows, view_rows
+from harness.inputs.data import is_binary, load_preference_rows, pair_count, split_data
 from harness.errors import HarnessError, SkipRun
 from harness.train.feedback import feedback_from_config
-from harness.train.matching import ModelSizes, match_quality, matched_training
+from harness.train.matching import ModelSizes, match_quality
+from harness.train.plan import cut_to_budget, plan_training
 from harness.inputs.models import resolve_checkpoint
 from harness.inputs.paths import atomic_write_text
 from harness.protocols import Checkpoint, RewardContext, TaskContext, TrainingJob
@@ -197,17 +198,9 @@ class Sweep:
             log.info("  checkpoint %s cached", run_id)
             return target, json.loads(marker.read_text())["consumed"]
         tokenizer = AutoTokenizer.from_pretrained(start)
-
-        def prepare(rows):
-            cut = truncate_rows(rows, tokenizer, max_prompt_tokens=budget.max_prompt_tokens,
-                                max_completion_tokens=budget.max_completion_tokens)
-            return view_rows(cut, method.data_view)
-
         staging = target.with_name(f".{run_id}.{os.getpid()}.tmp")
         shutil.rmtree(staging, ignore_errors=True)
         train_rows = self.train_rows if human_labels else self.feedback_train_rows
-        pairs = truncate_rows(budget_rows(train_rows, budget.pairs), tokenizer, max_prompt_tokens=budget.max_prompt_tokens,
-                              max_completion_tokens=budget.max_completion_tokens)
         reward = None
         if getattr(method, "needs_reward", False):  # online / RL methods: a reward model or programmatic reward
             from harness.train.rewards import build_reward
@@ -216,11 +209,9 @@ class Sweep:
                 start_checkpoint=start, train_pairs=train_rows, heldout_pairs=self.heldout_rows,
                 budget=self.stage_budget, cache_dir=self.cache / "rewards", device=self.device, results_dir=self.results))
         sizes = ModelSizes.of(start, reward, tokenizer) if budget.match != "examples" else None  # online cost models
-        budget, pairs, matching = matched_training(budget, method, pairs, tokenizer, sizes,
-                                                   heldout_prompts=len(self.heldout_rows))
-        job = TrainingJob(start_checkpoint=start, output_dir=staging, reward=reward,
-                          data={"train": view_rows(pairs, method.data_view), "heldout": prepare(self.heldout_rows)},
-                          budget=budget, seed=budget.seed, scratch_dir=self.cache / "scratch" / run_id,
+        plan = plan_training(budget, method, train_rows, self.heldout_rows, tokenizer, sizes=sizes)  # once per run
+        job = TrainingJob(start_checkpoint=start, output_dir=staging, reward=reward, plan=plan, seed=budget.seed,
+                          scratch_dir=self.cache / "scratch" / run_id,
                           reference_cache_dir=self.cache / "reference_logprobs", cache_root=self.cache)
         with ResourceMeter() as meter:
             outcome = method.train(job)
@@ -235,7 +226,8 @@ class Sweep:
             "flops": training_flops(parameters, outcome.policy_tokens, outcome.reference_tokens),
             "wall_seconds": round(meter.wall_seconds, 2),
             "peak_memory_mib": round(meter.peak_memory_mib, 1),
-            **matching,
+            **plan.matching,
+            **plan.record(),
             **outcome.extra,
         }
         consumed.update(match_quality(consumed))  # consumed / target under budget.match=tokens|flops
@@ -467,9 +459,7 @@ class Sweep:
 
         key = str(start)
         if key not in self._heldout:
-            self._heldout[key] = truncate_rows(self.heldout_rows, AutoTokenizer.from_pretrained(start),
-                                               max_prompt_tokens=self.budget.max_prompt_tokens,
-                                               max_completion_tokens=self.budget.max_completion_tokens)
+            self._heldout[key] = cut_to_budget(self.heldout_rows, AutoTokenizer.from_pretrained(start), self.budget)
         return self._heldout[key]
 
     def selection_pairs(self, start: Path) -> list[dict]:
@@ -481,9 +471,8 @@ class Sweep:
             return self.heldout_pairs(start)[-self.cfg.tune.heldout_pairs:]
         key = f"selection:{start}"
         if key not in self._heldout:
-            self._heldout[key] = truncate_rows(self.feedback_selection_rows, AutoTokenizer.from_pretrained(start),
-                                               max_prompt_tokens=self.budget.max_prompt_tokens,
-                                               max_completion_tokens=self.budget.max_completion_tokens)
+            self._heldout[key] = cut_to_budget(self.feedback_selection_rows, AutoTokenizer.from_pretrained(start),
+                                               self.budget)
         return self._heldout[key]
 
 

@@ -2,7 +2,9 @@
 
 A budget is ``conf/budget/<name>.yaml``. The effective batch is counted in preference pairs;
 a method on the ``unpaired`` view gets two examples per pair, so it takes the same number of
-optimizer steps over the same pairs as DPO does.
+optimizer steps over the same pairs as DPO does. A budget is what was configured and is never rewritten;
+what a run derives from it (visits, optimizer steps, micro-batch, accumulation, cut rows) is its training plan,
+``harness.train.plan.plan_training``.
 
 FLOPs are estimated the usual way (Kaplan et al. 2020): 6·N per trained token (forward and
 backward) and 2·N per forward-only token (reference scoring), N = the policy's parameter count.
@@ -10,7 +12,6 @@ backward) and 2·N per forward-only token (reference scoring), N = the policy's 
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 import time
@@ -86,17 +87,6 @@ class Budget:
                 f"budget {self.name}: budget.batch_pairs={self.batch_pairs} exceeds budget.pairs={self.pairs}; "
                 f"no full optimizer step fits"
             )
-
-    def gradient_accumulation(self, world_size: int = 1) -> int:
-        per_step = self.micro_batch_pairs * world_size
-        if self.batch_pairs % per_step:
-            raise HarnessError(
-                f"budget.batch_pairs={self.batch_pairs} is not divisible by micro_batch_pairs×devices={per_step}"
-            )
-        return self.batch_pairs // per_step
-
-    def planned_steps(self) -> int:
-        return self.epochs * math.ceil(self.pairs / self.batch_pairs)
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -60,7 +60,7 @@ policy tokens), ``match_estimate`` (the pre-training estimate / target) and ``ma
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from harness.train.budget import Budget
@@ -194,14 +194,17 @@ def matched_visits(budget: Budget, method, lengths: list[tuple[int, int, int]], 
 
 
 def matched_training(budget: Budget, method, train_pairs: list[dict], tokenizer, sizes: ModelSizes | None = None,
-                     heldout_prompts: int = 0) -> tuple[Budget, list[dict], dict]:
-    """The budget and pair list a method actually trains on, and a note for the record."""
+                     heldout_prompts: int = 0) -> tuple[list[dict], int, dict]:
+    """The pair list a method trains on, the passes it makes over them, and a note for the record.
+
+    The budget is not changed: ``examples`` gives its pairs for ``budget.epochs`` passes, ``tokens`` / ``flops``
+    the pairs cycled to the matched visits for one pass (``harness.train.plan.plan_training`` calls this)."""
     # Binary feedback (harness.inputs.data): budget.pairs = P buys its first 2·P examples, an unpaired example being half a
     # pair, so ``examples`` matching holds as on pairs (KTO: same steps). The tokens / flops targets are a pair
     # method's cost on the budget's pairs, which binary data do not have: the sweep refuses them up front.
     pairs = budget_rows(train_pairs, budget.pairs)
     if budget.match == "examples":
-        return budget, pairs, {"match": "examples"}
+        return pairs, budget.epochs, {"match": "examples"}
     if is_binary(pairs):
         raise HarnessError(f"budget.match={budget.match} needs preference pairs; binary feedback data take "
                            f"budget.match=examples")
@@ -216,7 +219,7 @@ def matched_training(budget: Budget, method, train_pairs: list[dict], tokenizer,
     if not plan.met:
         note["match_problem"] = (f"{getattr(method, 'name', 'method')} needs at least {visits} prompt visits, estimated "
                                  f"at {plan.estimate / plan.target:.2f}× the {budget.match} target; raise budget.pairs")
-    return replace(budget, pairs=visits, epochs=1), cycled, note
+    return cycled, 1, note
 
 
 def match_quality(consumed: dict) -> dict:

@@ -111,7 +111,7 @@ class JudgeOracle:
         from harness.evaluate.judges import build_judge
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.judge = build_judge(config, device=device, batch_size=2 * job.budget.micro_batch_pairs,
+        self.judge = build_judge(config, device=device, batch_size=job.plan.sequence_batch,
                                  config_key=f"method_params.{name}.judge", cache_dir=job.cache_root)
         self.judge_tokens, self.judgments, self.consistent = 0, 0, []
 

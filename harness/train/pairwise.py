@@ -14,9 +14,9 @@ from harness.protocols import TrainingJob, TrainingOutcome
 from harness.train.trl_support import count_tokens, epochs_fraction, finish, peft_config, to_conversational, trl_arguments
 
 
-def pairwise_trainer(job: TrainingJob, rows: list[dict], *, start: Path, beta: float, learning_rate: float,
+def pairwise_trainer(job: TrainingJob, *, start: Path, beta: float, learning_rate: float,
                      pairwise_loss=None, **dpo_options):
-    """A DPO trainer on pair ``rows`` starting from (and referenced to) the checkpoint ``start``.
+    """A DPO trainer on the pairs of ``job.plan`` starting from (and referenced to) the checkpoint ``start``.
 
     ``pairwise_loss`` (see ``harness.train.trl_extensions``) replaces TRL's loss; ``dpo_options`` go to
     ``DPOConfig`` (``loss_type``, ``label_smoothing``, ...). Reference log-probs are precomputed
@@ -28,12 +28,12 @@ def pairwise_trainer(job: TrainingJob, rows: list[dict], *, start: Path, beta: f
 
     from harness.train.trl_extensions import HarnessDPOTrainer
 
-    arguments = trl_arguments(job, examples_per_pair=1, learning_rate=learning_rate)
+    arguments = trl_arguments(job, learning_rate=learning_rate)
     config = DPOConfig(**arguments, beta=beta, precompute_ref_log_probs=True, **dpo_options)
     return HarnessDPOTrainer(
         model=str(start),
         args=config,
-        train_dataset=Dataset.from_list(to_conversational(rows)),
+        train_dataset=Dataset.from_list(to_conversational(job.plan.rows)),
         processing_class=AutoTokenizer.from_pretrained(start),
         peft_config=peft_config(job),
         pairwise_loss=pairwise_loss,
@@ -42,7 +42,7 @@ def pairwise_trainer(job: TrainingJob, rows: list[dict], *, start: Path, beta: f
     )
 
 
-def pairwise_usage(trainer, job: TrainingJob, rows: int) -> dict:
+def pairwise_usage(trainer, job: TrainingJob) -> dict:
     """What a trained pair trainer consumed, as ``finish`` keyword arguments.
 
     Policy tokens count every pass the trainer made; reference tokens are what the method needs
@@ -50,7 +50,8 @@ def pairwise_usage(trainer, job: TrainingJob, rows: int) -> dict:
     read them from the shared cache, so a method's consumed FLOPs do not depend on the order of the
     sweep; ``reference_tokens_scored_here`` (0 on a cache hit) says what this run paid.
     """
-    passes = epochs_fraction(trainer, rows, job.budget.batch_pairs)
+    passes = epochs_fraction(trainer, job)
+    rows = len(job.plan.rows)
     tokens = count_tokens(trainer.train_dataset, ["chosen_ids", "rejected_ids"], trainer.args.max_length)
     status = trainer.reference_cache_status.get("train", "off")
     return dict(examples=round(passes * rows), pairs=passes * rows, policy_tokens=round(passes * tokens),
@@ -62,11 +63,10 @@ def pairwise_usage(trainer, job: TrainingJob, rows: int) -> dict:
 def train_pairwise(job: TrainingJob, *, beta: float, learning_rate: float, pairwise_loss=None,
                    **dpo_options) -> TrainingOutcome:
     """Train on ``job``'s pairs from its starting checkpoint and save the policy (see ``pairwise_trainer``)."""
-    rows = job.data["train"]
-    trainer = pairwise_trainer(job, rows, start=job.start_checkpoint, beta=beta, learning_rate=learning_rate,
+    trainer = pairwise_trainer(job, start=job.start_checkpoint, beta=beta, learning_rate=learning_rate,
                                pairwise_loss=pairwise_loss, **dpo_options)
     trainer.train()
-    return finish(trainer, job, **pairwise_usage(trainer, job, len(rows)))
+    return finish(trainer, job, **pairwise_usage(trainer, job))
 
 
 @dataclass(frozen=True)

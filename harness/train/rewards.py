@@ -18,7 +18,7 @@ Kinds:
   eq. 1; Ouyang et al. 2022, eq. 1). It starts from the setting's starting checkpoint with a fresh
   scalar head (``AutoModelForSequenceClassification``, ``num_labels=1``) and trains on the first
   ``budget.pairs`` pairs of the train split, cut to the budget's lengths exactly as methods see them
-  (``harness.inputs.data.truncate_rows``); the budget is the sweep's ``stage_budget``. After training its
+  (``harness.train.plan.cut_to_budget``); the budget is the sweep's ``stage_budget``. After training its
   scores are shifted so that the mean score of the training pairs' chosen responses is 0 — the
   reward normalization of Huang et al. 2024 (§6, "normalize the reward on SFT demonstrations"),
   which keeps the KL penalty's β meaningful. Its pairwise accuracy on the first
@@ -52,6 +52,18 @@ from harness.identity import config_hash
 log = logging.getLogger("harness")
 KINDS = ("bradley-terry", "short-answers", "path")
 MODEL_INFO = "reward_model.json"  # written beside a cached reward model: accuracy, normalization, cost
+
+
+@dataclass(frozen=True)
+class RewardModelTraining:
+    """What the training plan (``harness.train.plan.plan_training``) needs to know of a Bradley-Terry reward model:
+    it trains on pairs, one example a pair."""
+
+    name: str = "bradley-terry"
+    data_view: str = "pairs"
+
+
+REWARD_MODEL = RewardModelTraining()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,18 +241,15 @@ def bradley_terry_reward(cfg, context) -> ModelReward:
     """Train (or load from the cache) the Bradley-Terry reward model of ``context`` (see module docstring)."""
     from transformers import AutoTokenizer
 
-    from harness.inputs.data import truncate_rows, view_rows
+    from harness.train.plan import plan_training
 
     budget = context.budget
     start = Path(context.start_checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(start)
-
-    def cut(rows):
-        return view_rows(truncate_rows(rows, tokenizer, max_prompt_tokens=budget.max_prompt_tokens,
-                                       max_completion_tokens=budget.max_completion_tokens), "pairs")
-
-    train = cut(context.train_pairs[: budget.pairs])
-    heldout = cut(context.heldout_pairs[: int(cfg.get("heldout_pairs", 64))])
+    heldout_rows = context.heldout_pairs[: int(cfg.get("heldout_pairs", 64))]
+    # not one of the compared methods: the budget's pairs for its epochs, whatever budget.match
+    plan = plan_training(budget, REWARD_MODEL, context.train_pairs, heldout_rows, tokenizer, match=False)
+    train, heldout = plan.rows, plan.heldout
     settings = {k: cfg.get(k) for k in ("learning_rate", "normalize", "center_rewards_coefficient")}
     identity = {"kind": "bradley-terry", "start": {"path": str(start.resolve()), "weights": weight_identity(start)},
                 "train": train, "heldout": heldout, "budget": budget.as_dict(), "settings": settings}
@@ -253,14 +262,13 @@ def bradley_terry_reward(cfg, context) -> ModelReward:
         log.info("  reward: Bradley-Terry reward model %s cached", key)
     else:
         log.info("  reward: training a Bradley-Terry reward model on %d pairs (%s)", len(train), key)
-        _train_bradley_terry(cfg, context, start, train, heldout, summary, target)
+        _train_bradley_terry(cfg, context, start, plan, summary, target)
     reward = ModelReward.from_path(target, device=context.device, batch_size=int(cfg.get("batch_size", 8)))
     reward.cache_hit = hit
     return reward
 
 
-def _train_bradley_terry(cfg, context, start: Path, train: list[dict], heldout: list[dict], summary: dict,
-                         target: Path) -> None:
+def _train_bradley_terry(cfg, context, start: Path, plan, summary: dict, target: Path) -> None:
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer
@@ -270,7 +278,7 @@ def _train_bradley_terry(cfg, context, start: Path, train: list[dict], heldout: 
     from harness.protocols import TrainingJob
     from harness.train.trl_support import to_conversational, trl_arguments
 
-    budget = context.budget
+    budget, train, heldout = plan.budget, plan.rows, plan.heldout
     staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     scratch = target.with_name(f".{target.name}.{os.getpid()}.scratch")
@@ -280,9 +288,8 @@ def _train_bradley_terry(cfg, context, start: Path, train: list[dict], heldout: 
     else:  # no chat template (a pretrained base): plain HH text, as harness.evaluate.logprobs.render scores it
         rows = [{"prompt": "".join(f"\n\n{PLAIN_ROLES[m['role']]}: {m['content']}" for m in r["prompt"]) + "\n\nAssistant:",
                  "chosen": " " + r["chosen"], "rejected": " " + r["rejected"]} for r in train]
-    job = TrainingJob(start_checkpoint=start, output_dir=staging, data={}, budget=budget, seed=budget.seed,
-                      scratch_dir=scratch)
-    arguments = trl_arguments(job, examples_per_pair=1, learning_rate=float(cfg.learning_rate))
+    job = TrainingJob(start_checkpoint=start, output_dir=staging, plan=plan, seed=budget.seed, scratch_dir=scratch)
+    arguments = trl_arguments(job, learning_rate=float(cfg.learning_rate))
     config = RewardConfig(**arguments, center_rewards_coefficient=cfg.get("center_rewards_coefficient"))
     began = time.perf_counter()
     trainer = RewardTrainer(model=str(start), args=config, train_dataset=Dataset.from_list(rows),
@@ -310,7 +317,7 @@ def _train_bradley_terry(cfg, context, start: Path, train: list[dict], heldout: 
     parameters = model.parameters
     info = {**summary, "identity": {"kind": "bradley-terry", "key": summary["key"]}, "bias": bias,
             "heldout_accuracy": accuracy, "heldout_accuracy_stderr": stderr, "heldout_pairs": len(heldout),
-            "consumed": {"optimizer_steps": steps, "pairs": len(train) * budget.epochs, "trained_tokens": trained_tokens,
+            "consumed": {"optimizer_steps": steps, "pairs": plan.visits, "trained_tokens": trained_tokens,
                          "scored_tokens": model.tokens_scored, "parameters": parameters,
                          "flops": 6.0 * parameters * trained_tokens + 2.0 * parameters * model.tokens_scored,
                          "wall_seconds": round(time.perf_counter() - began, 2)}}

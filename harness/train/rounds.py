@@ -10,7 +10,7 @@ for ``budget.match=tokens|flops`` share (``harness.train.matching``).
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 from harness.errors import HarnessError
@@ -58,13 +58,13 @@ def train_in_rounds(job: TrainingJob, *, name: str, rounds: int, label: Callable
     Saves the kept round into ``job.output_dir``.
     """
     budget = job.budget
-    prompts = [row["prompt"] for row in job.data["train"]]
+    prompts = [row["prompt"] for row in job.plan.rows]
     size = len(prompts) // rounds
     if size < budget.batch_pairs:
         raise HarnessError(f"{name}: {len(prompts)} prompts in {rounds} rounds leave {size} per round, "
                            f"fewer than budget.batch_pairs={budget.batch_pairs}; raise budget.pairs or lower rounds")
     chunks = [prompts[r * size: (r + 1) * size] for r in range(rounds)]
-    heldout = [row["prompt"] for row in job.data["heldout"][:heldout_prompts]]
+    heldout = [row["prompt"] for row in job.plan.heldout[:heldout_prompts]]
     if heldout_score is not None and not heldout:
         raise HarnessError(f"{name}: no held-out prompts for the stopping rule; set data.heldout_pairs > 0")
 
@@ -82,8 +82,7 @@ def train_in_rounds(job: TrainingJob, *, name: str, rounds: int, label: Callable
             stopped_early = True
             break
         output = job.scratch_dir / f"round-{round_number}"
-        sub_job = TrainingJob(start_checkpoint=current, output_dir=output, data={"train": pairs, "heldout": []},
-                              budget=replace(budget, pairs=len(pairs)), seed=job.seed,
+        sub_job = TrainingJob(start_checkpoint=current, output_dir=output, plan=job.plan.for_rows(pairs), seed=job.seed,
                               scratch_dir=job.scratch_dir / f"round-{round_number}-trainer",
                               reference_cache_dir=job.reference_cache_dir)
         outcome = round_method.train(sub_job)
@@ -119,14 +118,15 @@ def train_in_rounds(job: TrainingJob, *, name: str, rounds: int, label: Callable
 
 
 class Sampler:
-    """Completions of chat prompts from a checkpoint, up to ``budget.max_completion_tokens`` new tokens.
+    """Completions of chat prompts from a checkpoint, up to ``budget.max_completion_tokens`` new tokens, in batches of
+    the training plan's ``sequence_batch`` (``harness.train.plan``).
 
     ``tokens`` counts prompt + completion tokens of every sequence generated (re-tokenized): the forward-only
     generation cost in policy tokens.
     """
 
-    def __init__(self, budget, temperature: float, top_k: int | None = None):
-        self.budget, self.temperature, self.top_k, self.tokens = budget, temperature, top_k, 0
+    def __init__(self, plan, temperature: float, top_k: int | None = None):
+        self.plan, self.temperature, self.top_k, self.tokens = plan, temperature, top_k, 0
 
     def complete(self, path, prompts: list, *, seeds: list[int] | None = None) -> list[list[str]]:
         """Per prompt, one sampled completion per seed (loading the model once), or one greedy one without seeds."""
@@ -141,8 +141,8 @@ class Sampler:
         prompt_tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
         columns = []
         for seed in seeds if seeds is not None else [None]:
-            outputs = generate(model, tokenizer, texts, max_new_tokens=self.budget.max_completion_tokens,
-                               batch_size=2 * self.budget.micro_batch_pairs, do_sample=seed is not None,
+            outputs = generate(model, tokenizer, texts, max_new_tokens=self.plan.budget.max_completion_tokens,
+                               batch_size=self.plan.sequence_batch, do_sample=seed is not None,
                                temperature=self.temperature, top_k=self.top_k, seed=seed or 0, device=device)
             self.tokens += prompt_tokens + sum(len(tokenizer(o, add_special_tokens=False)["input_ids"]) for o in outputs)
             columns.append(outputs)

@@ -46,13 +46,12 @@ def train_sampling_method(job: TrainingJob, config_class, trainer_class, *, lear
     budget = job.budget
     tokenizer = AutoTokenizer.from_pretrained(job.start_checkpoint)
     reward_function = trl_reward_function(job.reward, tokenizer)
-    arguments = trl_arguments(job, examples_per_pair=num_generations, learning_rate=learning_rate)
+    arguments = trl_arguments(job, learning_rate=learning_rate)  # the plan: k completions a prompt, μ steps a batch
     arguments.pop("max_length")  # prompts are already cut to the budget; completions by max_completion_length
-    arguments["max_steps"] = budget.planned_steps() * num_iterations
     config = config_class(**arguments, num_generations=num_generations, temperature=temperature,
                           max_completion_length=budget.max_completion_tokens, num_iterations=num_iterations,
                           **options)
-    prompts = Dataset.from_list([{"prompt": row["prompt"]} for row in job.data["train"]])
+    prompts = Dataset.from_list([{"prompt": row["prompt"]} for row in job.plan.rows])
     trainer = trainer_class(model=str(job.start_checkpoint), reward_funcs=reward_function, args=config,
                             train_dataset=prompts, processing_class=tokenizer, peft_config=peft_config(job))
     before = job.reward.tokens_scored

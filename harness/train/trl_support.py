@@ -1,5 +1,5 @@
-"""Plain functions every TRL-backed method adapter shares: the budget → TRL arguments mapping,
-chat-format conversion, token accounting and saving.
+"""Plain functions every TRL-backed method adapter shares: the training plan → TRL arguments mapping
+(``harness.train.plan``), chat-format conversion, token accounting and saving.
 
 Keeping these here (and TRL imports inside each adapter) means a TRL release that moves a
 trainer touches one adapter file.
@@ -8,58 +8,43 @@ trainer touches one adapter file.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
-from harness.train.budget import Budget
 from harness.protocols import TrainingJob, TrainingOutcome
 
-# Slack for the chat template's own tokens (role markers, system prompt) on top of the budget's
-# prompt + completion lengths; TRL truncates the whole sequence to max_length.
-TEMPLATE_TOKENS = 48
 
+def trl_arguments(job: TrainingJob, *, learning_rate: float) -> dict:
+    """Keyword arguments shared by every TRL config class: the job's plan (``harness.train.plan``) as TRL reads it.
 
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def precision_flags(precision: str) -> dict:
-    import torch
-
-    if precision == "auto":
-        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        precision = "bf16" if cuda_bf16 else "fp32"
-    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
-
-
-def trl_arguments(job: TrainingJob, *, examples_per_pair: int, learning_rate: float) -> dict:
-    """Keyword arguments shared by every TRL config class, from the sweep's budget.
-
-    ``examples_per_pair`` is 1 for pair methods and 2 for unpaired ones, so both take the same
-    number of optimizer steps over the same pairs.
+    The one budget → trainer mapping: micro-batch, accumulation, passes and the planned optimizer steps
+    (``max_steps``, so every trainer takes exactly the plan's steps), warm-up, length cap and precision come from
+    the plan; optimizer, schedule, decay, clipping and seed are the budget's as configured.
     """
-    budget: Budget = job.budget
+    plan = job.plan
+    budget = plan.budget
     return dict(
         output_dir=str(job.scratch_dir),
-        per_device_train_batch_size=budget.micro_batch_pairs * examples_per_pair,
-        gradient_accumulation_steps=budget.gradient_accumulation(world_size()),
-        num_train_epochs=budget.epochs,
+        per_device_train_batch_size=plan.micro_batch,
+        gradient_accumulation_steps=plan.gradient_accumulation,
+        num_train_epochs=plan.epochs,
+        max_steps=plan.optimizer_steps,
         learning_rate=learning_rate,
         lr_scheduler_type=budget.lr_scheduler,
-        warmup_steps=budget.warmup_ratio,  # transformers ≥5 reads a float < 1 as a ratio
+        warmup_steps=plan.warmup_steps,
         weight_decay=budget.weight_decay,
         max_grad_norm=budget.max_grad_norm,
         optim=budget.optimizer,
         seed=budget.seed,
         data_seed=budget.seed,
-        max_length=budget.max_prompt_tokens + budget.max_completion_tokens + TEMPLATE_TOKENS,
+        max_length=plan.max_length,
         logging_steps=1,
         save_strategy="no",
         report_to=[],
         remove_unused_columns=False,
         dataloader_num_workers=0,
-        **precision_flags(budget.precision),
+        bf16=plan.precision == "bf16",
+        fp16=plan.precision == "fp16",
     )
 
 
@@ -121,10 +106,11 @@ def finish(trainer, job: TrainingJob, *, examples: int, pairs: float, policy_tok
     )
 
 
-def epochs_fraction(trainer, dataset_len: int, batch_examples: int) -> float:
-    """How many passes over the data the trainer actually made (1.0 = each example once)."""
-    steps = trainer.state.global_step
-    return min(steps * batch_examples / max(dataset_len, 1), float(trainer.args.num_train_epochs))
+def epochs_fraction(trainer, job: TrainingJob) -> float:
+    """How many passes over the plan's rows the trainer actually made (1.0 = each row once)."""
+    plan = job.plan
+    rows_per_step = plan.micro_batch * plan.gradient_accumulation * plan.world_size
+    return min(trainer.state.global_step * rows_per_step / max(len(plan.rows), 1), float(plan.epochs))
 
 
 def write_json(path: Path, value) -> None:
