@@ -6,15 +6,31 @@ examples as a DPO batch over the same pairs and both take the same optimizer ste
 
 Loss (eq. 8): L = E[ λ_y − v(x, y) ] with
   v = λ_D·σ(β(r(x,y) − z0)) for desirable y,  λ_U·σ(β(z0 − r(x,y))) for undesirable y,
-  r = log πθ(y|x)/π_ref(y|x), z0 = a batch estimate of KL(πθ‖π_ref) from mismatched pairs.
+  r = log πθ(y|x)/π_ref(y|x), z0 = a micro-batch estimate of KL(πθ‖π_ref) from mismatched pairs.
 The paper recommends λ_D·n_D / (λ_U·n_U) ∈ [1, 4/3]. By default (``desirable_weight`` and
 ``undesirable_weight`` null) the weights are set from the training rows' own counts n_D, n_U
 (``kto_class_weights``: λ_U = 1, λ_D = ``weight_ratio``·n_U/n_D): balanced data from pairs gives
 λ_D = λ_U = 1, natively unpaired binary feedback (``harness.inputs.data``, ``format: binary``) whatever
 corrects its imbalance. The record's ``consumed`` says which counts and weights were used.
+
+The mismatched pairs of z0: TRL (1.16, ``KTOTrainer._prepare_dataset``) gives each row of a micro-batch the
+completion of the row before it (the first row: the last row's) and trains the rows in order (sequential sampler).
+The unpaired view puts a pair's chosen and rejected rows side by side, which paired half the KL completions with
+their own prompt; ``kl_batch_order`` reorders the rows within each optimizer step (the same rows, so the same steps
+over the same pairs). What holds:
+
+* every KL pair joins a completion to another prompt, unless one prompt fills more than half a micro-batch (a last
+  step of a single pair; binary feedback repeating a prompt that often), where no order can avoid it;
+* on preference pairs with distinct prompts no micro-batch repeats a prompt when a step has two or more full
+  micro-batches (budget=micro, smoke, standard); budget=toy's steps are one micro-batch, holding both rows of a pair.
+
+The record's ``consumed.kl_pairs_sharing_prompt`` counts the KL pairs that share a prompt in the dataset TRL built.
 """
 
 from __future__ import annotations
+
+import json
+from collections import Counter
 
 from harness.errors import HarnessError
 from harness.protocols import TrainingJob, TrainingOutcome
@@ -59,32 +75,112 @@ class KTO:
             weights["weighted_ratio"] = round(desirable_weight * desirable / (undesirable_weight * undesirable), 4)
         return weights
 
-    def train(self, job: TrainingJob) -> TrainingOutcome:
+    def trainer(self, job: TrainingJob):
+        """TRL's KTOTrainer over the plan's rows in ``kl_batch_order``, ready to train (its dataset prepared)."""
         from datasets import Dataset
         from transformers import AutoTokenizer
         from trl import KTOConfig, KTOTrainer
 
-        weights = self.class_weights(job.plan.rows)
+        plan = job.plan
+        weights = self.class_weights(plan.rows)
         arguments = trl_arguments(job, learning_rate=self.learning_rate)
         config = KTOConfig(**arguments, beta=self.beta, desirable_weight=weights["desirable_weight"],
                            undesirable_weight=weights["undesirable_weight"])
-        train = Dataset.from_list(to_conversational(job.plan.rows))
-        trainer = KTOTrainer(
+        rows = kl_batch_order(plan.rows, micro_batch=plan.micro_batch,
+                              step_rows=plan.micro_batch * plan.gradient_accumulation * plan.world_size)
+        return KTOTrainer(
             model=str(job.start_checkpoint),
             args=config,
-            train_dataset=train,
+            train_dataset=Dataset.from_list(to_conversational(rows)),
             processing_class=AutoTokenizer.from_pretrained(job.start_checkpoint),
             peft_config=peft_config(job),
         )
+
+    def train(self, job: TrainingJob) -> TrainingOutcome:
+        trainer = self.trainer(job)
+        config = trainer.args
+        shared = kl_pairs_sharing_prompt(trainer.train_dataset, config.per_device_train_batch_size)
         trainer.train()
+        rows = len(job.plan.rows)
         passes = epochs_fraction(trainer, job)
         trained = count_tokens(trainer.train_dataset, ["completion_ids"], config.max_length)
         kl_columns = ["KL_completion_ids"] if "KL_completion_ids" in trainer.train_dataset.column_names else []
         kl = count_tokens(trainer.train_dataset, kl_columns, config.max_length) if kl_columns else 0
         # The policy's KL-estimate pass runs without gradients: forward-only, like the reference's two passes.
-        return finish(trainer, job, examples=round(passes * len(train)), pairs=passes * len(train) / 2,
+        return finish(trainer, job, examples=round(passes * rows), pairs=passes * rows / 2,
                       policy_tokens=round(passes * trained), reference_tokens=round(passes * (trained + 2 * kl)),
-                      extra={"class_weights": weights})
+                      extra={"class_weights": self.class_weights(job.plan.rows), "kl_pairs_sharing_prompt": shared})
+
+
+def kl_batch_order(rows: list[dict], *, micro_batch: int, step_rows: int) -> list[dict]:
+    """``rows`` reordered within each optimizer step (``step_rows`` consecutive rows) so that TRL's KL pairs are
+    mismatched: each row of a ``micro_batch`` gets the previous row's completion (the first: the last row's).
+
+    Per step, the rows, grouped by prompt and largest group first, each go to the micro-batch holding the fewest rows
+    of their prompt (then the one with most room), which spreads a prompt over different micro-batches; then each
+    micro-batch is ordered by ``_no_neighbour_shares_a_prompt``.
+    """
+    ordered = []
+    for start in range(0, len(rows), step_rows):
+        step = rows[start:start + step_rows]
+        room = [min(micro_batch, len(step) - first) for first in range(0, len(step), micro_batch)]
+        batches, prompts = [[] for _ in room], [Counter() for _ in room]
+        for row in _grouped_by_prompt(step):
+            key = prompt_key(row)
+            batch = min((index for index, free in enumerate(room) if free),
+                        key=lambda index: (prompts[index][key], -room[index]))
+            batches[batch].append(row)
+            prompts[batch][key] += 1
+            room[batch] -= 1
+        ordered += [row for batch in batches for row in _no_neighbour_shares_a_prompt(batch)]
+    return ordered
+
+
+def prompt_key(row: dict) -> str:
+    return json.dumps(row["prompt"], sort_keys=True)
+
+
+def _grouped_by_prompt(rows: list[dict]) -> list[dict]:
+    """``rows`` with each prompt's rows together, the prompts with most rows first (ties: first seen first)."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(prompt_key(row), []).append(row)
+    return [row for group in sorted(groups.values(), key=len, reverse=True) for row in group]
+
+
+def _no_neighbour_shares_a_prompt(batch: list[dict]) -> list[dict]:
+    """``batch`` in an order where no row (cyclically) follows a row of its own prompt, whenever one exists.
+
+    The rows grouped by prompt, largest group first, fill the even places, then the odd ones; neighbours then share a
+    prompt only if it holds more than half the rows, and then every cyclic order has such a neighbour.
+    """
+    grouped = _grouped_by_prompt(batch)
+    half = (len(grouped) + 1) // 2
+    out = [None] * len(grouped)
+    out[0::2], out[1::2] = grouped[:half], grouped[half:]
+    return out
+
+
+def kl_sources(length: int, micro_batch: int) -> list[int]:
+    """For each row of a TRL KTO training dataset of ``length`` rows, the row whose completion is its KL completion:
+    the previous row in its micro-batch of ``micro_batch`` consecutive rows, the first taking the last's."""
+    sources = []
+    for start in range(0, length, micro_batch):
+        size = min(micro_batch, length - start)
+        sources += [start + (offset - 1) % size for offset in range(size)]
+    return sources
+
+
+def kl_pairs_sharing_prompt(dataset, micro_batch: int) -> int:
+    """How many KL pairs of TRL's prepared KTO dataset join a completion to its own prompt (token ids compared)."""
+    if "KL_completion_ids" not in dataset.column_names:
+        return 0
+    prompts, completions = dataset["prompt_ids"], dataset["completion_ids"]
+    sources = kl_sources(len(dataset), micro_batch)
+    if any(kl != completions[source] for kl, source in zip(dataset["KL_completion_ids"], sources)):
+        raise HarnessError("TRL's KTOTrainer no longer takes each row's KL completion from the previous row of its "
+                           "micro-batch; revisit methods/kto.py (kl_batch_order)")
+    return sum(prompts[row] == prompts[source] for row, source in enumerate(sources))
 
 
 def kto_class_weights(n_desirable: int, n_undesirable: int, ratio: float = 1.0) -> tuple[float, float]:

@@ -140,6 +140,7 @@ def test_kto_trains_on_binary_feedback_through_the_cli(tmp_path, cache_dir):
     assert weights["desirable_examples"] < weights["undesirable_examples"]  # one desirable in three
     assert weights["desirable_weight"] == pytest.approx(weights["undesirable_examples"] / weights["desirable_examples"])
     assert weights["weighted_ratio"] == pytest.approx(1.0)
+    assert consumed["kl_pairs_sharing_prompt"] == 0  # every KL completion meets another prompt (methods/kto.py)
     # held out: 32 examples (8 desirable); the trained implicit reward ranks desirable above undesirable
     details = kto["task_details"]
     assert (details["examples"], details["desirable"], details["undesirable"]) == (32, 8, 24)
