@@ -38,6 +38,7 @@ from harness.inputs.paths import atomic_write_text
 from harness.protocols import Checkpoint, RewardContext, TaskContext, TrainingJob
 from harness.identity import config_hash
 from harness.records import append_record, finished_keys, now, versions, write_samples
+from harness.run.progress import Heartbeat, quiet_progress_bars
 from harness.run.spec import START, RunSpec, ScoreKey, differences, shipped_choices, variant_name
 
 log = logging.getLogger("harness")
@@ -65,6 +66,7 @@ class Sweep:
         self.task_names = list(cfg.tasks)
         self.settings = list(cfg.settings)
         self._versions = versions()
+        self.heartbeat = Heartbeat(cfg.get("heartbeat_seconds", 30))  # a line at least this often while a stage runs
         self._starts: dict[str, StartPoint] = {}
         self._heldout: dict[str, list[dict]] = {}
 
@@ -183,7 +185,8 @@ class Sweep:
             return StartPoint(setting, identity, skip_reason=f"its base setting {base_setting!r} is skipped: {base.skip_reason}")
         stage_id = config_hash(identity)
         log.info("setting %s: deriving from %s by %s (stage %s)", setting, base_setting, stage, stage_id)
-        path, consumed = self.train(method, base.path, self.stage_budget, stage_id, human_labels=True)
+        with self.heartbeat.stage(f"deriving setting {setting} by {stage}"):
+            path, consumed = self.train(method, base.path, self.stage_budget, stage_id, human_labels=True)
         return StartPoint(setting, identity, path=path, consumed=consumed)
 
     # 4. training ------------------------------------------------------------------------
@@ -260,7 +263,8 @@ class Sweep:
                                           heldout_pairs=self.heldout_pairs(checkpoint.reference_path or checkpoint.path),
                                           cache_root=self.cache)
                     log.info("  %s: scoring", task_name)
-                    result = task.evaluate(checkpoint, context)
+                    with self.heartbeat.stage(f"scoring {task_name}"):
+                        result = task.evaluate(checkpoint, context)
                     record["metrics"] = {name: {"value": m.value, "stderr": m.stderr, "higher_is_better": m.higher_is_better}
                                          for name, m in result.metrics.items()}
                     record["task_details"] = result.details
@@ -285,7 +289,8 @@ class Sweep:
             "cpu" if self.cfg.device == "auto" else self.cfg.device)
         self.results.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.results / "sweep_config.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
-        self.label_feedback()
+        with self.heartbeat.stage("labelling training pairs (AI feedback)"):
+            self.label_feedback()
         if self.cfg.get("published"):  # an experiment's published reference numbers, shown beside ours
             atomic_write_text(self.results / "published.json",
                               json.dumps(OmegaConf.to_container(self.cfg.published), indent=1))
@@ -294,7 +299,8 @@ class Sweep:
         log.info("sweep %s: %d runs × %d tasks → %s", self.cfg.name, len(units), len(self.tasks), self.results)
         for index, (setting, method_name) in enumerate(units, start=1):
             log.info("[%d/%d] %s · %s", index, len(units), setting, method_name)
-            start = self.start_point(setting)
+            with self.heartbeat.stage(f"preparing the {setting} starting checkpoint"):
+                start = self.start_point(setting)
             method, arguments, tuning = self.methods.get(method_name), self.method_arguments.get(method_name), None
             if method_name != START and self.cfg.tune.trials and start.path is not None:
                 method, arguments, tuning = self.tune(method_name, start)
@@ -311,7 +317,8 @@ class Sweep:
                 self.score(unit, self._checkpoint(start.path, setting, reference=None), start.consumed, done)
                 continue
             try:
-                path, consumed = self.train(method, start.path, self.budget, unit["run_id"])
+                with self.heartbeat.stage(f"training {unit['variant']}"):
+                    path, consumed = self.train(method, start.path, self.budget, unit["run_id"])
             except HarnessError:
                 raise
             except Exception as error:
@@ -325,7 +332,8 @@ class Sweep:
             self.score(unit, self._checkpoint(path, setting, reference=start.path), consumed, done)
         from harness.report.leaderboard import build_leaderboard
 
-        outputs = build_leaderboard(self.results)
+        with self.heartbeat.stage("building the leaderboard"):
+            outputs = build_leaderboard(self.results)
         return outputs["markdown"]
 
     def tune(self, name: str, start: StartPoint) -> tuple[object, dict, dict]:
@@ -361,7 +369,8 @@ class Sweep:
             log.info("  tune %s trial %d/%d %s", name, index, tune.trials, params)
             trial = {"params": params, "run_id": run_id, "selected_by": f"heldout_{kind}_accuracy"}
             try:
-                path, consumed = self.train(method, start.path, self.budget, run_id)
+                with self.heartbeat.stage(f"tuning {name}: trial {index}/{tune.trials}"):
+                    path, consumed = self.train(method, start.path, self.budget, run_id)
                 policy = cached_pair_logps(path, pairs, self.cache / "tasks", batch_size=self.cfg.eval_batch_size,
                                            device=self.device)
                 value, stderr, _ = preference_accuracy(policy, reference)[kind]
@@ -521,5 +530,11 @@ def _failure(error: Exception, results: Path, run_id: str) -> str:
 
 
 def run_sweep(cfg: DictConfig) -> Path:
+    if not cfg.get("progress_bars", False):
+        quiet_progress_bars()
     registry.activate_plugins(cfg.get("plugins"))  # again here: a multirun job may run in a process of its own
-    return Sweep(cfg).run()
+    sweep = Sweep(cfg)
+    try:
+        return sweep.run()
+    finally:
+        sweep.heartbeat.close()
