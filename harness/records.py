@@ -81,7 +81,7 @@ def read_records(folder: Path) -> list[dict]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
-            raise HarnessError(f"{path}:{number}: not a JSON record ({error.msg}); remove the line") from None
+            raise HarnessError(f"{path}:{number}: not a JSON record ({error.msg}); fix or remove the line") from None
         problem = record_problem(record)
         if problem:
             raise HarnessError(f"{path}:{number}: {problem}; fix or remove the line")
