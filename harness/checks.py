@@ -146,7 +146,8 @@ def _type_hints(cls) -> dict:
 
 
 def _is_instance(value, hint) -> bool:
-    """``isinstance`` for the annotations plug-ins use: int, float (an int too), bool, str, dict, list[X], X | None."""
+    """``isinstance`` for the annotations plug-ins use: int, float (an int too), bool, str (a whole number too), dict,
+    list[X], X | None."""
     origin, parts = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         return any(_is_instance(value, part) for part in parts)
@@ -156,8 +157,10 @@ def _is_instance(value, hint) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    if hint in (bool, str):
-        return isinstance(value, hint)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is str:  # Hydra reads version=2 as the number 2: digits pass for a string
+        return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
     if hint is dict or origin is dict:
         return isinstance(value, dict)
     if hint is list or origin is list:
@@ -173,5 +176,5 @@ def _describe(hint) -> str:
     if hint is list or origin is list:
         plural = {float: "numbers", int: "whole numbers", bool: "booleans", str: "strings", dict: "mappings"}
         return f"a list of {plural.get(parts[0], str(parts[0]))}" if parts else "a list"
-    return {float: "a number", int: "a whole number", bool: "true or false", str: "a string (quote numbers: '1')",
+    return {float: "a number", int: "a whole number", bool: "true or false", str: "a string",
             dict: "a mapping"}.get(origin or hint, str(hint))
