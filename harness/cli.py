@@ -113,24 +113,41 @@ def _write_instead(key: str, value: str) -> str:
 
 def check_composes(argv: list[str]) -> None:
     """Compose the config as Hydra will, so that an unknown key or a broken ``${...}`` is one line, not Hydra's page.
-    Under ``-m`` Hydra composes each job itself."""
+    Under ``-m`` every job is composed and validated (``Sweep.validate``) here, before Hydra writes its sweep folder."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     from harness.errors import HarnessError
     from harness.run.registry import CONF_DIR
 
-    if any(argument in ("-m", "--multirun", "-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir")
-           or argument.startswith(("--config-", "-c")) for argument in argv):
+    if any(argument in ("-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir")
+           or argument.startswith("--config-") for argument in argv):
         return
+    multirun = any(argument in ("-m", "--multirun") for argument in argv)
     overrides = [argument for argument in argv if "=" in argument and not argument.startswith("-")]
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-                OmegaConf.to_container(compose(config_name="sweep", overrides=overrides), resolve=True)
-    except Exception as error:
-        raise HarnessError(_composition_problem(error)) from None
+    jobs = [overrides]
+    if multirun:
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        jobs = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(overrides), None)[0]
+    configs = []
+    for job in jobs:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+                    configs.append(compose(config_name="sweep", overrides=job))
+                    OmegaConf.to_container(configs[-1], resolve=True)
+        except Exception as error:
+            raise HarnessError(_composition_problem(error)) from None
+    if multirun:
+        from harness.run.registry import activate_plugins
+        from harness.run.sweep import Sweep
+
+        for cfg in configs:
+            activate_plugins(cfg.get("plugins"))
+            Sweep(cfg).validate()
 
 
 def _composition_problem(error: Exception) -> str:

@@ -145,6 +145,15 @@ def test_no_results_folder_for_a_refused_sweep(tmp_path, cache_dir):
     assert not results.exists()
 
 
+@pytest.mark.parametrize("sweep_override, fragment", [("eval_batch_size=4,0", "eval_batch_size=0 must be a whole number"),
+                                                     ("budget.pairz=1,2", "budget.pairz is not a key of the config")])
+def test_multirun_checks_every_job_before_hydra_writes_its_sweep_folder(tmp_path, cache_dir, sweep_override, fragment):
+    results = tmp_path / "results"
+    assert_refused(run_cli("sweep", "-m", *TINY, f"paths.results={results}", "name=t", sweep_override, cache=cache_dir),
+                   fragment)
+    assert not results.exists()  # no .multirun/<time>/multirun.yaml either
+
+
 def _mirror(tmp_path: Path, name: str, content: bytes) -> Path:
     mirror = tmp_path / "mirror"
     mirror.mkdir()
