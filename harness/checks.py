@@ -164,7 +164,7 @@ def _is_instance(value, hint) -> bool:
     if hint is dict or origin is dict:
         return isinstance(value, dict)
     if hint is list or origin is list:
-        return isinstance(value, list) and all(_is_instance(item, parts[0]) for item in value) if parts else isinstance(value, list)
+        return isinstance(value, list) and (not parts or all(_is_instance(item, parts[0]) for item in value))
     return True  # Any and anything more elaborate: not checked
 
 

@@ -107,7 +107,8 @@ def _write_instead(key: str, value: str) -> str:
     if bare in ("method", "task", *LIST_KEYS):
         names = [name for name in re.split(r"[\[\],\s]+", value) if name]
         listed = bare + "s" if bare in ("method", "task") else bare
-        return f"write {listed}=[{','.join(names)}]" + (" (a list: methods=[dpo,kto])" if len(names) < 2 and listed == "methods" else "")
+        several = f" (several: {listed}=[dpo,kto])" if listed == "methods" and len(names) < 2 else ""
+        return f"write {listed}=[{','.join(names)}]{several}"
     return f"write a list as {key}=[a,b], or quote a value holding , [ ] {{ }} or spaces: {key}='{value}'"
 
 
