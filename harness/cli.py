@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import warnings
 
@@ -51,14 +52,116 @@ def sweep_main(argv: list[str]) -> None:
             _fail(str(error))
         print(f"leaderboard: {leaderboard}", flush=True)
 
-    argv = expand_shorthands(argv)
     try:
-        argv = with_plugins(argv)
+        check_override_syntax(argv)
+        argv = with_plugins(expand_shorthands(argv))
         check_group_choices(argv)
+        check_composes(argv)
     except HarnessError as error:
         _fail(str(error))
     sys.argv = ["align-harness sweep", *argv]
     sweep()
+
+
+LIST_KEYS = ("methods", "tasks", "settings", "plugins")  # list-valued keys of conf/sweep.yaml
+
+
+def check_override_syntax(argv: list[str]) -> None:
+    """Parse every ``key=value`` with Hydra's own grammar first: a malformed one (``methods=[dpo``, ``method=dpo,``)
+    or a comma list without ``-m`` (which Hydra would read as a sweep) is refused in one line saying what to write."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    from harness.errors import HarnessError
+
+    parser = OverridesParser.create()
+    multirun = any(argument in ("-m", "--multirun") for argument in argv)
+    for argument in argv:
+        if argument.startswith("-") or "=" not in argument:
+            continue
+        key, _, value = argument.partition("=")
+        try:
+            override = parser.parse_overrides([argument])[0]
+        except OverrideParseException as error:
+            raise HarnessError(f"argument {argument!r} is not a valid override ({_syntax_problem(value, error)}); "
+                               f"{_write_instead(key, value)}") from None
+        if key.lstrip("+~") in ("method", "task") and value.startswith("["):
+            raise HarnessError(f"argument {argument!r}: {key}= takes one name; {_write_instead(key, value)}")
+        if override.is_sweep_override() and not multirun:
+            raise HarnessError(f"argument {argument!r} is a comma list, which Hydra sweeps (one run per value) only "
+                               f"under -m; {_write_instead(key, value)}, or add -m to sweep")
+
+
+def _syntax_problem(value: str, error: Exception) -> str:
+    if value.count("[") != value.count("]"):
+        return "its '[' and ']' do not pair up"
+    if value.count("{") != value.count("}"):
+        return "its '{' and '}' do not pair up"
+    if re.search(r"(^|[,\[])\s*(,|\]|$)", value) and "," in value:
+        return "an empty name before or after a ','"
+    return str(error).splitlines()[0]
+
+
+def _write_instead(key: str, value: str) -> str:
+    bare = key.lstrip("+~")
+    if bare in ("method", "task", *LIST_KEYS):
+        names = [name for name in re.split(r"[\[\],\s]+", value) if name]
+        listed = bare + "s" if bare in ("method", "task") else bare
+        several = f" (several: {listed}=[dpo,kto])" if listed == "methods" and len(names) < 2 else ""
+        return f"write {listed}=[{','.join(names)}]{several}"
+    return f"write a list as {key}=[a,b], or quote a value holding , [ ] {{ }} or spaces: {key}='{value}'"
+
+
+def check_composes(argv: list[str]) -> None:
+    """Compose the config as Hydra will, so that an unknown key or a broken ``${...}`` is one line, not Hydra's page.
+    Under ``-m`` every job is composed and validated (``Sweep.validate``) here, before Hydra writes its sweep folder."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from harness.errors import HarnessError
+    from harness.run.registry import CONF_DIR
+
+    if any(argument in ("-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir")
+           or argument.startswith("--config-") for argument in argv):
+        return
+    multirun = any(argument in ("-m", "--multirun") for argument in argv)
+    overrides = [argument for argument in argv if "=" in argument and not argument.startswith("-")]
+    jobs = [overrides]
+    if multirun:
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        jobs = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(overrides), None)[0]
+    configs = []
+    for job in jobs:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+                    configs.append(compose(config_name="sweep", overrides=job))
+                    OmegaConf.to_container(configs[-1], resolve=True)
+        except Exception as error:
+            raise HarnessError(_composition_problem(error)) from None
+    if multirun:
+        from harness.run.registry import activate_plugins
+        from harness.run.sweep import Sweep
+
+        for cfg in configs:
+            activate_plugins(cfg.get("plugins"))
+            Sweep(cfg).validate()
+
+
+def _composition_problem(error: Exception) -> str:
+    """Hydra's or OmegaConf's message, which spans lines, as one line with what to do."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    unknown = re.match(r"Could not override '([^']+)'", lines[0]) if lines else None
+    if unknown:
+        key = unknown.group(1)
+        return (f"{key} is not a key of the config (a typo?); to add a new key write +{key}=<value>; "
+                f"conf/sweep.yaml and conf/<group>/<name>.yaml list the keys")
+    full_key = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("full_key:")), None)
+    message = "; ".join(line.rstrip(".") for line in lines if not line.startswith(("full_key:", "object_type", "See ")))
+    return f"{full_key}: {message}; fix the value of {full_key}" if full_key else f"{message or type(error).__name__}"
 
 
 def expand_shorthands(argv: list[str]) -> list[str]:
@@ -95,7 +198,7 @@ def with_plugins(argv: list[str]) -> list[str]:
         if "=" in argument and not argument.startswith("-"):
             try:
                 override = parser.parse_override(argument)
-            except Exception:  # Hydra reports malformed overrides itself
+            except Exception:  # refused before this by check_override_syntax
                 pass
         if override is not None and override.key_or_group == "plugins" and not override.is_delete():
             values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]

@@ -59,11 +59,12 @@ class Method(Protocol):
     Optional attributes the harness reads: ``needs_reward`` (the job carries the sweep's reward),
     ``prompts_only`` (samples its own responses; the data's responses and labels are unused),
     ``forward_only_ratio`` and the cost-model hooks of ``harness.train.matching`` (``visit_cost``, ``run_cost``,
-    ``visit_granularity``), and the plan's (``harness.train.plan``): ``examples_per_pair``, ``updates_per_batch``.
+    ``visit_granularity``), the plan's (``harness.train.plan``): ``examples_per_pair``, ``updates_per_batch``, and
+    ``parameter_ranges`` (a parameter whose range differs from what its name means elsewhere, ``harness.checks``).
 
     Hyperparameters are the constructor's arguments, declared once in its signature and documented by a comment in
     ``conf/method/<name>.yaml``: the registry binds every one of them into the run spec (``harness.run.spec``), so
-    none can be left out of the run id.
+    none can be left out of the run id, and checks each by its annotation and name before any work.
     """
 
     name: str

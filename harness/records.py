@@ -81,12 +81,45 @@ def read_records(folder: Path) -> list[dict]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
-            raise HarnessError(f"{path}:{number}: not a JSON record ({error.msg}); remove the line") from None
-        missing = [field for field in REQUIRED_FIELDS if field not in record]
-        if missing:
-            raise HarnessError(f"{path}:{number}: record lacks field {missing[0]!r}; remove the line")
+            raise HarnessError(f"{path}:{number}: not a JSON record ({error.msg}); fix or remove the line") from None
+        problem = record_problem(record)
+        if problem:
+            raise HarnessError(f"{path}:{number}: {problem}; fix or remove the line")
         records.append(record)
     return records
+
+
+def record_problem(record) -> str | None:
+    """What makes ``record`` unreadable for the sweep and the leaderboard (None when nothing does): the required
+    fields, ``status``, and ``metrics`` as ``{name: {value: number|null, stderr: number|null, higher_is_better: bool}}``."""
+    if not isinstance(record, dict):
+        return f"a record is a JSON object, not {type(record).__name__}"
+    missing = [field for field in REQUIRED_FIELDS if field not in record]
+    if missing:
+        return f"record lacks field {missing[0]!r}"
+    for field in REQUIRED_FIELDS:
+        if not isinstance(record[field], str):
+            return f"field {field!r} is {record[field]!r}, not a string"
+    if record["status"] not in STATUSES:
+        return f"field 'status' is {record['status']!r}, not one of {', '.join(STATUSES)}"
+    metrics = record.get("metrics")
+    if metrics is None and record["status"] == "ok":
+        return "an ok record lacks field 'metrics'"
+    if metrics is not None and not isinstance(metrics, dict):
+        return f"field 'metrics' is {metrics!r}, not an object {{name: {{value, stderr, higher_is_better}}}}"
+    for name, metric in (metrics or {}).items():
+        if not isinstance(metric, dict):
+            return f"metrics.{name} is {metric!r}, not an object {{value, stderr, higher_is_better}}"
+        for part in ("value", "stderr"):
+            value = metric.get(part)
+            if part not in metric or isinstance(value, bool) or not (value is None or isinstance(value, (int, float))):
+                return f"metrics.{name}.{part} is {value!r}, not a number or null"
+        if not isinstance(metric.get("higher_is_better"), bool):
+            return f"metrics.{name}.higher_is_better is {metric.get('higher_is_better')!r}, not true or false"
+    for field in ("consumed", "budget"):
+        if record.get(field) is not None and not isinstance(record[field], dict):
+            return f"field {field!r} is {record[field]!r}, not an object"
+    return None
 
 
 def latest_records(records: list[dict]) -> list[dict]:

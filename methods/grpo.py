@@ -17,12 +17,14 @@ GRPO re-scores completions without gradients (old log-probs) only when ``num_ite
 
 from __future__ import annotations
 
+from harness.checks import Range
 from harness.protocols import TrainingJob, TrainingOutcome
 from harness.train.sampling import sampling_visit_cost, train_sampling_method
 
 
 class GRPO:
     data_view = "pairs"        # only the prompts are used
+    parameter_ranges = {"beta": Range(0)}  # beta is the KL coefficient here: 0 = no KL term (TRL's default)
     prompts_only = True        # samples its own responses: the data's responses and labels are unused
     reference_based = True
     needs_reward = True

@@ -26,12 +26,14 @@ sums for one prompt visit (k completions of prompt + ``budget.max_completion_tok
 
 from __future__ import annotations
 
+from harness.checks import Range
 from harness.protocols import TrainingJob, TrainingOutcome
 from harness.train.sampling import sampling_visit_cost, train_sampling_method
 
 
 class RLOO:
     data_view = "pairs"        # only the prompts are used
+    parameter_ranges = {"beta": Range(0)}  # beta is the KL coefficient here: 0 = no KL penalty
     prompts_only = True        # samples its own responses: the data's responses and labels are unused
     reference_based = True
     needs_reward = True

@@ -1,6 +1,6 @@
 """The real ``align-harness`` entry point end to end on ``tiny-random`` (fast) and on the embedded
-model (slow): training, scoring, records, resume, bad input. Adding a method or a task in two files, from a
-folder outside the repository: ``test_plugins.py``."""
+model (slow): training, scoring, records, resume. Bad input: ``test_bad_input.py``. Adding a method or a task in
+two files, from a folder outside the repository: ``test_plugins.py``."""
 
 from __future__ import annotations
 
@@ -96,30 +96,6 @@ def test_hub_checkpoint_offline_is_a_skipped_record_naming_the_key(tmp_path, cac
     records = read_records(tmp_path / "t")
     assert {r["status"] for r in records} == {"skipped"} and len(records) == 2
     assert all("set model.checkpoints.pretrained=" in r["reason"] for r in records)
-
-
-@pytest.mark.parametrize("override, message", [
-    ("methods=[dpo,nope]", "unknown method 'nope'; available: "),
-    ("tasks=[nope]", "unknown task 'nope'; available: "),
-    ("budget.pairs=100000", "budget.pairs=100000 but hh-harmless has only 2051 training pairs"),
-    ("model.checkpoints.instruct=/does/not/exist", "model.checkpoints.instruct=/does/not/exist: no model folder"),
-    ("settings=[chat]", "unknown setting 'chat'"),
-])
-def test_bad_input_is_one_line_nonzero_and_writes_no_record(tmp_path, cache_dir, override, message):
-    result = run_cli(*sweep_args(tmp_path, override), cache=cache_dir)
-    assert result.returncode == 2
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("align-harness: error: ") and message in last, result.stderr[-2000:]
-    assert not (tmp_path / "t" / "records.jsonl").exists()
-
-
-@pytest.mark.parametrize("override, group", [("model=nope", "model"), ("budget=nope", "budget"),
-                                             ("budget@stage_budget=nope", "budget"), ("data=nope", "data")])
-def test_unknown_family_budget_or_data_lists_the_available_ones(tmp_path, cache_dir, override, group):
-    result = run_cli("sweep", f"paths.results={tmp_path}", override, cache=cache_dir)
-    assert result.returncode == 2
-    assert result.stderr.strip().startswith(f"align-harness: error: unknown {group} 'nope'")
-    assert "available: " in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path, cache_dir):

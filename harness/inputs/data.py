@@ -36,9 +36,11 @@ import gzip
 import json
 import random
 import re
+import zlib
 from pathlib import Path
 from typing import Iterable
 
+from harness.checks import check_choice, check_int, check_str
 from harness.errors import HarnessError
 
 VIEWS = ("pairs", "unpaired", "sft")
@@ -163,14 +165,37 @@ def toy_binary_feedback_rows(size: int) -> Iterable[tuple[int, dict]]:
 
 
 def read_json_lines(path: Path) -> Iterable[tuple[int, dict]]:
-    """Yield (line number, object) from a .jsonl or .jsonl.gz file; a bad line names file and line."""
-    opener = gzip.open if path.suffix == ".gz" else open
+    """Yield (line number, object) from a .jsonl or .jsonl.gz file; a file or line that cannot be read (missing,
+    not gzip, cut short, not UTF-8, not JSON) names the file and line."""
     try:
-        handle = opener(path, "rt", encoding="utf-8")
+        handle = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
     except FileNotFoundError:
         raise HarnessError(f"data file {path} does not exist; set data_mirror=<folder> (or ALIGN_HARNESS_DATA)") from None
+    except OSError as error:
+        raise HarnessError(f"data file {path} cannot be opened ({error.strerror}); check data_mirror and "
+                           f"data.mirror_file") from None
+    number = 0
     with handle:
-        for number, line in enumerate(handle, start=1):
+        lines = iter(handle)
+        while True:
+            try:
+                raw = next(lines)
+            except StopIteration:
+                return
+            except gzip.BadGzipFile:
+                raise HarnessError(f"{path}: not a gzip file although named .gz; compress it (gzip) or drop the .gz "
+                                   f"from its name and from data.mirror_file") from None
+            except (EOFError, zlib.error):
+                raise HarnessError(f"{path}:{number + 1}: the gzip data ends early or is corrupt (a truncated "
+                                   f"download?); fetch the file again") from None
+            except OSError as error:
+                raise HarnessError(f"{path}:{number + 1}: cannot be read ({error}); fetch the file again") from None
+            number += 1
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise HarnessError(f"{path}:{number}: not UTF-8 text (byte {raw[error.start]:#04x} at column "
+                                   f"{error.start + 1}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -178,20 +203,34 @@ def read_json_lines(path: Path) -> Iterable[tuple[int, dict]]:
             except json.JSONDecodeError as error:
                 raise HarnessError(f"{path}:{number}: not valid JSON ({error.msg}); fix or remove the line") from None
             if not isinstance(value, dict):
-                raise HarnessError(f"{path}:{number}: expected a JSON object per line")
+                raise HarnessError(f"{path}:{number}: expected a JSON object per line; fix or remove the line")
             yield number, value
+
+
+def check_data_config(data_cfg) -> None:
+    """The data set config's fields, before any file is read: one line naming ``data.<field>``."""
+    check_str("data.name", data_cfg.get("name"))
+    check_choice("data.format", data_cfg.get("format"), FORMATS)
+    if data_cfg.format in ("toy", "toy-binary"):
+        check_int("data.size", data_cfg.get("size"), minimum=1)
+    held_out = "heldout_examples" if data_cfg.format in BINARY_FORMATS else "heldout_pairs"
+    if data_cfg.get(held_out) is None:
+        raise HarnessError(f"data set {data_cfg.name} sets no data.{held_out}; set data.{held_out}=<held-out "
+                           f"{held_out.split('_')[1]}> in conf/data/{data_cfg.name}.yaml")
+    check_int(f"data.{held_out}", data_cfg.get(held_out), minimum=0)
+    check_int("data.split_seed", data_cfg.get("split_seed"), minimum=0)
 
 
 def load_preference_rows(data_cfg, data_mirror: str | Path | None) -> tuple[list[dict], dict]:
     """Load and normalize every pair of a data set. Returns (rows, provenance)."""
-    normalize = FORMATS.get(data_cfg.format)
-    if normalize is None:
-        raise HarnessError(f"data.format={data_cfg.format!r} is unknown; available: {', '.join(FORMATS)}")
+    check_data_config(data_cfg)
+    normalize = FORMATS[data_cfg.format]
     rows, dropped = [], 0
     if data_cfg.format in ("toy", "toy-binary"):
         source = data_cfg.format
         raw = (toy_preference_rows if data_cfg.format == "toy" else toy_binary_feedback_rows)(int(data_cfg.size))
     elif data_mirror:
+        check_str("data.mirror_file", data_cfg.get("mirror_file"))
         path = Path(data_mirror).expanduser() / data_cfg.mirror_file
         source = str(path)
         raw = read_json_lines(path)
@@ -229,8 +268,9 @@ def _hub_rows(data_cfg) -> Iterable[tuple[int, dict]]:
 def split_rows(rows: list[dict], *, heldout: int, seed: int, key: str = "data.heldout_pairs",
                unit: str = "pairs") -> tuple[list[dict], list[dict]]:
     """Shuffle with ``seed`` and cut a fixed-size held-out set off the front; the rest is train."""
+    check_int(key, heldout, minimum=0)
     if heldout >= len(rows):
-        raise HarnessError(f"{key}={heldout} leaves no training {unit} (the data set has {len(rows)})")
+        raise HarnessError(f"{key}={heldout} leaves no training {unit} (the data set has {len(rows)}); lower {key}")
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     shuffled = [rows[i] for i in order]

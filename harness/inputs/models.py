@@ -52,6 +52,27 @@ def resolve_checkpoint(spec: str, *, cache_dir: Path, config_key: str) -> Path:
     return _hub_checkpoint(spec, cache_dir=cache_dir, config_key=config_key)
 
 
+def check_checkpoint_spec(spec, *, config_key: str) -> None:
+    """What ``resolve_checkpoint`` would refuse, found without loading or writing anything. A hub id is looked up only
+    when a run needs it (offline it becomes a ``skipped`` record); ``derived:`` specs are the sweep's to check."""
+    if not isinstance(spec, str) or not spec:
+        raise HarnessError(f"{config_key}={spec!r} is not a checkpoint; write a hub id, a local model folder, "
+                           f"embedded:<name> or tiny-random:<seed>")
+    if spec.startswith("embedded:"):
+        try:
+            embedded_gguf(spec.split(":", 1)[1])  # locates the package, loads nothing
+        except HarnessError as error:
+            raise HarnessError(f"{config_key}={spec}: {error}") from None
+    elif spec.startswith("tiny-random:"):
+        if not spec.split(":", 1)[1].isdigit():
+            raise HarnessError(f"{config_key}={spec}: write tiny-random:<seed>, e.g. tiny-random:1")
+    elif not spec.startswith("derived:"):
+        path = Path(spec).expanduser()
+        if (path.is_absolute() or spec.startswith((".", "~")) or path.exists()) and not (path / "config.json").exists():
+            raise HarnessError(f"{config_key}={spec}: no model folder there (no config.json); "
+                               f"set {config_key}=<local HF model folder>")
+
+
 def _hub_checkpoint(hub_id: str, *, cache_dir: Path, config_key: str) -> Path:
     try:
         from huggingface_hub import snapshot_download

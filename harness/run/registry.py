@@ -16,6 +16,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from harness.checks import check_arguments
 from harness.errors import HarnessError
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -101,8 +102,11 @@ def bound_arguments(group: str, name: str, overrides=None, *, params_key: str) -
 
 def build(group: str, name: str, overrides=None, *, params_key: str) -> tuple[object, dict]:
     """The object a group config's ``_target_`` names, built from the config's other keys, and those arguments
-    bound with every default (what a run spec records)."""
+    bound with every default (what a run spec records). Each argument is checked first (``harness.checks``): its
+    type by the signature's annotation, its range by its name."""
     cls, arguments = bound_arguments(group, name, overrides, params_key=params_key)
+    check_arguments(f"{params_key}.{name}", cls, {k: v for k, v in arguments.items() if k != "name"},
+                    what_to_do=f"align-harness describe {group} {name} lists its parameters")
     try:
         return cls(**arguments), arguments
     except TypeError as error:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import traceback
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from harness.checks import POSITIVE, check_bool, check_int, check_names, check_number, check_str, check_writable_folder
 from harness.run import registry
 from harness.train.budget import Budget, ResourceMeter, training_flops
 from harness.inputs.data import is_binary, load_preference_rows, pair_count, split_data
@@ -33,7 +35,7 @@ from harness.errors import HarnessError, SkipRun
 from harness.train.feedback import feedback_from_config
 from harness.train.matching import ModelSizes, match_quality
 from harness.train.plan import cut_to_budget, plan_training
-from harness.inputs.models import resolve_checkpoint
+from harness.inputs.models import check_checkpoint_spec, resolve_checkpoint
 from harness.inputs.paths import atomic_write_text
 from harness.protocols import Checkpoint, RewardContext, TaskContext, TrainingJob
 from harness.identity import config_hash
@@ -72,13 +74,15 @@ class Sweep:
 
     # 1. validation ------------------------------------------------------------------------
     def validate(self) -> None:
+        """Every input checked before any work: the sweep's own keys and paths, methods and tasks (each argument),
+        budgets, the data, the device, the records already in the results folder. Writes nothing."""
         cfg = self.cfg
+        check_sweep_config(cfg)
+        self.method_names, self.task_names, self.settings = list(cfg.methods), list(cfg.tasks), list(cfg.settings)
         for setting in self.settings:
             if setting not in SETTINGS:
                 raise HarnessError(f"settings: unknown setting {setting!r}; available: {', '.join(SETTINGS)}")
-            if not cfg.model.checkpoints.get(setting):
-                raise HarnessError(f"model {cfg.model.family} names no checkpoint for setting {setting!r}; "
-                                   f"set model.checkpoints.{setting}=<hub id or local path>")
+            check_checkpoints(cfg, setting)
         if not self.method_names and not cfg.include_start:
             raise HarnessError("nothing to do: methods is empty and include_start=false")
         self.methods, self.method_arguments = {}, {}
@@ -92,7 +96,7 @@ class Sweep:
         self.task_configs = {name: OmegaConf.to_container(registry.group_config("task", name, cfg.task_params.get(name)))
                              for name in self.task_names}
         self.budget = Budget.from_config(cfg.budget)
-        self.stage_budget = Budget.from_config(cfg.stage_budget)
+        self.stage_budget = Budget.from_config(cfg.stage_budget, key="stage_budget")
         rows, self.data_provenance = load_preference_rows(cfg.data, self.mirror)
         self.train_rows, self.heldout_rows = split_data(rows, cfg.data)
         self.budget.check_fits(pair_count(self.train_rows), cfg.data.name)  # binary feedback: two examples a pair
@@ -102,6 +106,8 @@ class Sweep:
         self.feedback_train_rows, self.feedback_selection_rows, self.feedback_record = self.train_rows, None, "human"
         if is_binary(self.train_rows):
             self.check_binary_feedback()
+        self.device = available_device(cfg.device)
+        self.done = finished_keys(self.results)  # a malformed record refuses the sweep here, before anything is written
 
     def check_binary_feedback(self) -> None:
         """Binary-feedback data (harness.inputs.data) have no pairs: refuse, before any work, whatever needs them."""
@@ -282,11 +288,7 @@ class Sweep:
 
     # the whole sweep -------------------------------------------------------------------
     def run(self) -> Path:
-        import torch
-
-        self.validate()
-        self.device = "cuda" if self.cfg.device == "auto" and torch.cuda.is_available() else (
-            "cpu" if self.cfg.device == "auto" else self.cfg.device)
+        self.validate()  # nothing is written before this passes
         self.results.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.results / "sweep_config.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
         with self.heartbeat.stage("labelling training pairs (AI feedback)"):
@@ -294,7 +296,7 @@ class Sweep:
         if self.cfg.get("published"):  # an experiment's published reference numbers, shown beside ours
             atomic_write_text(self.results / "published.json",
                               json.dumps(OmegaConf.to_container(self.cfg.published), indent=1))
-        done = finished_keys(self.results)
+        done = self.done
         units = [(s, m) for s in self.settings for m in ([START] if self.cfg.include_start else []) + self.method_names]
         log.info("sweep %s: %d runs × %d tasks → %s", self.cfg.name, len(units), len(self.tasks), self.results)
         for index, (setting, method_name) in enumerate(units, start=1):
@@ -483,6 +485,100 @@ class Sweep:
             self._heldout[key] = cut_to_budget(self.feedback_selection_rows, AutoTokenizer.from_pretrained(start),
                                                self.budget)
         return self._heldout[key]
+
+
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def check_sweep_config(cfg: DictConfig) -> None:
+    """The sweep's own keys (conf/sweep.yaml): names, lists, switches, tuning, evaluation settings and paths, each
+    refused in one line naming the key. Reads no file and writes nothing."""
+    def plain(key: str):
+        value = OmegaConf.select(cfg, key)
+        return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+    check_str("name", plain("name"))
+    settings = check_names("settings", plain("settings"), "instruct,sft")
+    if not settings:
+        raise HarnessError(f"settings is empty; name at least one of {', '.join(SETTINGS)}, e.g. settings=[instruct]")
+    check_names("methods", plain("methods"), "dpo,kto")
+    if not check_names("tasks", plain("tasks"), "truthfulqa_mc"):
+        raise HarnessError("tasks is empty; name at least one task, e.g. tasks=[truthfulqa_mc] "
+                           f"(available: {', '.join(registry.available('task'))})")
+    check_names("plugins", plain("plugins") or [], "../my-plugin")
+    check_bool("include_start", plain("include_start"))
+    for group in ("method", "task"):
+        params = plain(f"{group}_params")
+        if params is None:
+            continue
+        if not isinstance(params, dict):
+            raise HarnessError(f"{group}_params={params!r} must be a mapping; write +{group}_params.<name>.<key>=<value>")
+        for name, values in params.items():
+            if name not in registry.available(group):
+                raise HarnessError(f"{group}_params.{name}: unknown {group} {name!r}; available: "
+                                   f"{', '.join(registry.available(group))}")
+            if values is not None and not isinstance(values, dict):
+                raise HarnessError(f"{group}_params.{name}={values!r} must be a mapping; write "
+                                   f"+{group}_params.{name}.<key>=<value>")
+    check_int("tune.trials", plain("tune.trials"), minimum=0)
+    check_int("tune.heldout_pairs", plain("tune.heldout_pairs"), minimum=1)
+    check_int("tune.seed", plain("tune.seed"), minimum=0)
+    check_int("eval_batch_size", plain("eval_batch_size"), minimum=1)
+    check_number("heartbeat_seconds", plain("heartbeat_seconds"), POSITIVE)
+    check_bool("progress_bars", plain("progress_bars"))
+    device = plain("device")
+    if not isinstance(device, str) or not DEVICE.fullmatch(device):
+        raise HarnessError(f"device={device!r} is not a device; write device=auto, cpu, cuda, cuda:<index> or mps")
+    mirror = plain("data_mirror")
+    if mirror is not None:
+        check_str("data_mirror", mirror)
+        if not Path(mirror).expanduser().is_dir():
+            raise HarnessError(f"data_mirror={mirror} is not a folder; point it at the data mirror (laid out like "
+                               f"../shared/data) or set data_mirror=null to read the hub")
+    check_str("paths.results", plain("paths.results"))
+    check_str("paths.cache", plain("paths.cache"))
+    check_writable_folder("paths.results", Path(plain("paths.results")) / plain("name"))
+    check_writable_folder("paths.cache", Path(plain("paths.cache")))
+
+
+def check_checkpoints(cfg: DictConfig, setting: str, chain: tuple = ()) -> None:
+    """A setting's checkpoint spec (``harness.inputs.models.check_checkpoint_spec``) and, for a derived one, its stage
+    method and base setting, down the chain. Loads nothing."""
+    key = f"model.checkpoints.{setting}"
+    spec = cfg.model.checkpoints.get(setting)
+    if not spec:
+        raise HarnessError(f"model {cfg.model.family} names no checkpoint for setting {setting!r}; "
+                           f"set {key}=<hub id or local path>")
+    if setting in chain:
+        raise HarnessError(f"{key}: derived settings form a cycle {' -> '.join(chain + (setting,))}")
+    if not (isinstance(spec, str) and spec.startswith("derived:")):
+        check_checkpoint_spec(spec, config_key=key)
+        return
+    parts = spec.split(":")
+    if len(parts) != 3:
+        raise HarnessError(f"{key}={spec}: write derived:<stage method>:<base setting>")
+    _, stage, base = parts
+    if stage not in registry.available("method"):
+        raise HarnessError(f"{key}={spec}: unknown method {stage!r}; available: {', '.join(registry.available('method'))}")
+    if base not in SETTINGS:
+        raise HarnessError(f"{key}={spec}: unknown base setting {base!r}; available: {', '.join(SETTINGS)}")
+    check_checkpoints(cfg, base, chain + (setting,))
+
+
+def available_device(device: str) -> str:
+    """``device`` resolved (auto = cuda when there is one, else cpu); a device this machine lacks is refused."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise HarnessError(f"device={device}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                               f"write device=auto or device=cpu")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise HarnessError("device=mps: MPS is not available here; write device=auto or device=cpu")
+    return device
 
 
 def _hyperparameters(arguments: dict) -> dict:

@@ -15,8 +15,10 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, asdict, dataclass, field
 
+from harness.checks import Range, check_bool, check_choice, check_int, check_number, check_str
 from harness.errors import HarnessError
 
 MATCH_MODES = ("examples", "tokens", "flops")
@@ -52,29 +54,53 @@ class Budget:
     lora: LoraSpec = field(default_factory=LoraSpec)
 
     @classmethod
-    def from_config(cls, cfg) -> "Budget":
+    def from_config(cls, cfg, key: str = "budget") -> "Budget":
+        """A budget from its config (``key`` = the config key it sits under: budget or stage_budget), checked."""
         values = dict(cfg)
-        values["lora"] = LoraSpec(**dict(values.get("lora") or {}))
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(values) - known
         if unknown:
-            raise HarnessError(f"budget.{sorted(unknown)[0]} is not a budget field; known: {', '.join(sorted(known))}")
+            raise HarnessError(f"{key}.{sorted(unknown)[0]} is not a budget field; known: {', '.join(sorted(known))}")
+        missing = [f for f, spec in cls.__dataclass_fields__.items() if f not in values and spec.default is MISSING
+                   and spec.default_factory is MISSING]
+        if missing:
+            raise HarnessError(f"{key}.{missing[0]} is missing; set it (conf/budget/micro.yaml shows every field)")
+        lora = values.get("lora") or {}
+        if not isinstance(lora, Mapping):
+            raise HarnessError(f"{key}.lora={lora!r} must be a mapping; write {key}.lora.enabled=true etc.")
+        lora_fields = set(LoraSpec.__dataclass_fields__)
+        if set(lora) - lora_fields:
+            raise HarnessError(f"{key}.lora.{sorted(set(lora) - lora_fields)[0]} is not a LoRA field; known: "
+                               f"{', '.join(sorted(lora_fields))}")
+        values["lora"] = LoraSpec(**dict(lora))
         budget = cls(**values)
-        budget.validate()
+        budget.validate(key)
         return budget
 
-    def validate(self) -> None:
+    def validate(self, key: str = "budget") -> None:
+        """Every field's type and range (one line naming ``<key>.<field>``), then how fields fit together."""
         for name in ("pairs", "epochs", "max_prompt_tokens", "max_completion_tokens", "batch_pairs", "micro_batch_pairs"):
-            if getattr(self, name) < 1:
-                raise HarnessError(f"budget.{name}={getattr(self, name)} must be at least 1")
+            check_int(f"{key}.{name}", getattr(self, name), minimum=1)
+        check_int(f"{key}.seed", self.seed, minimum=0)
+        check_number(f"{key}.warmup_ratio", self.warmup_ratio, Range(0, 1, below=True))
+        check_number(f"{key}.weight_decay", self.weight_decay, Range(0))
+        check_number(f"{key}.max_grad_norm", self.max_grad_norm, Range(0, above=True))
+        for name in ("name", "optimizer", "lr_scheduler"):
+            check_str(f"{key}.{name}", getattr(self, name))
+        check_choice(f"{key}.match", self.match, MATCH_MODES)
+        check_choice(f"{key}.precision", self.precision, PRECISIONS)
+        check_bool(f"{key}.lora.enabled", self.lora.enabled)
+        check_int(f"{key}.lora.r", self.lora.r, minimum=1)
+        check_number(f"{key}.lora.alpha", self.lora.alpha, Range(0, above=True))
+        check_number(f"{key}.lora.dropout", self.lora.dropout, Range(0, 1, below=True))
+        if not (isinstance(self.lora.target_modules, str) and self.lora.target_modules) and not (
+                isinstance(self.lora.target_modules, Sequence) and all(isinstance(m, str) for m in self.lora.target_modules)):
+            raise HarnessError(f"{key}.lora.target_modules={self.lora.target_modules!r} must be all-linear or a list "
+                               f"of module names, e.g. [q_proj,v_proj]")
         if self.batch_pairs % self.micro_batch_pairs:
             raise HarnessError(
-                f"budget.batch_pairs={self.batch_pairs} is not a multiple of budget.micro_batch_pairs={self.micro_batch_pairs}"
+                f"{key}.batch_pairs={self.batch_pairs} is not a multiple of {key}.micro_batch_pairs={self.micro_batch_pairs}"
             )
-        if self.match not in MATCH_MODES:
-            raise HarnessError(f"budget.match={self.match!r}; choose one of {', '.join(MATCH_MODES)}")
-        if self.precision not in PRECISIONS:
-            raise HarnessError(f"budget.precision={self.precision!r}; choose one of {', '.join(PRECISIONS)}")
 
     def check_fits(self, train_pairs: int, data_name: str) -> None:
         if self.pairs > train_pairs:
