@@ -186,3 +186,11 @@ def test_describe_lists_every_parameter_with_its_help(cache_dir):
     assert "KL-penalty strength" in lines[1]
     bad = run_cli("describe", "method", "nope", cache=cache_dir)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "unknown method 'nope'" in bad.stderr
+
+
+def test_ai_feedback_and_reward_choices_name_their_variant():
+    ai = tiny_sweep("feedback=local-judge", "feedback.judge.model=tiny-random:3")
+    assert ai.run_spec("instruct", "dpo", START_POINT).variant == "dpo[feedback=local-judge]"
+    online = tiny_sweep("reward=short-answers", methods="[rloo]")
+    assert online.run_spec("instruct", "rloo", START_POINT).variant == "rloo[reward=short-answers]"
+    assert tiny_sweep(methods="[rloo]").run_spec("instruct", "rloo", START_POINT).variant == "rloo"
