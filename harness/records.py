@@ -138,7 +138,7 @@ def append_record(folder: Path, record: dict) -> None:
     with _locked(folder):
         kept = [r for r in read_records(folder) if (r["run_id"], r["task_key"]) != (record["run_id"], record["task_key"])]
         text = "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in kept) + line + "\n"
-        atomic_write_text(folder / RECORDS_FILE, text)
+        atomic_write_text(folder / RECORDS_FILE, text, point="record_write")
 
 
 def finished_keys(folder: Path) -> set[tuple[str, str]]:

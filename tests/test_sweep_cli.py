@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, cli_env, run_cli
+from harness.inputs.cache import TEMPORARY
 from harness.records import read_records
 
 TINY = ["model=tiny-random", "budget=micro", "budget@stage_budget=micro", "tasks=[truthfulqa_mc]",
@@ -88,6 +89,9 @@ def test_resume_after_a_killed_sweep_loses_and_duplicates_nothing(tmp_path, cach
     assert all(r["status"] == "ok" for r in records)
     for key, finished in before.items():  # finished work was not redone
         assert next(r for r in records if (r["run_id"], r["task_key"]) == key)["finished_at"] == finished
+    leftovers = [name for root in (tmp_path, cache_dir) for _, dirs, files in os.walk(root)  # links not followed
+                 for name in dirs + files if TEMPORARY.match(name)]
+    assert not leftovers  # the rerun removed the killed writer's temporaries (kills at chosen points: test_cache_integrity)
 
 
 def test_hub_checkpoint_offline_is_a_skipped_record_naming_the_key(tmp_path, cache_dir):

@@ -6,17 +6,17 @@ completion tokens are scored. Checkpoints without a chat template (pretrained ba
 plain ``\\n\\nHuman: ... \\n\\nAssistant: ...`` format of the HH data.
 
 ``cached_pair_logps`` / ``cached_example_logps`` keep a checkpoint's scores on disk by content (the model's weight
-files and the rows), so the held-out task, tuning selection and every method of a setting share them.
+files and the rows), so the held-out task, tuning selection and every method of a setting share them; each is a
+checked file (``harness.inputs.cache``): a damaged one is scored again.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from harness.identity import config_hash
-from harness.inputs.paths import atomic_write_text
+from harness.inputs.cache import read_checked_json, write_checked_json
 
 
 PLAIN_ROLES = {"user": "Human", "assistant": "Assistant", "system": "System"}
@@ -119,10 +119,11 @@ def _model_identity(path: Path) -> dict:
 def cached_pair_logps(path: Path, pairs: list[dict], cache_dir: Path, *, batch_size: int, device: str) -> list[dict]:
     key = config_hash({"model": _model_identity(path), "pairs": pairs})
     cache_file = cache_dir / "pair_logps" / f"{key}.json"
-    if cache_file.exists():
-        return json.loads(cache_file.read_text())
+    cached = read_checked_json(cache_file, "pair log-probs")
+    if cached is not None:
+        return cached
     scored = pair_logps(path, pairs, batch_size=batch_size, device=device)
-    atomic_write_text(cache_file, json.dumps(scored))
+    write_checked_json(cache_file, scored)
     return scored
 
 
@@ -131,8 +132,9 @@ def cached_example_logps(path: Path, examples: list[dict], cache_dir: Path, *, b
     """Summed completion log-prob and length of each binary-feedback example under the model at ``path`` (cached)."""
     key = config_hash({"model": _model_identity(path), "examples": examples})
     cache_file = cache_dir / "example_logps" / f"{key}.json"
-    if cache_file.exists():
-        return json.loads(cache_file.read_text())
+    cached = read_checked_json(cache_file, "example log-probs")
+    if cached is not None:
+        return cached
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -141,5 +143,5 @@ def cached_example_logps(path: Path, examples: list[dict], cache_dir: Path, *, b
     sequences = [render(tokenizer, example["prompt"], example["completion"]) for example in examples]
     scored = [{"logp": logp, "tokens": tokens}
               for logp, tokens in completion_logps(model, tokenizer, sequences, batch_size=batch_size, device=device)]
-    atomic_write_text(cache_file, json.dumps(scored))
+    write_checked_json(cache_file, scored)
     return scored

@@ -18,10 +18,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 from pathlib import Path
 
+from harness import debug
 from harness.errors import HarnessError, SkipRun
+from harness.inputs.cache import discard, is_whole, publish
+from harness.inputs.paths import temporary_path
 
 EMBEDDED_PACKAGES = {
     # name -> (PyPI package, GGUF file inside it)
@@ -103,10 +105,11 @@ def materialize_embedded(name: str, cache_dir: Path) -> Path:
 
     transformers loads a GGUF as a model marked quantized, which refuses ``save_pretrained``;
     so the model is rebuilt from a config without ``quantization_config`` and given the
-    loaded state dict. Takes ~25 s the first time, then it is a plain local folder.
+    loaded state dict. Takes ~25 s the first time, then it is a plain local folder (verified by its manifest,
+    ``harness.inputs.cache``).
     """
     target = cache_dir / "models" / name
-    if (target / "config.json").exists():
+    if is_whole(target, "model"):
         return target
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -120,23 +123,19 @@ def materialize_embedded(name: str, cache_dir: Path) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = temporary_path(target)
+    discard(staging)
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     (staging / "harness_source.json").write_text(json.dumps({"gguf": str(gguf), "embedded": name}))
-    staging.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(staging, target)
-    except OSError:  # another process won the race
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    debug.reached("model_save")
+    return publish(staging, target)  # another process may have published it first: then that one is kept
 
 
 def materialize_tiny_random(seed: int, cache_dir: Path) -> Path:
     """A 2-layer, 64-wide Llama with the SmolLM2 tokenizer and weights drawn from ``seed``."""
     target = cache_dir / "models" / f"tiny-random-{seed}"
-    if (target / "config.json").exists():
+    if is_whole(target, "model"):
         return target
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -157,13 +156,9 @@ def materialize_tiny_random(seed: int, cache_dir: Path) -> Path:
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = temporary_path(target)
+    discard(staging)
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    staging.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(staging, target)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    debug.reached("model_save")
+    return publish(staging, target)

@@ -6,6 +6,10 @@ Defaults (each overridable by config key or environment variable):
   unpacked embedded models, trained checkpoints keyed by run id, converted data files.
 * data mirror (``data_mirror`` / ``ALIGN_HARNESS_DATA``): unset = read data sets from
   their hub ids; set to a folder laid out like ``../shared/data`` to read local files.
+
+Every temporary file or folder is named ``.<name>.<pid>.tmp`` (``temporary_path``) beside what it
+becomes, so a sweep can tell a dead writer's leftovers from a live one's
+(``harness.inputs.cache.remove_stale_temporaries``).
 """
 
 from __future__ import annotations
@@ -13,17 +17,32 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from harness import debug
+
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("ALIGN_HARNESS_CACHE", "~/.cache/alignment-harness")).expanduser()
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see either the old file or the whole new one."""
+def temporary_path(path: Path, label: str = "") -> Path:
+    """``.<name>[-<label>].<pid>.tmp`` beside ``path``: this process's temporary for it."""
+    return path.with_name(f".{path.name}{'-' + label if label else ''}.{os.getpid()}.tmp")
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, point: str | None = None) -> None:
+    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one. ``point`` names
+    the write for ``debug.kill_at`` (reached with the whole temporary written, before the rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
+    tmp = temporary_path(path)
+    with open(tmp, "wb") as handle:
+        handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
+    if point:
+        debug.reached(point)
     os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str, *, point: str | None = None) -> None:
+    """``atomic_write_bytes`` of ``text`` in UTF-8."""
+    atomic_write_bytes(path, text.encode("utf-8"), point=point)

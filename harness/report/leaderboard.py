@@ -264,7 +264,7 @@ def build_leaderboard(folder: Path) -> dict[str, Path]:
     plots = write_plots(board, folder / "plots")
     outputs = {"markdown": folder / "leaderboard.md", "csv": folder / "leaderboard.csv",
                "latex": folder / "leaderboard.tex", "html": folder / "leaderboard.html"}
-    atomic_write_text(outputs["markdown"], markdown(board))
+    atomic_write_text(outputs["markdown"], markdown(board), point="leaderboard_write")
     atomic_write_text(outputs["csv"], csv_text(board))
     atomic_write_text(outputs["latex"], latex(board))
     atomic_write_text(outputs["html"], html_page(board, plots))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from harness.inputs.paths import temporary_path
 from harness.report.board import matrix
 
 CURVE_PANELS = [
@@ -23,8 +24,8 @@ def _save(figure, folder: Path, name: str) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     for suffix in ("png", "svg"):
-        tmp = folder / f".{name}.tmp.{suffix}"
-        figure.savefig(tmp, dpi=110)
+        tmp = temporary_path(folder / f"{name}.{suffix}")  # written whole, then renamed
+        figure.savefig(tmp, dpi=110, format=suffix)
         tmp.replace(folder / f"{name}.{suffix}")
     plt.close(figure)
     return folder / f"{name}.png"

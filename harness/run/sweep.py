@@ -2,7 +2,8 @@
 
 Reads as a checklist (``run_sweep``):
 
-1. validate names, budget and data before any work (bad input stops here, nothing written);
+1. validate names, budget and data before any work (bad input stops here, nothing written); then remove the
+   temporaries killed writers left in the cache and results (``harness.inputs.cache``);
 2. label the training pairs when ``feedback`` names a judge (AI feedback, ``harness.train.feedback``; cached);
    for each starting setting, resolve its checkpoint (a hub id offline → ``skipped`` records;
    a derived setting runs its stage, cached);
@@ -11,16 +12,15 @@ Reads as a checklist (``run_sweep``):
    the sweep goes on;
 5. rebuild the leaderboard from the records.
 
-Re-running the same command skips every (run, task) that already has an ``ok`` record.
+Re-running the same command skips every (run, task) that already has an ``ok`` record; cached checkpoints are
+reused only when they match their manifest.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import shutil
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +35,10 @@ from harness.errors import HarnessError, SkipRun
 from harness.train.feedback import feedback_from_config
 from harness.train.matching import ModelSizes, match_quality
 from harness.train.plan import cut_to_budget, plan_training
+from harness import debug
+from harness.inputs.cache import discard, is_whole, publish, remove_stale_temporaries
 from harness.inputs.models import check_checkpoint_spec, resolve_checkpoint
-from harness.inputs.paths import atomic_write_text
+from harness.inputs.paths import atomic_write_text, temporary_path
 from harness.protocols import Checkpoint, RewardContext, TaskContext, TrainingJob
 from harness.identity import config_hash
 from harness.records import append_record, finished_keys, now, versions, write_samples
@@ -202,13 +204,12 @@ class Sweep:
         from transformers import AutoTokenizer
 
         target = self.cache / "checkpoints" / run_id
-        marker = target / "harness_run.json"
-        if marker.exists():
+        if is_whole(target, "checkpoint"):  # its manifest matches (harness.inputs.cache)
             log.info("  checkpoint %s cached", run_id)
-            return target, json.loads(marker.read_text())["consumed"]
+            return target, json.loads((target / "harness_run.json").read_text())["consumed"]
         tokenizer = AutoTokenizer.from_pretrained(start)
-        staging = target.with_name(f".{run_id}.{os.getpid()}.tmp")
-        shutil.rmtree(staging, ignore_errors=True)
+        staging = temporary_path(target)
+        discard(staging)
         train_rows = self.train_rows if human_labels else self.feedback_train_rows
         reward = None
         if getattr(method, "needs_reward", False):  # online / RL methods: a reward model or programmatic reward
@@ -220,7 +221,7 @@ class Sweep:
         sizes = ModelSizes.of(start, reward, tokenizer) if budget.match != "examples" else None  # online cost models
         plan = plan_training(budget, method, train_rows, self.heldout_rows, tokenizer, sizes=sizes)  # once per run
         job = TrainingJob(start_checkpoint=start, output_dir=staging, reward=reward, plan=plan, seed=budget.seed,
-                          scratch_dir=self.cache / "scratch" / run_id,
+                          scratch_dir=temporary_path(self.cache / "scratch" / run_id),
                           reference_cache_dir=self.cache / "reference_logprobs", cache_root=self.cache)
         with ResourceMeter() as meter:
             outcome = method.train(job)
@@ -242,10 +243,8 @@ class Sweep:
         consumed.update(match_quality(consumed))  # consumed / target under budget.match=tokens|flops
         atomic_write_text(staging / "curves.jsonl", "".join(json.dumps(c) + "\n" for c in outcome.curves))
         atomic_write_text(staging / "harness_run.json", json.dumps({"run_id": run_id, "consumed": consumed}, indent=2))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
-        return target, consumed
+        debug.reached("checkpoint_write")
+        return publish(staging, target), consumed  # the manifest last, then the rename
 
     # 3./4. scoring -----------------------------------------------------------------------
     def score(self, unit: dict, checkpoint: Checkpoint | None, consumed: dict, done: set) -> None:
@@ -288,7 +287,10 @@ class Sweep:
 
     # the whole sweep -------------------------------------------------------------------
     def run(self) -> Path:
+        debug.arm(OmegaConf.select(self.cfg, "debug.kill_at", default=None))  # a test hook; off by default
         self.validate()  # nothing is written before this passes
+        for root in (self.cache, self.results):  # what killed writers left behind (harness.inputs.cache)
+            remove_stale_temporaries(root)
         self.results.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.results / "sweep_config.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
         with self.heartbeat.stage("labelling training pairs (AI feedback)"):
@@ -330,7 +332,8 @@ class Sweep:
                 continue
             curves = path / "curves.jsonl"
             if curves.exists():  # training curves travel with the records, for the leaderboard's plots
-                atomic_write_text(self.results / "curves" / f"{unit['run_id']}.jsonl", curves.read_text())
+                atomic_write_text(self.results / "curves" / f"{unit['run_id']}.jsonl", curves.read_text(),
+                                  point="curve_write")
             self.score(unit, self._checkpoint(path, setting, reference=start.path), consumed, done)
         from harness.report.leaderboard import build_leaderboard
 

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.errors import HarnessError
+from harness.inputs.cache import read_checked_json, write_checked_json
 from harness.inputs.paths import atomic_write_text
 from harness.identity import config_hash
 
@@ -190,8 +191,9 @@ def cached_judgments(judge, rows: list[dict], *, cache_dir: Path, batch_size: in
     pairs = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
     key = config_hash({"judge": judge_identity(judge), "pairs": pairs})
     path = Path(cache_dir) / f"{key}.json"
-    if path.exists():
-        return json.loads(path.read_text())["judgments"], key, True
+    cached = read_checked_json(path, "judge verdicts")  # a checked file (harness.inputs.cache)
+    if cached is not None:
+        return cached["judgments"], key, True
     judgments: list[dict] = [{"probability": 0.5, "output_1_first": 0.5, "output_1_second": 0.5, "method": "identical",
                               "raw": {}} for _ in rows]
     asked = [k for k, r in enumerate(rows) if r["chosen"] != r["rejected"]]
@@ -204,7 +206,7 @@ def cached_judgments(judge, rows: list[dict], *, cache_dir: Path, batch_size: in
                 judgments[k] = {"probability": answer.probability, "output_1_first": answer.output_1_first,
                                 "output_1_second": answer.output_1_second, "method": answer.method, "raw": answer.raw}
             bar.update(len(batch))
-    atomic_write_text(path, json.dumps({"judge": judge_identity(judge), "pairs": len(rows), "judgments": judgments}))
+    write_checked_json(path, {"judge": judge_identity(judge), "pairs": len(rows), "judgments": judgments})
     return judgments, key, False
 
 

@@ -23,7 +23,8 @@ Kinds:
   reward normalization of Huang et al. 2024 (§6, "normalize the reward on SFT demonstrations"),
   which keeps the KL penalty's β meaningful. Its pairwise accuracy on the first
   ``heldout_pairs`` held-out pairs is recorded. Cached in ``<cache>/rewards/`` by a hash of
-  (starting checkpoint, pairs, budget, reward config): a second build with the same inputs loads it.
+  (starting checkpoint, pairs, budget, reward config): a second build with the same inputs loads it, when it
+  matches its manifest (``harness.inputs.cache``; a damaged one is trained again).
 * ``short-answers`` — programmatic, for tests: r = 1 − min(len(completion in characters) / max_chars, 1),
   so 1 for an empty answer, 0 at ``max_chars`` characters or more. Characters rather than tokens
   so that a tiny random policy, which almost never samples EOS, still gets a graded signal (shorter
@@ -39,14 +40,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.errors import HarnessError
-from harness.inputs.paths import atomic_write_text
+from harness.inputs.cache import discard, is_whole, publish
+from harness.inputs.paths import atomic_write_text, temporary_path
 from harness.identity import config_hash
 
 log = logging.getLogger("harness")
@@ -257,7 +258,7 @@ def bradley_terry_reward(cfg, context) -> ModelReward:
     summary = {"kind": "bradley-terry", "key": key, "start": str(start), "budget": budget.name,
                "pairs": len(train), "settings": settings}
     target = Path(context.cache_dir) / f"bradley-terry-{key}"
-    hit = (target / MODEL_INFO).exists()
+    hit = is_whole(target, "reward model")  # its manifest matches (harness.inputs.cache)
     if hit:
         log.info("  reward: Bradley-Terry reward model %s cached", key)
     else:
@@ -279,9 +280,9 @@ def _train_bradley_terry(cfg, context, start: Path, plan, summary: dict, target:
     from harness.train.trl_support import to_conversational, trl_arguments
 
     budget, train, heldout = plan.budget, plan.rows, plan.heldout
-    staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    scratch = target.with_name(f".{target.name}.{os.getpid()}.scratch")
+    staging = temporary_path(target)
+    discard(staging)
+    scratch = temporary_path(target, "scratch")
     tokenizer = AutoTokenizer.from_pretrained(start)
     if getattr(tokenizer, "chat_template", None):
         rows = to_conversational(train)
@@ -324,11 +325,7 @@ def _train_bradley_terry(cfg, context, start: Path, plan, summary: dict, target:
     atomic_write_text(staging / "curves.jsonl", "".join(json.dumps(c) + "\n" for c in curves))
     atomic_write_text(staging / MODEL_INFO, json.dumps(info, indent=2))
     log.info("  reward: held-out pairwise accuracy %.3f ± %.3f on %d pairs", accuracy, stderr, len(heldout))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(staging, target)
-    except OSError:  # another process finished the same reward model first
-        shutil.rmtree(staging, ignore_errors=True)
+    publish(staging, target)  # another process may have published the same reward model first: then that one is kept
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 

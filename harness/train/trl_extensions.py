@@ -43,8 +43,9 @@ the SHA-256 of
 Not in the key: batch size and device. They change the numbers only at float-rounding level
 (padding is masked), which the harness treats as the same reference. An entry is one
 ``<key>.safetensors`` file (float32 ``ref_chosen_logps`` and ``ref_rejected_logps``, one value per
-row; the key's inputs in the metadata), written to a temporary name and renamed, so a reader
-sees a whole entry or none. Concurrent writers of one key write identical files.
+row; the key's inputs in the metadata) under a checksum header (``harness.inputs.cache.write_checked``),
+written to a temporary name and renamed, so a reader sees a whole entry or none, and a damaged one is
+scored again. Concurrent writers of one key write identical files.
 
 The trainer records ``reference_cache_status[name]`` (``hit`` / ``miss`` / ``off``) and
 ``reference_seconds`` (time spent obtaining reference log-probs: loading on a hit, scoring on a
@@ -55,13 +56,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 from datasets import Dataset, concatenate_datasets
 from trl import DPOTrainer
+
+from harness.inputs.cache import read_checked, write_checked
 
 CACHE_FORMAT = 1
 CACHE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
@@ -101,29 +103,26 @@ def reference_cache_key(identity: dict, dataset: Dataset, settings: dict) -> str
 
 
 def load_reference_logps(cache_dir: Path, key: str, rows: int) -> dict[str, np.ndarray] | None:
-    """The cached columns of ``key``, or None when absent or not ``rows`` long."""
-    from safetensors.numpy import load_file
+    """The cached columns of ``key``, or None when absent, damaged (checksum, ``harness.inputs.cache``) or not
+    ``rows`` long."""
+    from safetensors.numpy import load
 
-    path = Path(cache_dir) / f"{key}.safetensors"
-    if not path.is_file():
+    data = read_checked(Path(cache_dir) / f"{key}.safetensors", "reference log-probs")
+    if data is None:
         return None
-    values = load_file(str(path))
+    values = load(data)
     if any(values.get(c) is None or len(values[c]) != rows for c in CACHE_COLUMNS):
         return None
     return {c: values[c] for c in CACHE_COLUMNS}
 
 
 def store_reference_logps(cache_dir: Path, key: str, columns: dict[str, np.ndarray], metadata: dict) -> Path:
-    """Write one entry atomically (temporary name, then rename)."""
-    from safetensors.numpy import save_file
+    """Write one entry atomically (a checked file: checksum header, temporary name, then rename)."""
+    from safetensors.numpy import save
 
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    path = cache_dir / f"{key}.safetensors"
-    staging = cache_dir / f".{key}.{os.getpid()}.tmp"
+    path = Path(cache_dir) / f"{key}.safetensors"
     arrays = {c: np.ascontiguousarray(columns[c], dtype=np.float32) for c in CACHE_COLUMNS}
-    save_file(arrays, str(staging), metadata={k: json.dumps(v, sort_keys=True) for k, v in metadata.items()})
-    os.replace(staging, path)
+    write_checked(path, save(arrays, metadata={k: json.dumps(v, sort_keys=True) for k, v in metadata.items()}))
     return path
 
 
