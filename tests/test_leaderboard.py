@@ -300,6 +300,26 @@ def test_measured_differently_is_not_comparable(tmp_path, cache_dir):
     assert "not comparable: measured differently" in result.stdout and "-0.0000" not in result.stdout
 
 
+def test_a_start_row_measured_two_ways_compares_with_rows_of_either(tmp_path):
+    """The start scored on 4 items, then (newer) on 2: a row measured like either gets its Δ against that record;
+    the start row's cells and the ranks show its newest record."""
+    add_run(tmp_path, "run0", "start", {"mc1": [1, 0, 0, 0]}, task_key="truthfulqa_mc-a",
+            finished_at="2025-01-01T00:00:00+00:00")
+    add_run(tmp_path, "run1", "kto", {"mc1": [1, 1, 1, 0]}, finished_at="2025-01-02T00:00:00+00:00")
+    add_run(tmp_path, "run0", "start", {"mc1": [0, 1]}, task_key="truthfulqa_mc-b", measurement_key="m-two",
+            finished_at="2025-01-03T00:00:00+00:00")
+    add_run(tmp_path, "run2", "dpo", {"mc1": [1, 1]}, measurement_key="m-two", finished_at="2025-01-04T00:00:00+00:00")
+    add_run(tmp_path, "run3", "ipo", {"mc1": [1, 1]}, measurement_key="m-three", finished_at="2025-01-05T00:00:00+00:00")
+    text = build_leaderboard(tmp_path)["markdown"].read_text()
+    header = row(text, "variant")
+    cells = {label: dict(zip(header, row(text, label))) for label in ("start", "kto", "dpo", "ipo")}
+    assert cells["start"]["truthfulqa_mc/mc1"].startswith("0.5000")                       # its newest record
+    assert cells["kto"]["Δ truthfulqa_mc"].startswith("+0.500 [")                          # vs the 4-item start
+    assert cells["dpo"]["Δ truthfulqa_mc"].startswith("+0.500 [")                          # vs the 2-item start
+    assert cells["ipo"]["Δ truthfulqa_mc"] == "not comparable: measured differently"
+    assert cells["dpo"]["rank"] == "1" and cells["kto"]["rank"] == "—"                    # ranks: one measurement
+
+
 def test_different_items_are_not_comparable(tmp_path):
     add_run(tmp_path, "run0", "start", {"mc1": [1, 0, 0, 0]})
     add_run(tmp_path, "run1", "dpo", {"mc1": [1, 0, 0, 0, 1, 1, 0, 0]})              # another limit, same config hash

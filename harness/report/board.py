@@ -20,6 +20,9 @@ the later in file order (a record without ``finished_at`` counts as older than o
 only when their ``measurement_key``\\ s are equal and their samples hold the same item ids; otherwise the
 difference says why in words (``not comparable: measured differently``, ``not comparable: items differ
 (32 vs 64)``) and carries no number.
+A start row scored more than one way (say on 64 items, then on 32) keeps its newest record of each
+measurement: a row's Δ uses the start record measured like the row's own. Its cells and the ranks use its
+newest record only, so a rank always compares one measurement.
 
 **Unified score.** Each task's *primary* metrics (the task config's ``primary_metrics``; by default every
 metric whose values lie in [0, 1] and whose name has no ``/`` breakdown) are mapped to [0, 1] with higher
@@ -155,11 +158,14 @@ class Board:
         self.published = published if published is not None else read_published(self.folder)
         labels = row_labels(self.records)
         self.rows: dict[tuple, dict[str, dict]] = {}           # key → task → the newest record
+        self.measured: dict[tuple, dict[str, dict]] = {}       # (key, task) → measurement key → its newest record
         first_seen: dict[tuple, int] = {}
         for index, record in enumerate(self.records):
             first_seen.setdefault(self.key_of(record, labels), index)
         for record in newer_first_order(self.records):
-            self.rows.setdefault(self.key_of(record, labels), {})[record["task"]] = record
+            key = self.key_of(record, labels)
+            self.rows.setdefault(key, {})[record["task"]] = record
+            self.measured.setdefault((key, record["task"]), {})[measurement_key_of(record)] = record
         self.variants = {self.key_of(r, labels): labels[r["run_id"]][0] for r in self.records}
         self.methods = {self.key_of(r, labels): r["method"] for r in self.records}
         self.keys = sorted(self.rows, key=lambda k: (str(k[0]), SETTING_ORDER.get(k[1], 9), k[1],
@@ -186,8 +192,12 @@ class Board:
     def by_key(self, key: tuple) -> list[dict]:
         return list(self.rows.get(key, {}).values())
 
-    def record(self, key: tuple, task: str, *, ok: bool = True) -> dict | None:
+    def record(self, key: tuple, task: str, *, ok: bool = True, like: str | None = None) -> dict | None:
+        """The row's newest record of ``task`` — or, with ``like`` (a measurement key), its newest record measured
+        that way when it has one (a start row scored on 64 and then on 32 items compares with rows of either)."""
         record = self.rows.get(key, {}).get(task)
+        if like is not None:
+            record = self.measured.get((key, task), {}).get(like, record)
         return record if record and (not ok or record["status"] == "ok") else None
 
     def metric_names(self, *, breakdowns: bool = True) -> list[str]:
@@ -260,7 +270,7 @@ class Board:
             complete = max(self.unified(k)[1] for k in members)
             references = {t: self.reference(members, t) for t in self.tasks}
             ranked = [k for k in members if self.unified(k)[0] is not None and self.unified(k)[1] == complete
-                      and all(self.incomparability(k, references[t], t) is None
+                      and all(self.same_measurement(k, references[t], t) and self.incomparability(k, references[t], t) is None
                               for t in self.tasks if self.task_score(k, t) is not None)]
             ranked.sort(key=lambda k: -self.unified(k)[0])
             rank, best = 0, None
@@ -274,43 +284,52 @@ class Board:
         return out
 
     # per-item scores and paired differences -------------------------------------------------
-    def samples(self, key: tuple, task: str) -> list[dict]:
-        """The samples of the row's record of ``task`` (those with an ``item_id``)."""
-        if (key, task) not in self._samples:
-            record = self.record(key, task)
+    def samples(self, key: tuple, task: str, like: str | None = None) -> list[dict]:
+        """The samples of the row's record of ``task`` (``record``'s ``like``), those with an ``item_id``."""
+        record = self.record(key, task, like=like)
+        cache_key = (key, task, record.get("task_key") if record else None)
+        if cache_key not in self._samples:
             path = self.folder / (record.get("samples_file") or "") if record else None
             samples = []
             if record and record.get("samples_file") and path.exists():
                 samples = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            self._samples[(key, task)] = [s for s in samples if "item_id" in s]
-        return self._samples[(key, task)]
+            self._samples[cache_key] = [s for s in samples if "item_id" in s]
+        return self._samples[cache_key]
 
-    def item_scores(self, key: tuple, task: str, metric: str | None = None) -> dict[str, float]:
+    def item_scores(self, key: tuple, task: str, metric: str | None = None, like: str | None = None) -> dict[str, float]:
         """Per item: ``metric``'s value, or (no ``metric``) the mean of the task's mapped primary metrics."""
-        record = self.record(key, task)
+        record = self.record(key, task, like=like)
         if not record:
             return {}
         if metric is not None:
-            return {str(s["item_id"]): float(s["scores"][metric]) for s in self.samples(key, task)
+            return {str(s["item_id"]): float(s["scores"][metric]) for s in self.samples(key, task, like)
                     if (s.get("scores") or {}).get(metric) is not None}
         wanted = {n: record["metrics"][n]["higher_is_better"] for n in primary_metrics(record)}
         out = {}
-        for sample in self.samples(key, task):
+        for sample in self.samples(key, task, like):
             values = [mapped(float(v), wanted[n]) for n, v in (sample.get("scores") or {}).items()
                       if n in wanted and v is not None]
             if values:
                 out[str(sample["item_id"])] = sum(values) / len(values)
         return out
 
+    def same_measurement(self, key: tuple, other: tuple | None, task: str) -> bool:
+        """Whether the two rows' *newest* records of ``task`` were measured the same way (what ranks need: one
+        measurement for the whole group; a Δ may instead use another record of the start row, ``record(like=)``)."""
+        a, b = self.record(key, task), self.record(other, task) if other else None
+        return not a or not b or measurement_key_of(a) == measurement_key_of(b)
+
     def incomparability(self, key: tuple, other: tuple | None, task: str, metric: str | None = None) -> str | None:
         """Why the two rows' records of ``task`` cannot be compared, in words; None when they can (the items are
         checked where both rows have per-item scores)."""
-        a, b = self.record(key, task), self.record(other, task) if other else None
+        a = self.record(key, task)
+        like = measurement_key_of(a) if a else None
+        b = self.record(other, task, like=like) if other else None
         if not a or not b:
             return None
-        if measurement_key_of(a) != measurement_key_of(b):
+        if like != measurement_key_of(b):
             return "measured differently"
-        items_a, items_b = set(self.item_scores(key, task, metric)), set(self.item_scores(other, task, metric))
+        items_a, items_b = set(self.item_scores(key, task, metric)), set(self.item_scores(other, task, metric, like))
         if items_a and items_b and items_a != items_b:
             shared = "" if len(items_a) != len(items_b) else f", {len(items_a & items_b)} shared"
             return f"items differ ({len(items_a)} vs {len(items_b)}{shared})"
@@ -319,13 +338,15 @@ class Board:
     def paired_difference(self, key: tuple, other: tuple, task: str, metric: str | None = None) -> dict | None:
         """``key − other`` on ``task``'s score (or on ``metric``) over the same items: ``{difference, low, high,
         items}``; ``{note}`` when not comparable; None when either row lacks the record or per-item scores."""
-        a, b = self.record(key, task), self.record(other, task)
+        a = self.record(key, task)
+        like = measurement_key_of(a) if a else None
+        b = self.record(other, task, like=like)
         if not a or not b or (metric is not None and not (metric in (a.get("metrics") or {}) and metric in (b.get("metrics") or {}))):
             return None
         reason = self.incomparability(key, other, task, metric)
         if reason:
             return {"note": f"not comparable: {reason}"}
-        return paired_bootstrap(self.item_scores(key, task, metric), self.item_scores(other, task, metric))
+        return paired_bootstrap(self.item_scores(key, task, metric), self.item_scores(other, task, metric, like))
 
     def unified_difference(self, key: tuple, other: tuple) -> dict | None:
         """``key − other`` on the unified score: per task the paired item differences, items resampled within
@@ -337,7 +358,8 @@ class Board:
             reason = self.incomparability(key, other, task)
             if reason:
                 return {"note": f"not comparable: {task} {reason}"}
-        strata = [(self.item_scores(key, t), self.item_scores(other, t)) for t in tasks]
+        strata = [(self.item_scores(key, t), self.item_scores(other, t, like=measurement_key_of(self.record(key, t))))
+                  for t in tasks]
         if not strata or not all(a and b for a, b in strata):
             return None
         return paired_bootstrap(*itertools.chain.from_iterable(strata))
@@ -350,7 +372,8 @@ class Board:
                 return [{"task": "unified", "metric": "score", "note": f"{row[2]} has no scores ({self.status(row)[0]})"}]
         out = [{"task": "unified", "metric": "score", **(self.unified_difference(key, other) or {"note": "no per-item scores"})}]
         for task in self.tasks:
-            a, b = self.record(key, task), self.record(other, task)
+            a = self.record(key, task)
+            b = self.record(other, task, like=measurement_key_of(a) if a else None)
             if not a and not b:
                 continue
             if not a or not b:
