@@ -40,6 +40,60 @@ def run_cli(*arguments: str, cache: Path, timeout: float = 900, **popen) -> subp
                           capture_output=True, text=True, timeout=timeout, **popen)
 
 
+def run_cli_forked(*arguments: str, cache: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``harness.cli.main(arguments)`` in a forked child of this process, with ``run_cli``'s environment, working
+    folder, exit status and captured output: the same entry point without paying the libraries' import time again
+    (for refusals, which end before any model work)."""
+    import signal
+    import tempfile
+    import time
+
+    import harness.cli
+    import harness.report.leaderboard  # noqa: F401  (everything the CLI imports, before the fork: the child starts warm)
+    import harness.run.sweep  # noqa: F401
+    import hydra  # noqa: F401
+    import transformers  # noqa: F401
+
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        pid = os.fork()
+        if pid == 0:  # the child: the CLI as a process of its own
+            code = 1
+            try:
+                os.dup2(out.fileno(), 1)
+                os.dup2(err.fileno(), 2)
+                sys.stdout, sys.stderr = open(1, "w", closefd=False), open(2, "w", closefd=False)
+                os.chdir(REPO)
+                os.environ.clear()
+                os.environ.update(cli_env(cache))
+                sys.argv = ["align-harness", *arguments]
+                harness.cli.main(list(arguments))
+                code = 0
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+            except BaseException:  # noqa: BLE001 - reported like the interpreter would
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        deadline = time.monotonic() + timeout
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise subprocess.TimeoutExpired(arguments, timeout)
+            time.sleep(0.02)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(list(arguments), os.waitstatus_to_exitcode(status),
+                                           out.read().decode(errors="replace"), err.read().decode(errors="replace"))
+
+
 def cli_env(cache: Path) -> dict:
     return {**os.environ, "ALIGN_HARNESS_CACHE": str(cache), "ALIGN_HARNESS_DATA": str(DATA_MIRROR),
             "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DATA_MIRROR, REPO, run_cli
+from conftest import DATA_MIRROR, REPO, run_cli, run_cli_forked
 
 TINY = ["model=tiny-random", "budget=micro", "budget@stage_budget=micro", "tasks=[truthfulqa_mc]",
         "+task_params.truthfulqa_mc.limit=2", "eval_batch_size=4"]
@@ -53,7 +53,7 @@ def assert_refused(result, *fragments: str) -> str:
 
 
 def sweep(results: Path, cache: Path, *overrides: str):
-    return run_cli("sweep", *TINY, f"paths.results={results}", "name=t", *overrides, cache=cache)
+    return run_cli_forked("sweep", *TINY, f"paths.results={results}", "name=t", *overrides, cache=cache)
 
 
 @pytest.fixture

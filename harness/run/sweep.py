@@ -289,6 +289,8 @@ class Sweep:
     def run(self) -> Path:
         debug.arm(OmegaConf.select(self.cfg, "debug.kill_at", default=None))  # a test hook; off by default
         self.validate()  # nothing is written before this passes
+        if not self.cfg.get("progress_bars", False):  # after validation: it imports the trainer (seconds)
+            quiet_progress_bars()
         for root in (self.cache, self.results):  # what killed writers left behind (harness.inputs.cache)
             remove_stale_temporaries(root)
         self.results.mkdir(parents=True, exist_ok=True)
@@ -629,8 +631,6 @@ def _failure(error: Exception, results: Path, run_id: str) -> str:
 
 
 def run_sweep(cfg: DictConfig) -> Path:
-    if not cfg.get("progress_bars", False):
-        quiet_progress_bars()
     registry.activate_plugins(cfg.get("plugins"))  # again here: a multirun job may run in a process of its own
     sweep = Sweep(cfg)
     try:
