@@ -38,5 +38,6 @@ def test_sweep_output_has_heartbeats_and_no_library_bars(tmp_path, cache_dir):
     output = result.stdout + result.stderr
     beats = [line for line in output.splitlines() if " … " in line]
     assert any("… scoring truthfulqa_mc:" in line and "elapsed" in line for line in beats), output[-3000:]
+    assert any("… training dpo:" in line for line in beats), output[-3000:]
     assert "it/s" not in output and "%|" not in output  # no tqdm bar drawn
     assert "{'loss'" not in output and "train_runtime" not in output  # no trainer log dicts

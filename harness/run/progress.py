@@ -117,6 +117,11 @@ def quiet_progress_bars() -> None:
         class QuietProgressCallback(ProgressCallback):
             """The trainer's progress bar (counted, drawn to devnull) without printing each step's log dict."""
 
+            def on_train_begin(self, args, state, control, **kwargs):
+                super().on_train_begin(args, state, control, **kwargs)
+                if self.training_bar is not None:  # what the heartbeat calls it
+                    self.training_bar.set_description("optimizer steps", refresh=False)
+
             def on_log(self, args, state, control, logs=None, **kwargs):
                 return None
 
