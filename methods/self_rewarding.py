@@ -77,8 +77,8 @@ class SelfRewarding:
 
         from harness.train.feedback import judged_prompt_tokens
         from harness.evaluate.judges import JUDGE_PROMPT, LOCAL_ANSWER_PREFIX, LocalHFJudge
-        from harness.train.rounds import Sampler, best_and_worst, round_seed, train_in_rounds
-        from harness.train.oracles import judged_win_matrices, mean_win_probabilities
+        from harness.train.rounds import Sampler, round_seed, train_in_rounds
+        from harness.train.oracles import judged_win_matrices, winner_pairs
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         sampler = Sampler(job.plan, self.temperature)
@@ -91,14 +91,8 @@ class SelfRewarding:
             matrices, judgments = judged_win_matrices(judge, prompts, samples)
             del judge
             judge_tokens[0] += judged_prompt_tokens(judgments)
-            pairs, gaps = [], []
-            for prompt, texts, matrix in zip(prompts, samples, matrices):
-                scores = mean_win_probabilities(matrix)
-                picked = best_and_worst(scores)
-                if picked is None:
-                    continue
-                pairs.append({"prompt": prompt, "chosen": texts[picked[0]], "rejected": texts[picked[1]]})
-                gaps.append(scores[picked[0]] - scores[picked[1]])
+            pairs, winners, losers = winner_pairs(prompts, samples, matrices)
+            gaps = [w - l for w, l in zip(winners, losers)]
             consistent = [float(j.consistent(0.0)) for j in judgments]
             return pairs, {"judge_score_gap": sum(gaps) / len(gaps) if gaps else None,
                            "judge_position_consistency": sum(consistent) / len(consistent) if consistent else None,

@@ -49,23 +49,32 @@ def judged_win_matrices(judge, prompts: list, samples: list[list[str]]) -> tuple
     return matrices, judgments
 
 
+def winner_pairs(prompts: list, samples: list[list[str]], matrices) -> tuple[list[dict], list[float], list[float]]:
+    """Per prompt, the (winner, loser) pair by mean win probability P̂(y_i ≻ π) over its K samples (no pair when they
+    all tie), and the winners' and losers' P̂: what every self-play round trains on."""
+    from harness.train.rounds import best_and_worst
+
+    pairs, winners, losers = [], [], []
+    for prompt, candidates, matrix in zip(prompts, samples, matrices):
+        wins = mean_win_probabilities(matrix)
+        picked = best_and_worst(wins)
+        if picked is None:
+            continue
+        pairs.append({"prompt": prompt, "chosen": candidates[picked[0]], "rejected": candidates[picked[1]]})
+        winners.append(wins[picked[0]])
+        losers.append(wins[picked[1]])
+    return pairs, winners, losers
+
+
 def self_play_labeller(sampler, oracle, samples: int, seed: int):
     """``label(path, prompts, round_number)`` for ``train_in_rounds``: K samples per prompt, win probabilities from
     the oracle's K×K matrix, (winner, loser) pairs."""
-    from harness.train.rounds import best_and_worst, round_seed
+    from harness.train.rounds import round_seed
 
     def label(path, prompts: list, round_number: int) -> tuple[list[dict], dict]:
         texts = sampler.samples(path, prompts, samples, seed=round_seed(seed, round_number, samples))
         matrices = oracle.matrices(prompts, texts)
-        pairs, winners, losers = [], [], []
-        for prompt, candidates, matrix in zip(prompts, texts, matrices):
-            wins = mean_win_probabilities(matrix)
-            picked = best_and_worst(wins)
-            if picked is None:
-                continue
-            pairs.append({"prompt": prompt, "chosen": candidates[picked[0]], "rejected": candidates[picked[1]]})
-            winners.append(wins[picked[0]])
-            losers.append(wins[picked[1]])
+        pairs, winners, losers = winner_pairs(prompts, texts, matrices)
         statistics = {"winner_win_probability": sum(winners) / len(winners) if winners else None,
                       "loser_win_probability": sum(losers) / len(losers) if losers else None}
         return pairs, {**statistics, **oracle.round_statistics()}
