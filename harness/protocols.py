@@ -27,6 +27,7 @@ class TrainingJob:
     reference_cache_dir: Path | None = None  # shared reference log-prob cache (content-addressed)
     reward: Any = None              # for methods with ``needs_reward = True``: a harness.train.rewards reward (see there)
     cache_root: Path | None = None  # the sweep's paths.cache: judges resolve their models here
+    engine: str = "harness"        # online methods' sampling: harness / hf = HF generate, vllm = TRL's use_vllm (harness.evaluate.engines)
 
     @property
     def budget(self):
@@ -134,3 +135,4 @@ class TaskContext:
     show_progress: bool = True
     heldout_pairs: list[dict] | None = None  # the sweep's held-out preference pairs, truncated like training data
     cache_root: Path | None = None  # the sweep's paths.cache: judges resolve their models here
+    engine: str = "harness"        # scoring / generation engine (harness.evaluate.engines): harness | hf | vllm

@@ -83,7 +83,7 @@ class IterativeDPO:
         reward = job.reward
         if reward is None:
             raise HarnessError(f"{self.name} needs a reward: set reward=<name> (conf/reward/)")
-        sampler = Sampler(job.plan, self.temperature)
+        sampler = Sampler(job.plan, self.temperature, engine=job.engine)
         reward_before = reward.tokens_scored
 
         def label(path, prompts: list, round_number: int) -> tuple[list[dict], dict]:

@@ -53,6 +53,7 @@ class OnlineDPO:
         from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
         from harness.train.rewards import reward_record, trl_reward_function
+        from harness.evaluate.engines import trl_sampling_arguments
         from harness.train.trl_support import finish, peft_config, trl_arguments
 
         if job.reward is None:
@@ -64,7 +65,8 @@ class OnlineDPO:
         config = OnlineDPOConfig(**arguments, beta=self.beta, loss_type=self.loss_type, temperature=self.temperature,
                                  max_new_tokens=budget.max_completion_tokens,
                                  missing_eos_penalty=self.missing_eos_penalty,
-                                 model_init_kwargs={"dtype": "float32", "device_map": None})
+                                 model_init_kwargs={"dtype": "float32", "device_map": None},
+                                 **trl_sampling_arguments(job.engine))
         prompts = Dataset.from_list([{"prompt": row["prompt"]} for row in job.plan.rows])
         trainer = OnlineDPOTrainer(model=str(job.start_checkpoint), reward_funcs=reward_function, args=config,
                                    train_dataset=prompts, processing_class=tokenizer, peft_config=peft_config(job))

@@ -117,7 +117,7 @@ class RSO:
         prompts = [row["prompt"] for row in job.plan.rows]
         anchors = [row["chosen"] for row in job.plan.rows]
         per_prompt = games_per_prompt(self.accepted, self.ranking)
-        sampler = Sampler(job.plan, self.temperature, self.top_k)
+        sampler = Sampler(job.plan, self.temperature, self.top_k, engine=job.engine)
         reward_before = reward.tokens_scored if oracle is None else 0
         uniform = random.Random(job.seed).random
         pairs: list[dict] = []

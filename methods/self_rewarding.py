@@ -81,7 +81,7 @@ class SelfRewarding:
         from harness.train.oracles import judged_win_matrices, winner_pairs
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        sampler = Sampler(job.plan, self.temperature)
+        sampler = Sampler(job.plan, self.temperature, engine=job.engine)
         judge_tokens = [0]
 
         def label(path, prompts: list, round_number: int) -> tuple[list[dict], dict]:

@@ -97,7 +97,7 @@ class SPPO:
         if self.judge is None and reward is None:
             raise HarnessError(f"{self.name} needs a preference oracle: set reward=<name> (conf/reward/) or "
                                f"+method_params.{self.name}.judge.type=<judge type>")
-        sampler = Sampler(job.plan, self.temperature)
+        sampler = Sampler(job.plan, self.temperature, engine=job.engine)
         oracle = JudgeOracle(self.judge, job, self.name) if self.judge else RewardOracle(reward)
         label = self_play_labeller(sampler, oracle, self.samples, job.seed)
         heldout = None if self.judge else (lambda path, prompts: heldout_reward(sampler, reward, path, prompts))

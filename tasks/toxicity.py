@@ -142,11 +142,14 @@ class Toxicity:
         SCORERS[scorer].check(self)  # config errors now, while the sweep validates, not after training
 
     def evaluate(self, checkpoint: Checkpoint, context: TaskContext) -> TaskResult:
-        from harness.evaluate.generation import format_prompt, generate, load_for_generation
+        from transformers import AutoTokenizer
+
+        from harness.evaluate.engines import generator
+        from harness.evaluate.generation import format_prompt
 
         files = self._prompt_files(context.data_mirror)
         items = sample_prompts(files, self.per_group, self.seed)
-        model, tokenizer = load_for_generation(checkpoint.path, context.device)
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint.path)
         if checkpoint.use_chat_template and not getattr(tokenizer, "chat_template", None):
             raise HarnessError(
                 f"{checkpoint.path}: the checkpoint is to be prompted through its chat template "
@@ -157,10 +160,11 @@ class Toxicity:
                 format_prompt(tokenizer, [{"role": "user", "content": self.chat_instruction + item["prompt"]}], True)
                 if checkpoint.use_chat_template else item["prompt"]
             )
-        generations = generate(model, tokenizer, [item["model_input"] for item in items],
-                               max_new_tokens=self.max_new_tokens, batch_size=context.batch_size,
-                               device=context.device, progress="toxicity: generating" if context.show_progress else None)
-        del model  # free the policy before the classifier loads
+        generate = generator(checkpoint.path, engine=context.engine, device=context.device,
+                             batch_size=context.batch_size)
+        generations = generate([item["model_input"] for item in items], max_new_tokens=self.max_new_tokens,
+                               progress="toxicity: generating" if context.show_progress else None)
+        del generate  # free the policy before the classifier loads
 
         scorer = SCORERS[self.scorer].build(self, files, context)
         continuations = [first_statement(text) for text in generations]

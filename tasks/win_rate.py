@@ -210,18 +210,22 @@ class WinRate:
         """Outputs of the checkpoint at ``path``, cached by (checkpoint identity, instructions, generation config);
         the batch size is not part of the key: greedy outputs do not depend on it."""
         key = config_hash({"model": model_identity(path), "chat_template": bool(use_chat_template),
-                           "instructions": instructions, "generation": self.generation, "prompt_format": "format_prompt/1"})
+                           "instructions": instructions, "generation": self.generation, "prompt_format": "format_prompt/1",
+                           "engine": context.engine})
         cache_file = Path(context.cache_dir) / "win_rate_generations" / f"{key}.json"
         cached = read_checked_json(cache_file, "win-rate outputs")  # a checked file (harness.inputs.cache)
         if cached is not None:
             return cached["outputs"]
-        from harness.evaluate.generation import format_prompt, generate, load_for_generation
+        from transformers import AutoTokenizer
 
-        model, tokenizer = load_for_generation(path, context.device)
+        from harness.evaluate.engines import generator
+        from harness.evaluate.generation import format_prompt
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
         prompts = [format_prompt(tokenizer, [{"role": "user", "content": text}], use_chat_template) for text in instructions]
-        outputs = generate(model, tokenizer, prompts, batch_size=context.batch_size, device=context.device,
-                           progress=f"{self.name}: {what}" if context.show_progress else None, **self.generation)
-        del model
+        generate = generator(path, engine=context.engine, device=context.device, batch_size=context.batch_size)
+        outputs = generate(prompts, progress=f"{self.name}: {what}" if context.show_progress else None, **self.generation)
+        del generate
         write_checked_json(cache_file, {"model": str(path), "outputs": outputs})
         return outputs
 

@@ -90,6 +90,8 @@ def earlier_sweep(tmp_path) -> Path:
     (["device=tpu"], ["device='tpu' is not a device; write device=auto, cpu, cuda, cuda:<index> or mps"]),
     (["device=cuda:7"], ["device=cuda:7: this machine has"]),
     (["eval_batch_size=0"], ["eval_batch_size=0 must be a whole number >= 1"]),
+    (["engine=fast"], ["engine='fast' is not an engine; write engine=harness (default), hf or vllm"]),
+    (["engine=vllm"], ["engine=vllm runs on CUDA GPUs only and this sweep's device is cpu"]),
     (["eval_batch_size=2.5"], ["eval_batch_size=2.5 must be a whole number >= 1"]),
     (["tune.trials=-1"], ["tune.trials=-1 must be a whole number >= 0"]),
     (["include_start=maybe"], ["include_start='maybe' must be true or false"]),

@@ -111,6 +111,8 @@ def test_score_key_changes_with_what_moves_a_number_and_nothing_else():
         ("heldout_preference", ["data.heldout_pairs=40"]),                            # the held-out split
         ("truthfulqa_mc", ["+task_params.truthfulqa_mc.limit=3"]),
         ("truthfulqa_mc", ["eval_batch_size=3"]),
+        ("truthfulqa_mc", ["engine=hf"]),                                              # the engine (vllm: below)
+        ("heldout_preference", ["engine=hf"]),
     ]:
         assert key_after(task, *overrides).value != keys[task].value, (task, overrides)
         assert key_after(task, *overrides).measurement_key != keys[task].measurement_key, (task, overrides)

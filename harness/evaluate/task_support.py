@@ -36,7 +36,12 @@ def run_lm_eval(checkpoint: Checkpoint, context: TaskContext, task_files, **opti
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    lm = HFLM(pretrained=str(checkpoint.path), device=context.device, batch_size=context.batch_size, dtype="float32")
+    if context.engine == "vllm":  # lm-eval's registered vllm backend, automatic prefix caching (harness.evaluate.engines)
+        from harness.evaluate.engines import vllm_lm_eval_model
+
+        lm = vllm_lm_eval_model(checkpoint.path)
+    else:
+        lm = HFLM(pretrained=str(checkpoint.path), device=context.device, batch_size=context.batch_size, dtype="float32")
     if checkpoint.use_chat_template and not lm.tokenizer.chat_template:
         raise HarnessError(
             f"{checkpoint.path}: the checkpoint is to be prompted through its chat template "

@@ -37,6 +37,7 @@ class RunSpec:
     seed: int | None = None
     reward: dict | None = None                # online methods: the reward they train against
     feedback: dict | None = None              # AI feedback: the judge that relabelled the pairs (None = human labels)
+    sampler: str | None = None                # online methods sampling through vLLM: "vllm" (None = HF generate)
     variant: str = ""                         # readable row name, e.g. dpo[beta=0.05,pairs=64]
 
     @property
@@ -51,6 +52,8 @@ class RunSpec:
             out["reward"] = self.reward
         if self.feedback is not None:
             out["feedback"] = self.feedback
+        if self.sampler is not None:
+            out["sampler"] = self.sampler
         return out
 
     def canonical(self) -> str:

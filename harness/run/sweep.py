@@ -32,6 +32,7 @@ from harness.run import registry
 from harness.train.budget import Budget, ResourceMeter, training_flops
 from harness.inputs.data import is_binary, load_preference_rows, pair_count, split_data
 from harness.errors import HarnessError, SkipRun
+from harness.evaluate.engines import check_engine
 from harness.train.feedback import feedback_from_config
 from harness.train.matching import ModelSizes, match_quality
 from harness.train.plan import cut_to_budget, plan_training
@@ -109,6 +110,7 @@ class Sweep:
         if is_binary(self.train_rows):
             self.check_binary_feedback()
         self.device = available_device(cfg.device)
+        check_engine(cfg.engine, self.device)
         self.done = finished_keys(self.results)  # a malformed record refuses the sweep here, before anything is written
 
     def check_binary_feedback(self) -> None:
@@ -222,7 +224,8 @@ class Sweep:
         plan = plan_training(budget, method, train_rows, self.heldout_rows, tokenizer, sizes=sizes)  # once per run
         job = TrainingJob(start_checkpoint=start, output_dir=staging, reward=reward, plan=plan, seed=budget.seed,
                           scratch_dir=temporary_path(self.cache / "scratch" / run_id),
-                          reference_cache_dir=self.cache / "reference_logprobs", cache_root=self.cache)
+                          reference_cache_dir=self.cache / "reference_logprobs", cache_root=self.cache,
+                          engine=self.cfg.engine)
         with ResourceMeter() as meter:
             outcome = method.train(job)
         parameters = _parameter_count(staging)
@@ -266,7 +269,7 @@ class Sweep:
                     context = TaskContext(data_mirror=self.mirror, cache_dir=self.cache / "tasks",
                                           device=self.device, batch_size=self.cfg.eval_batch_size,
                                           heldout_pairs=self.heldout_pairs(checkpoint.reference_path or checkpoint.path),
-                                          cache_root=self.cache)
+                                          cache_root=self.cache, engine=self.cfg.engine)
                     log.info("  %s: scoring", task_name)
                     with self.heartbeat.stage(f"scoring {task_name}"):
                         result = task.evaluate(checkpoint, context)
@@ -412,7 +415,8 @@ class Sweep:
         spec = RunSpec(family=cfg.model.family, setting=setting, start=start.identity, method=method_name,
                        method_class=type(method).__module__ + "." + type(method).__qualname__,
                        hyperparameters=hyperparameters, budget=self.budget.as_dict(), data=self.data_identity,
-                       seed=self.budget.seed, reward=reward, feedback=self.feedback.identity())
+                       seed=self.budget.seed, reward=reward, feedback=self.feedback.identity(),
+                       sampler="vllm" if reward is not None and cfg.engine == "vllm" else None)
         return RunSpec(**{**spec.__dict__, "variant": self.variant(spec, uses_reward=reward is not None)})
 
     def variant(self, spec: RunSpec, *, uses_reward: bool) -> str:
@@ -435,13 +439,15 @@ class Sweep:
             changed["reward"] = reward_name
         if self.cfg.tune.trials:
             changed["tune.trials"] = self.cfg.tune.trials
+        if spec.sampler is not None:
+            changed["sampler"] = spec.sampler
         return variant_name(spec.method, changed)
 
     def score_key(self, task_name: str, run_id: str) -> ScoreKey:
         """What the task's numbers depend on: task, version, its bound config, the evaluation settings it reads (the
         scoring batch; the held-out split and its truncation for tasks that read held-out pairs) and the checkpoint."""
         task = self.tasks[task_name]
-        evaluation = {"eval_batch_size": self.cfg.eval_batch_size}
+        evaluation = {"eval_batch_size": self.cfg.eval_batch_size, "engine": self.cfg.engine}
         if getattr(task, "reads_heldout_pairs", False):
             evaluation["heldout_pairs"] = {"data": self.data_identity,
                                            "max_prompt_tokens": self.budget.max_prompt_tokens,
@@ -529,6 +535,7 @@ def check_sweep_config(cfg: DictConfig) -> None:
     check_int("tune.heldout_pairs", plain("tune.heldout_pairs"), minimum=1)
     check_int("tune.seed", plain("tune.seed"), minimum=0)
     check_int("eval_batch_size", plain("eval_batch_size"), minimum=1)
+    check_engine(plain("engine"))
     check_number("heartbeat_seconds", plain("heartbeat_seconds"), POSITIVE)
     check_bool("progress_bars", plain("progress_bars"))
     device = plain("device")

@@ -125,25 +125,28 @@ class Sampler:
     generation cost in policy tokens.
     """
 
-    def __init__(self, plan, temperature: float, top_k: int | None = None):
+    def __init__(self, plan, temperature: float, top_k: int | None = None, engine: str = "harness"):
         self.plan, self.temperature, self.top_k, self.tokens = plan, temperature, top_k, 0
+        self.engine = engine  # harness.evaluate.engines: vllm samples through vllm.LLM, the others through torch
 
     def complete(self, path, prompts: list, *, seeds: list[int] | None = None) -> list[list[str]]:
         """Per prompt, one sampled completion per seed (loading the model once), or one greedy one without seeds."""
         import torch
+        from transformers import AutoTokenizer
 
-        from harness.evaluate.generation import format_prompt, generate, load_for_generation
+        from harness.evaluate.engines import generator
+        from harness.evaluate.generation import format_prompt
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        model, tokenizer = load_for_generation(path, device)
+        tokenizer = AutoTokenizer.from_pretrained(path)
         use_template = bool(getattr(tokenizer, "chat_template", None))
         texts = [format_prompt(tokenizer, p, use_template) for p in prompts]
         prompt_tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+        generate = generator(path, engine=self.engine, device=device, batch_size=self.plan.sequence_batch)
         columns = []
         for seed in seeds if seeds is not None else [None]:
-            outputs = generate(model, tokenizer, texts, max_new_tokens=self.plan.budget.max_completion_tokens,
-                               batch_size=self.plan.sequence_batch, do_sample=seed is not None,
-                               temperature=self.temperature, top_k=self.top_k, seed=seed or 0, device=device)
+            outputs = generate(texts, max_new_tokens=self.plan.budget.max_completion_tokens, do_sample=seed is not None,
+                               temperature=self.temperature, top_k=self.top_k, seed=seed or 0)
             self.tokens += prompt_tokens + sum(len(tokenizer(o, add_special_tokens=False)["input_ids"]) for o in outputs)
             columns.append(outputs)
         return [list(row) for row in zip(*columns)]

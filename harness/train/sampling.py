@@ -37,6 +37,7 @@ def train_sampling_method(job: TrainingJob, config_class, trainer_class, *, lear
     from transformers import AutoTokenizer
 
     from harness.train.rewards import reward_record, trl_reward_function
+    from harness.evaluate.engines import trl_sampling_arguments
     from harness.train.trl_support import finish, peft_config, trl_arguments
 
     if job.reward is None:
@@ -50,7 +51,7 @@ def train_sampling_method(job: TrainingJob, config_class, trainer_class, *, lear
     arguments.pop("max_length")  # prompts are already cut to the budget; completions by max_completion_length
     config = config_class(**arguments, num_generations=num_generations, temperature=temperature,
                           max_completion_length=budget.max_completion_tokens, num_iterations=num_iterations,
-                          **options)
+                          **trl_sampling_arguments(job.engine), **options)
     prompts = Dataset.from_list([{"prompt": row["prompt"]} for row in job.plan.rows])
     trainer = trainer_class(model=str(job.start_checkpoint), reward_funcs=reward_function, args=config,
                             train_dataset=prompts, processing_class=tokenizer, peft_config=peft_config(job))
