@@ -78,12 +78,12 @@ def test_vllm_sampling_parameters_greedy_and_seeded(fake_vllm, tmp_path):
 
 
 def test_lm_eval_vllm_backend_gets_prefix_caching(monkeypatch, tmp_path):
-    import lm_eval.models.vllm_causallms as vllm_causallms
+    import lm_eval.api.registry as registry
 
     seen = {}
-    monkeypatch.setattr(vllm_causallms, "VLLM", lambda **kwargs: seen.update(kwargs) or "lm")
+    monkeypatch.setattr(registry, "get_model", lambda name: seen.update(name=name) or (lambda **kw: seen.update(kw) or "lm"))
     assert engines.vllm_lm_eval_model(tmp_path) == "lm"
-    assert seen["pretrained"] == str(tmp_path) and seen["enable_prefix_caching"] is True
+    assert seen["name"] == "vllm" and seen["pretrained"] == str(tmp_path) and seen["enable_prefix_caching"] is True
 
 
 def test_trl_sampling_arguments_are_fields_of_every_online_trainer_config():

@@ -28,12 +28,13 @@ VLLM_INSTALL = "pip install vllm==0.33.*"  # the registries' GPU build; it pulls
 
 
 def check_engine(engine: str, device: str | None = None) -> None:
-    """``engine`` is one of ENGINES; ``vllm`` also needs the package and a CUDA device (``device`` resolved)."""
+    """``engine`` is one of ENGINES; with the sweep's resolved ``device``, ``vllm`` also needs a CUDA device and the
+    package (without one, only the name is checked)."""
     if engine not in ENGINES:
         raise HarnessError(f"engine={engine!r} is not an engine; write engine=harness (default), hf or vllm")
-    if engine != "vllm":
+    if engine != "vllm" or device is None:
         return
-    if device is not None and not str(device).startswith("cuda"):
+    if not str(device).startswith("cuda"):
         raise HarnessError(f"engine=vllm runs on CUDA GPUs only and this sweep's device is {device}; "
                            f"write engine=harness (torch, any device) or run on a GPU machine")
     if find_spec("vllm") is None:
@@ -42,11 +43,11 @@ def check_engine(engine: str, device: str | None = None) -> None:
 
 def vllm_lm_eval_model(path: Path, *, batch_size: int | str = "auto", dtype: str = "auto", seed: int = 1234,
                        gpu_memory_utilization: float = 0.8):
-    """lm-eval's registered ``vllm`` backend on ``path`` with automatic prefix caching (vLLM's
+    """lm-eval's registered ``vllm`` backend (looked up by name: its module imports vllm) on ``path`` with automatic prefix caching (vLLM's
     ``enable_prefix_caching``: KV blocks of a shared prompt prefix are computed once and reused)."""
-    from lm_eval.models.vllm_causallms import VLLM
+    from lm_eval.api.registry import get_model
 
-    return VLLM(pretrained=str(path), dtype=dtype, batch_size=batch_size, seed=seed,
+    return get_model("vllm")(pretrained=str(path), dtype=dtype, batch_size=batch_size, seed=seed,
                 enable_prefix_caching=True, gpu_memory_utilization=gpu_memory_utilization)
 
 
