@@ -24,29 +24,50 @@ def limit_fits(task: str, limit: int | None, available: int, source: str, unit: 
                            f"set limit=null to score all of them")
 
 
-def run_lm_eval(checkpoint: Checkpoint, context: TaskContext, task_files, **options) -> dict:
-    """lm-eval's ``simple_evaluate`` on our task YAMLs with the checkpoint in lm-eval's ``HFLM``.
+ENGINES = ("harness", "hf")  # harness: HarnessLM (prefix-sharing log-likelihoods); hf: lm-eval's stock HFLM
+DEFAULT_ENGINE = "harness"  # same numbers as "hf" up to float rounding, faster: bench/loglik_speed.py
+
+
+def make_lm(path, *, device: str, batch_size: int, engine: str = DEFAULT_ENGINE):
+    """The lm-eval model object for the checkpoint folder ``path`` in fp32: ``HarnessLM`` (``engine="harness"``) or
+    lm-eval's ``HFLM`` (``engine="hf"``, the stock route kept for parity checks and benches)."""
+    if engine not in ENGINES:
+        raise HarnessError(f"engine={engine!r} is not a scoring engine; available: {', '.join(ENGINES)}")
+    if engine == "harness":
+        from harness.evaluate.lm_backend import HarnessLM as model_class
+    else:
+        from lm_eval.models.huggingface import HFLM as model_class
+    return model_class(pretrained=str(path), device=device, batch_size=batch_size, dtype="float32")
+
+
+def run_lm_eval(checkpoint: Checkpoint, context: TaskContext, task_files, engine: str = DEFAULT_ENGINE,
+                **options) -> dict:
+    """lm-eval's ``simple_evaluate`` on our task YAMLs with the checkpoint in ``make_lm(engine=engine)``.
 
     Only ``task_files`` are indexed (scanning all of lm-eval's tasks takes ~7 s). The chat template is
     applied when the checkpoint's setting asks for it; a tokenizer without one is an error, not a silent
     plain-text prompt. lm-eval shows its own progress bars (it has no switch for them) and seeds Python,
     NumPy and torch.
     """
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
-    lm = HFLM(pretrained=str(checkpoint.path), device=context.device, batch_size=context.batch_size, dtype="float32")
+    lm = make_lm(checkpoint.path, device=context.device, batch_size=context.batch_size, engine=engine)
     if checkpoint.use_chat_template and not lm.tokenizer.chat_template:
         raise HarnessError(
             f"{checkpoint.path}: the checkpoint is to be prompted through its chat template "
             f"but its tokenizer has none; add one or use a setting without the template"
         )
+    return evaluate_lm(lm, task_files, chat=checkpoint.use_chat_template, **options)
+
+
+def evaluate_lm(lm, task_files, *, chat: bool, **options) -> dict:
+    """``simple_evaluate`` of the lm-eval model ``lm`` on the task YAMLs ``task_files`` (samples logged)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
     return lm_eval.simple_evaluate(
         model=lm,
         tasks=[str(path) for path in task_files],
         task_manager=TaskManager(include_defaults=False),
-        apply_chat_template=checkpoint.use_chat_template,
+        apply_chat_template=chat,
         log_samples=True,
         **options,
     )
