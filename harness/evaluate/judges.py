@@ -232,37 +232,34 @@ class LocalHFJudge:
         return both_orders(items, self._one_order)
 
     def _one_order(self, items: list[tuple[str, str, str]]) -> list[tuple[float, str, dict]]:
-        """p("1") per item from the two label logits at the answer position. Right-padded batches, longest
-        first; each row is read at its own last token, so the batch size does not change the result."""
-        import torch
-
+        """p("1") per item from the two label logits at the answer position: the softmax over the two logits equals
+        the softmax over the log-probs of the one-token continuations "1" and "2", which the prefix-sharing engine
+        (``harness.evaluate.loglik``) scores with the judging instructions encoded once. Recorded per item: both
+        log-probs, their total probability (``label_mass``) and the prompt's length in tokens."""
         from harness.evaluate.generation import format_prompt
+        from harness.evaluate.loglik import score_continuations
 
         model, tokenizer, (id_1, id_2) = self.load()
         texts = [format_prompt(tokenizer, [{"role": "user", "content": judging_prompt(i, a, b, self.max_output_chars)}],
                                use_chat_template=True) + LOCAL_ANSWER_PREFIX for i, a, b in items]
         encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        order = sorted(range(len(encoded)), key=lambda k: -len(encoded[k]))
-        out: list[tuple[float, str, dict]] = [None] * len(encoded)  # type: ignore[list-item]
-        for start in range(0, len(order), self.batch_size):
-            rows = order[start: start + self.batch_size]
-            width = max(len(encoded[k]) for k in rows)
-            ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for row, k in enumerate(rows):
-                ids[row, : len(encoded[k])] = torch.tensor(encoded[k])
-                mask[row, : len(encoded[k])] = 1
-            with torch.no_grad():
-                logits = model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
-            for row, k in enumerate(rows):
-                last = logits[row, len(encoded[k]) - 1].float()
-                pair = torch.stack([last[id_1], last[id_2]])
-                p_1 = torch.softmax(pair, dim=0)[0].item()
-                label_mass = torch.softmax(last, dim=0)[[id_1, id_2]].sum().item()
-                out[k] = (p_1, "label_logits", {"logit_1": last[id_1].item(), "logit_2": last[id_2].item(),
-                                                "label_mass": label_mass, "prompt_tokens": len(encoded[k])})
+        scores = score_continuations(model, [(ids, [label]) for ids in encoded for label in (id_1, id_2)],
+                                     batch_size=self.batch_size, progress="judging")
+        out: list[tuple[float, str, dict]] = []
+        for k, ids in enumerate(encoded):
+            logp_1, logp_2 = scores[2 * k][0], scores[2 * k + 1][0]
+            out.append((_two_way_softmax(logp_1, logp_2), "label_logits",
+                        {"logp_1": logp_1, "logp_2": logp_2, "label_mass": math.exp(logp_1) + math.exp(logp_2),
+                         "prompt_tokens": len(ids)}))
         return out
+
+
+def _two_way_softmax(first: float, second: float) -> float:
+    """exp(first) / (exp(first) + exp(second)), without overflow."""
+    difference = second - first
+    if difference > 0:
+        return math.exp(-difference) / (1.0 + math.exp(-difference))
+    return 1.0 / (1.0 + math.exp(difference))
 
 
 # ---------------------------------------------------------------------------------------------

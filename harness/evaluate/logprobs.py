@@ -40,34 +40,24 @@ def render(tokenizer, prompt: list[dict], completion: str) -> tuple[list[int], l
 
 def completion_logps(model, tokenizer, sequences: list[tuple[list[int], list[int]]], *, batch_size: int = 8,
                      device: str = "cpu") -> list[tuple[float, int]]:
-    """(summed log-prob, token count) of each completion given its prompt. Batch size does not change results
-    beyond float rounding: every sequence is scored with its own attention mask, right-padded."""
-    import torch
+    """(summed log-prob, token count) of each completion given its prompt, scored by the prefix-sharing engine
+    (``harness.evaluate.loglik``): a prompt shared by a chosen and a rejected completion, and the chat template's
+    opening shared by all, are encoded once. The first token of a completion without a prompt is not scored
+    (nothing predicts it). Batch size does not change results beyond float rounding. The model runs on its own
+    device (``device`` is where the caller put it)."""
+    from harness.evaluate.loglik import score_continuations
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    out: list[tuple[float, int]] = []
     model.eval()
-    for start in range(0, len(sequences), batch_size):
-        chunk = sequences[start: start + batch_size]
-        width = max(len(p) + len(c) for p, c in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        scored = torch.zeros((len(chunk), width), dtype=torch.bool)
-        for row, (prompt, completion) in enumerate(chunk):
-            ids[row, : len(prompt) + len(completion)] = torch.tensor(prompt + completion)
-            mask[row, : len(prompt) + len(completion)] = 1
-            scored[row, len(prompt): len(prompt) + len(completion)] = True
-        with torch.no_grad():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            # normalize only the positions that predict completion tokens: the vocabulary is wide
-            predicting = scored[:, 1:].to(device)
-            rows = torch.log_softmax(logits[:, :-1][predicting].float(), dim=-1)
-            token_logps = rows.gather(-1, ids[:, 1:].to(device)[predicting].unsqueeze(-1)).squeeze(-1)
-        owner = predicting.nonzero()[:, 0]
-        sums = torch.zeros(len(chunk), device=token_logps.device).index_add_(0, owner, token_logps)
-        for row, (_, completion) in enumerate(chunk):
-            out.append((sums[row].item(), len(completion)))
-    return out
+    requests, position = [], []
+    for prompt, completion in sequences:
+        if not prompt:
+            prompt, completion = completion[:1], completion[1:]
+        position.append(len(requests) if prompt and completion else None)
+        if prompt and completion:
+            requests.append((prompt, completion))
+    scores = score_continuations(model, requests, batch_size=batch_size, progress="log-probs of completions")
+    return [(scores[k][0] if k is not None else 0.0, len(completion))
+            for k, (_, completion) in zip(position, sequences)]
 
 
 def pair_logps(path: Path, pairs: list[dict], *, batch_size: int = 8, device: str = "cpu") -> list[dict]:

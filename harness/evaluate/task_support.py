@@ -5,6 +5,7 @@ route through lm-eval for tasks that are lm-eval task YAMLs (``truthfulqa_mc``, 
 from __future__ import annotations
 
 from harness.errors import HarnessError
+from harness.evaluate.engines import DEFAULT_ENGINE, check_engine, vllm_lm_eval_model
 from harness.protocols import Checkpoint, Metric, TaskContext
 
 
@@ -24,34 +25,50 @@ def limit_fits(task: str, limit: int | None, available: int, source: str, unit: 
                            f"set limit=null to score all of them")
 
 
-def run_lm_eval(checkpoint: Checkpoint, context: TaskContext, task_files, **options) -> dict:
-    """lm-eval's ``simple_evaluate`` on our task YAMLs with the checkpoint in lm-eval's ``HFLM``.
+def make_lm(path, *, device: str, batch_size: int, engine: str = DEFAULT_ENGINE):
+    """The lm-eval model object for the checkpoint folder ``path``: ``HarnessLM`` in fp32 (``engine="harness"``:
+    prefix-sharing log-likelihoods, continuous-batching generation), lm-eval's stock ``HFLM`` in fp32
+    (``engine="hf"``, kept for parity checks and benches) or lm-eval's ``vllm`` backend (``engine="vllm"``, GPUs)."""
+    check_engine(engine)
+    if engine == "vllm":
+        return vllm_lm_eval_model(path)
+    if engine == "harness":
+        from harness.evaluate.lm_backend import HarnessLM as model_class
+    else:
+        from lm_eval.models.huggingface import HFLM as model_class
+    return model_class(pretrained=str(path), device=device, batch_size=batch_size, dtype="float32")
+
+
+def run_lm_eval(checkpoint: Checkpoint, context: TaskContext, task_files, engine: str | None = None,
+                **options) -> dict:
+    """lm-eval's ``simple_evaluate`` on our task YAMLs with the checkpoint in ``make_lm(engine=...)`` (default: the
+    sweep's ``context.engine``).
 
     Only ``task_files`` are indexed (scanning all of lm-eval's tasks takes ~7 s). The chat template is
     applied when the checkpoint's setting asks for it; a tokenizer without one is an error, not a silent
     plain-text prompt. lm-eval shows its own progress bars (it has no switch for them) and seeds Python,
     NumPy and torch.
     """
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
-    if context.engine == "vllm":  # lm-eval's registered vllm backend, automatic prefix caching (harness.evaluate.engines)
-        from harness.evaluate.engines import vllm_lm_eval_model
-
-        lm = vllm_lm_eval_model(checkpoint.path)
-    else:
-        lm = HFLM(pretrained=str(checkpoint.path), device=context.device, batch_size=context.batch_size, dtype="float32")
+    lm = make_lm(checkpoint.path, device=context.device, batch_size=context.batch_size,
+                 engine=engine or context.engine)
     if checkpoint.use_chat_template and not lm.tokenizer.chat_template:
         raise HarnessError(
             f"{checkpoint.path}: the checkpoint is to be prompted through its chat template "
             f"but its tokenizer has none; add one or use a setting without the template"
         )
+    return evaluate_lm(lm, task_files, chat=checkpoint.use_chat_template, **options)
+
+
+def evaluate_lm(lm, task_files, *, chat: bool, **options) -> dict:
+    """``simple_evaluate`` of the lm-eval model ``lm`` on the task YAMLs ``task_files`` (samples logged)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
     return lm_eval.simple_evaluate(
         model=lm,
         tasks=[str(path) for path in task_files],
         task_manager=TaskManager(include_defaults=False),
-        apply_chat_template=checkpoint.use_chat_template,
+        apply_chat_template=chat,
         log_samples=True,
         **options,
     )
