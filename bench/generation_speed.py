@@ -110,8 +110,15 @@ def generation_path(path: str, timer: Timer):
 
 
 def run(gsm8k_limit: int = 32, model: str | Path | None = None, *, toxicity_per_group: int = 2,
-        win_rate_limit: int = 16, batch_size: int = 8, threads: int | None = None) -> dict:
-    """Time old vs new generation on the three workloads; compare texts and metrics; print and return a summary."""
+        win_rate_limit: int = 16, batch_size: int = 8, threads: int | None = None, old_threads: int | None = None,
+        tasks: tuple[str, ...] = ("gsm8k", "toxicity", "win_rate")) -> dict:
+    """Time old vs new generation on the three workloads; compare texts and metrics; print and return a summary.
+
+    ``threads`` fixes the engine's torch threads (default: its load-aware choice); ``old_threads`` the old path's
+    (default: torch's, as the harness ran before the engine).
+    """
+    import torch
+
     from harness.inputs.models import materialize_embedded
     from harness.protocols import Checkpoint, TaskContext
     from tasks.gsm8k import GSM8K
@@ -130,7 +137,9 @@ def run(gsm8k_limit: int = 32, model: str | Path | None = None, *, toxicity_per_
         "toxicity": (Toxicity(per_group=toxicity_per_group), "generation", None),
         "win_rate": (WinRate(limit=win_rate_limit, reference="davinci003"), "output", "item_id"),
     }
-    summary = {"model": str(path), "batch_size": batch_size, "load_average_before": os.getloadavg(),
+    workloads = {name: workloads[name] for name in tasks}
+    summary = {"model": str(path), "batch_size": batch_size, "threads": threads or "auto",
+               "old_threads": old_threads or torch.get_num_threads(), "load_average_before": os.getloadavg(),
                "old_seconds": 0.0, "new_seconds": 0.0, "items": 0, "identical": 0, "not_identical": [],
                "per_task": {}}
     with tempfile.TemporaryDirectory() as scratch:
@@ -138,10 +147,18 @@ def run(gsm8k_limit: int = 32, model: str | Path | None = None, *, toxicity_per_
             results, seconds = {}, {}
             for which in ("old", "new"):
                 timer = Timer()
-                context = TaskContext(data_mirror=DATA, cache_dir=Path(scratch) / f"{name}-{which}", device="cpu",
+                # win_rate caches its outputs by checkpoint: each path gets its own folder; the others share one
+                folder = Path(scratch) / (f"{name}-{which}" if name == "win_rate" else name)
+                context = TaskContext(data_mirror=DATA, cache_dir=folder, device="cpu",
                                       batch_size=batch_size, show_progress=False, cache_root=CACHE)
-                with generation_path(which, timer), contextlib.redirect_stderr(open(os.devnull, "w")):
-                    results[which] = task.evaluate(checkpoint, context)
+                default_threads = torch.get_num_threads()
+                if which == "old" and old_threads:
+                    torch.set_num_threads(old_threads)
+                try:
+                    with generation_path(which, timer), contextlib.redirect_stderr(open(os.devnull, "w")):
+                        results[which] = task.evaluate(checkpoint, context)
+                finally:
+                    torch.set_num_threads(default_threads)
                 seconds[which] = timer.seconds
                 print(f"{name}: {which} generation {timer.seconds:.1f} s", flush=True)
             old_samples, new_samples = results["old"].samples, results["new"].samples
@@ -241,10 +258,13 @@ def main() -> None:
     parser.add_argument("--win-rate-limit", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8, help="both paths' batch size (the sweep's eval_batch_size)")
     parser.add_argument("--threads", type=int, default=None, help="the engine's torch threads (default: automatic)")
+    parser.add_argument("--old-threads", type=int, default=None, help="the old path's torch threads (default: torch's)")
+    parser.add_argument("--tasks", default="gsm8k,toxicity,win_rate", help="comma-separated subset of the workloads")
     parser.add_argument("--model", type=Path, default=None, help="HF folder; default: the embedded SmolLM2-135M-Instruct")
     args = parser.parse_args()
     run(args.gsm8k_limit, args.model, toxicity_per_group=args.toxicity_per_group, win_rate_limit=args.win_rate_limit,
-        batch_size=args.batch_size, threads=args.threads)
+        batch_size=args.batch_size, threads=args.threads, old_threads=args.old_threads,
+        tasks=tuple(args.tasks.split(",")))
 
 
 if __name__ == "__main__":

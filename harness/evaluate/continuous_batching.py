@@ -298,7 +298,9 @@ def run(model, tokenizer, requests: list[Request], *, eos_token_ids: list[int], 
                     row = None
                     while queue and row is None:
                         index = queue.pop()
+                        started = time.perf_counter()
                         row = engine.prefill(index, slot)
+                        engine.seconds["prefill"] += time.perf_counter() - started
                         done = engine.finished(row)
                         if done:  # ended on its first token: the slot takes the next prompt
                             finish(index, done)
@@ -311,7 +313,9 @@ def run(model, tokenizer, requests: list[Request], *, eos_token_ids: list[int], 
                     active = engine.compact_rows(active)
                 if not active:
                     continue
+                started = time.perf_counter()
                 engine.decode(active, longest_queued=_longest(requests, queue))
+                engine.seconds["decode"] += time.perf_counter() - started
                 for slot, row in enumerate(active):
                     done = engine.finished(row)
                     if done:
@@ -324,6 +328,7 @@ def run(model, tokenizer, requests: list[Request], *, eos_token_ids: list[int], 
     if stats is not None:
         stats.update(slots=slots, shared_prefix_tokens=prefix, decode_steps=engine.steps,
                      prefill_tokens=engine.prefill_tokens + prefix,
+                     seconds={k: round(v, 2) for k, v in engine.seconds.items()},
                      threads=policy.history or [(None, policy.fixed)])  # (other processes' load in cores, threads)
     return results
 
@@ -370,6 +375,7 @@ class _Engine:
         self.model, self.tokenizer, self.requests, self.cache = model, tokenizer, requests, cache
         self.prefix, self.prefix_kv, self.eos, self.sampling, self.warpers = prefix, prefix_kv, eos, sampling, warpers
         self.end, self.steps, self.prefill_tokens = 0, 0, 0
+        self.seconds = {"prefill": 0.0, "decode": 0.0}
         self.capacity = cache.layers[0].keys.shape[-2]
         self.mask_value = torch.finfo(model.dtype).min
 
