@@ -174,8 +174,8 @@ def test_registered_with_lm_eval_and_engines_are_named():
     from harness.evaluate.task_support import make_lm
 
     assert get_model("harness") is HarnessLM
-    with pytest.raises(HarnessError, match="engine='vllm' is not a scoring engine; available: harness, hf"):
-        make_lm("/nowhere", device="cpu", batch_size=1, engine="vllm")
+    with pytest.raises(HarnessError, match="engine='fast' is not an engine"):
+        make_lm("/nowhere", device="cpu", batch_size=1, engine="fast")
 
 
 def test_completion_logps_match_full_forwards(varied_tiny_model):

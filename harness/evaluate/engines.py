@@ -92,19 +92,21 @@ def trl_sampling_arguments(engine: str, gpu_memory_utilization: float = 0.3) -> 
 def generator(path: Path, *, engine: str, device: str, batch_size: int):
     """A function ``(prompts, *, max_new_tokens, progress=None, **sampling) -> texts`` generating with the checkpoint
     at ``path`` on the chosen engine, loading it once: ``vllm`` → ``vllm_generate`` on one ``vllm.LLM``; otherwise the
-    checkpoint in fp32 on ``device`` through ``harness.evaluate.generation.generate`` (``sampling``: do_sample,
-    temperature, top_k, seed, stop)."""
+    checkpoint in fp32 on ``device`` through ``harness.evaluate.generation.generate`` (``harness``: the
+    continuous-batching engine) or ``generate_static`` (``hf``: HF ``generate`` in static batches, the previous path)
+    (``sampling``: do_sample, temperature, top_k, seed, stop)."""
     if engine == "vllm":
         llm = load_vllm(path)
 
         def run_vllm(prompts: list[str], *, max_new_tokens: int, progress: str | None = None, **sampling) -> list[str]:
             return vllm_generate(path, prompts, max_new_tokens=max_new_tokens, llm=llm, **sampling)
         return run_vllm
-    from harness.evaluate.generation import generate, load_for_generation
+    from harness.evaluate.generation import generate, generate_static, load_for_generation
 
     model, tokenizer = load_for_generation(path, device)
+    run = generate if engine == "harness" else generate_static
 
     def run_torch(prompts: list[str], *, max_new_tokens: int, progress: str | None = None, **sampling) -> list[str]:
-        return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+        return run(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                         device=device, progress=progress, **sampling)
     return run_torch

@@ -65,6 +65,33 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
     return [cut_at_stop(tokenizer.decode(c.token_ids, skip_special_tokens=True), stop) for c in completions]
 
 
+def generate_static(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int = 8,
+                    do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None, seed: int = 0,
+                    device: str = "cpu", stop: list[str] | None = None, progress: str | None = None) -> list[str]:
+    """The previous path, kept for ``engine=hf`` and the benches: prompts sorted by length, left-padded static batches
+    through HF ``model.generate`` (a batch decodes until its slowest row stops), one seed per batch when sampling."""
+    import torch
+    from tqdm.auto import tqdm
+
+    tokenizer.padding_side = "left"
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    outputs: list[str] = [""] * len(prompts)
+    batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc=progress or "generating", disable=progress is None):
+        encoded = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False)
+        encoded = {k: v.to(device) for k, v in encoded.items()}
+        if do_sample:
+            torch.manual_seed(seed)
+        with torch.no_grad():
+            generated = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                       temperature=temperature if do_sample else None, top_p=None,
+                                       top_k=top_k if do_sample else None, pad_token_id=tokenizer.pad_token_id)
+        new_tokens = generated[:, encoded["input_ids"].shape[1]:]
+        for row, index in enumerate(batch):
+            outputs[index] = cut_at_stop(tokenizer.decode(new_tokens[row], skip_special_tokens=True), stop)
+    return outputs
+
+
 def cut_at_stop(text: str, stop: list[str] | None) -> str:
     """``text`` up to the first occurrence of any ``stop`` string."""
     for marker in stop or []:

@@ -1,10 +1,11 @@
 """``HarnessLM``: lm-eval's ``HFLM`` with the harness's prefix-sharing log-likelihood engine
-(``harness.evaluate.loglik``), registered with lm-eval as the model type ``"harness"``.
+(``harness.evaluate.loglik``) and continuous-batching generation engine (``harness.evaluate.generation``),
+registered with lm-eval as the model type ``"harness"``.
 
 Tasks keep lm-eval's own definitions, prompts, tokenization (``TemplateLM.loglikelihood`` / ``_encode_pair``) and
-metrics; only ``_loglikelihood_tokens`` of a causal model is replaced, so ``loglikelihood`` and
-``loglikelihood_rolling`` requests are scored with each shared prefix encoded once. Seq2seq models and
-``generate_until`` stay lm-eval's.
+metrics; only ``_loglikelihood_tokens`` and ``generate_until`` of a causal model are replaced, so ``loglikelihood``
+and ``loglikelihood_rolling`` requests are scored with each shared prefix encoded once, and generations stop row by
+row with freed slots taking the next prompt. Seq2seq models stay lm-eval's.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
+from harness.evaluate.generation import generate_until
 from harness.evaluate.loglik import DEFAULT_BATCH_SIZE, PROGRESS, score_continuations
 
 MODEL_NAME = "harness"  # lm-eval's model type: lm_eval.simple_evaluate(model="harness", model_args=...)
@@ -44,3 +46,8 @@ class HarnessLM(HFLM):
             if key is not None:  # loglikelihood_rolling's windows are cached per document by the caller
                 self.cache_hook.add_partial("loglikelihood", key, answer)
         return answers
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        if self.backend != "causal":
+            return super().generate_until(requests, disable_tqdm=disable_tqdm)
+        return generate_until(self, requests, disable_tqdm=disable_tqdm)
