@@ -23,7 +23,7 @@ How the work is shared:
    batches of ``batch_size`` with the prefix cache expanded over the batch. The shared cache is never mutated: every
    forward gets a fresh ``transformers.DynamicCache`` over the shared tensors (its ``update`` concatenates into new
    tensors). Only the scored positions go through the output head and the vocabulary normalization
-   (``logits_to_keep``, ``logsumexp``).
+   (``logits_to_keep``).
 
 Fallbacks to one plain forward per row (lm-eval's own computation): a request longer than ``max_length + 1`` tokens
 (lm-eval's left truncation: ``(context + continuation)[-(max_length + 1):][:-1]``), and every request when the model
@@ -282,10 +282,9 @@ class _Scorer:
             logits = logits[scored.to(self.device)]
         if logits.shape[0] != int(scored.sum()):
             raise ValueError(f"expected {int(scored.sum())} scored positions, the model returned {logits.shape[0]}")
-        if self.softmax_dtype is not None:
-            logits = logits.to(self.softmax_dtype)
-        normalizer = torch.logsumexp(logits, dim=-1)
-        greedy = logits.argmax(dim=-1)
+        # log_softmax as lm-eval computes it: an fp32 logsumexp over the 49k-wide vocabulary rounds differently (~1e-4)
+        logps = torch.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
+        greedy = logps.argmax(dim=-1)
         positions, targets, owners, requests = [], [], [], []
         offset = 0
         for row in rows:
@@ -300,7 +299,7 @@ class _Scorer:
         positions_t = torch.tensor(positions, device=logits.device)
         targets_t = torch.tensor(targets, device=logits.device)
         owners_t = torch.tensor(owners, device=logits.device)
-        token_logps = logits[positions_t, targets_t] - normalizer[positions_t]
+        token_logps = logps[positions_t, targets_t]
         sums = torch.zeros(len(requests), dtype=token_logps.dtype, device=logits.device).index_add_(
             0, owners_t, token_logps)
         misses = torch.zeros(len(requests), dtype=torch.long, device=logits.device).index_add_(
