@@ -3,6 +3,7 @@
     python bench/loglik_speed.py --limit 48          # the embedded SmolLM2-135M-Instruct, first 48 questions
     python bench/loglik_speed.py                     # all 817 questions (~25 min on the old path, 2 CPU cores)
     python bench/loglik_speed.py --chat --model /path/to/hf-folder
+    python bench/loglik_speed.py --limit 48 --threads 1   # on a machine shared with other jobs
 
 Both engines read the same task YAMLs (the harness's ``truthfulqa_mc``: lm-eval's stock configs on the mirror's
 data), the same model folder and batch size, in one process. ``old_seconds`` / ``new_seconds`` time lm-eval's
@@ -30,8 +31,13 @@ METRIC_TOLERANCE = 1e-6  # MC1 is a share of argmaxes (equal unless a tie flips)
 
 
 def run(limit: int = 817, chat: bool = False, model: str | Path | None = None, batch_size: int = 8,
-        data: str | Path | None = None) -> dict:
-    """Score the first ``limit`` questions by both engines on the embedded model (or the folder ``model``)."""
+        data: str | Path | None = None, threads: int | None = None) -> dict:
+    """Score the first ``limit`` questions by both engines on the embedded model (or the folder ``model``), with
+    ``threads`` torch threads (None: torch's default, one per core)."""
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
     from harness.evaluate.task_support import evaluate_lm, make_lm
     from harness.inputs.models import materialize_embedded
     from harness.inputs.paths import default_cache_dir
@@ -70,6 +76,7 @@ def run(limit: int = 817, chat: bool = False, model: str | Path | None = None, b
         "engine_stats": runs["harness"]["stats"],
         "chat": chat,
         "batch_size": batch_size,
+        "threads": torch.get_num_threads(),
         "model": str(model_path),
     }
 
@@ -111,14 +118,17 @@ def main() -> None:
     parser.add_argument("--model", help="local HF model folder (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--batch-size", type=int, default=8, help="batch size of both engines (default 8)")
     parser.add_argument("--data", default=None, help="data mirror folder (default: ALIGN_HARNESS_DATA)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: one per core; 1 on a machine shared with other jobs)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     arguments = parser.parse_args()
-    result = run(arguments.limit, arguments.chat, arguments.model, arguments.batch_size, arguments.data)
+    result = run(arguments.limit, arguments.chat, arguments.model, arguments.batch_size, arguments.data,
+                 arguments.threads)
     if arguments.json:
         print(json.dumps(result))
         return
     print(f"model {result['model']}  questions {result['questions']}  chat template {result['chat']}  "
-          f"batch size {result['batch_size']}")
+          f"batch size {result['batch_size']}  torch threads {result['threads']}")
     print(f"{'':18} {'lm-eval HFLM':>14} {'harness engine':>15}")
     print(f"{'scoring seconds':18} {result['old_seconds']:14.1f} {result['new_seconds']:15.1f}   "
           f"speedup {result['speedup']:.1f}x")

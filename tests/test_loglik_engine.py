@@ -101,20 +101,33 @@ def test_engine_matches_lm_eval_hflm(backends, requests):
     assert stats["tokens_fed"] < sum(len(c) + len(x) for _, c, x in requests) / 3
 
 
-def test_batch_size_and_cache_do_not_change_results(backends, requests):
+def test_batch_size_packing_and_cache_do_not_change_results(backends, requests, varied_tiny_model):
+    import torch
+    from transformers import AutoModelForCausalLM
+
     from harness.evaluate.loglik import score_continuations
 
     model = backends[1].model
+    eager = AutoModelForCausalLM.from_pretrained(varied_tiny_model, dtype=torch.float32, attn_implementation="eager")
     pairs = [(context, continuation) for _, context, continuation in requests]
     reference = score_continuations(model, pairs, batch_size=4, max_length=96, progress=None)
-    plain_stats: dict = {}
-    variants = [score_continuations(model, pairs, batch_size=size, max_length=96, progress=None) for size in (1, 3, 64)]
-    variants.append(score_continuations(model, pairs, batch_size=5, max_length=96, prefix_cache=False, progress=None,
-                                        stats=plain_stats))
-    for variant in variants:
+    variants = {}
+    for name, chosen, options in [("batch 1", model, {"batch_size": 1}), ("batch 3", model, {"batch_size": 3}),
+                                  ("batch 64", model, {"batch_size": 64}),
+                                  ("padded", model, {"batch_size": 5, "packing": False}),
+                                  ("eager", eager, {"batch_size": 6}),
+                                  ("plain", model, {"batch_size": 5, "prefix_cache": False})]:
+        stats: dict = {}
+        variants[name] = (score_continuations(chosen, pairs, max_length=96, progress=None, stats=stats, **options), stats)
+    for name, (variant, _) in variants.items():
         for (logp, greedy), (reference_logp, reference_greedy) in zip(variant, reference):
-            assert abs(logp - reference_logp) <= TOLERANCE and greedy == reference_greedy
-    assert plain_stats["fallback"] == "prefix_cache=False" and plain_stats["cached_prefixes"] == 0
+            assert abs(logp - reference_logp) <= TOLERANCE and greedy == reference_greedy, name
+    packing = {name: stats["packing"] for name, (_, stats) in variants.items()}
+    assert packing == {"batch 1": "sdpa", "batch 3": "sdpa", "batch 64": "sdpa", "padded": None, "eager": "eager",
+                       "plain": None}
+    padded, packed = variants["padded"][1], variants["batch 64"][1]
+    assert packed["positions"] < padded["positions"]  # packing computes no padding
+    assert variants["plain"][1]["fallback"] == "prefix_cache=False" and variants["plain"][1]["cached_prefixes"] == 0
 
 
 def test_a_model_that_refuses_the_cache_is_scored_by_plain_forwards(backends, requests):

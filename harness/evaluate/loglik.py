@@ -19,11 +19,12 @@ How the work is shared:
    descendants) is encoded once into a key/value cache when that saves at least ``MIN_SAVED_TOKENS`` token-feeds:
    TruthfulQA's six-shot primer once for all questions, each question once for all its choices, a judge's
    instruction preamble once for all items.
-3. **Rows** are scored on top of their nearest cached prefix, right-padded with an attention mask, longest first, in
-   batches of ``batch_size`` with the prefix cache expanded over the batch. The shared cache is never mutated: every
-   forward gets a fresh ``transformers.DynamicCache`` over the shared tensors (its ``update`` concatenates into new
-   tensors). Only the scored positions go through the output head and the vocabulary normalization
-   (``logits_to_keep``, ``logsumexp``).
+3. **Rows** are scored on top of their nearest cached prefix, longest first, up to ``batch_size`` to a forward:
+   packed side by side into one sequence with a block-causal 4D attention mask and their own position ids (sdpa and
+   eager attention; no padding is computed, at most ``PACK_TOKENS`` tokens), or else right-padded with an attention
+   mask over the prefix cache expanded to the batch. The shared cache is never mutated: every forward gets a fresh
+   ``transformers.DynamicCache`` over the shared tensors (its ``update`` concatenates into new tensors). Only the
+   scored positions go through the output head and the vocabulary normalization (``logits_to_keep``).
 
 Fallbacks to one plain forward per row (lm-eval's own computation): a request longer than ``max_length + 1`` tokens
 (lm-eval's left truncation: ``(context + continuation)[-(max_length + 1):][:-1]``), and every request when the model
@@ -45,6 +46,7 @@ log = logging.getLogger("harness")
 DEFAULT_BATCH_SIZE = 8  # rows per forward; memory grows with batch × (prefix + row) tokens × layers
 MIN_SAVED_TOKENS = 48  # cache a shared prefix only if that saves ≥ this many token-feeds: one extra forward costs
 #                        about as much as ~50 tokens of SmolLM2-135M on 2 CPU cores (Python and cache-copy overhead)
+PACK_TOKENS = 512  # tokens packed into one forward: attention there is quadratic in them, padding is not computed
 PROGRESS = "Running loglikelihood requests"  # lm-eval's own bar name: the sweep's heartbeat reads it
 
 
@@ -96,18 +98,26 @@ def cache_unsupported_reason(model) -> str | None:
     return None
 
 
+def packing_attention(model) -> str | None:
+    """The attention kind (``"sdpa"`` or ``"eager"``) under which ``model`` honours a custom block-causal 4D mask with
+    explicit position ids, or None (other kernels take only 2D padding masks: rows are then padded)."""
+    kind = getattr(model.config, "_attn_implementation", None)
+    return kind if kind in ("sdpa", "eager") else None
+
+
 def score_continuations(model, requests, *, batch_size: int = DEFAULT_BATCH_SIZE, max_length: int | None = None,
-                        prefix_cache: bool = True, softmax_dtype=None, autocast_dtype=None,
+                        prefix_cache: bool = True, packing: bool = True, softmax_dtype=None, autocast_dtype=None,
                         progress: str | None = PROGRESS, stats: dict | None = None) -> list[tuple[float, bool]]:
     """``(summed log-prob of the continuation, is_greedy)`` of each ``(context_ids, continuation_ids)`` request under
     the causal LM ``model``, in request order, as lm-eval's ``HFLM._loglikelihood_tokens`` defines them.
 
     ``batch_size``: rows per forward (results do not depend on it beyond float rounding). ``max_length``: the
     model's context window; longer requests are left-truncated like lm-eval (None: never truncate).
-    ``prefix_cache=False`` scores every row by a plain forward. ``softmax_dtype`` / ``autocast_dtype``: lm-eval's
+    ``prefix_cache=False`` scores every row by a plain forward (no cache, no packing). ``packing=False`` pads rows
+    into a batch instead of packing them into one sequence. ``softmax_dtype`` / ``autocast_dtype``: lm-eval's
     ``softmax_dtype`` / ``mixed_precision_dtype`` (None: the model's dtype). ``progress``: the tqdm bar's name
     (None: no bar). ``stats``, when given, is filled with counts of the work done (requests, rows, cached
-    prefixes, forwards, tokens fed) and ``fallback`` (why the cache was not used, or None).
+    prefixes, forwards, tokens fed, positions computed with padding) and ``fallback`` (why the cache was not used, or None).
     """
     import torch
 
@@ -129,7 +139,7 @@ def score_continuations(model, requests, *, batch_size: int = DEFAULT_BATCH_SIZE
     if reason is None:
         reason = cache_unsupported_reason(model)
     counts = {"requests": len(owner), "distinct": len(pairs), "rows": 0, "cached_prefixes": 0, "forwards": 0,
-              "tokens_fed": 0, "fallback": reason}
+              "tokens_fed": 0, "positions": 0, "packing": None, "fallback": reason}
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(owner), desc=progress or PROGRESS, disable=progress is None)
@@ -142,16 +152,17 @@ def score_continuations(model, requests, *, batch_size: int = DEFAULT_BATCH_SIZE
         with torch.no_grad(), (torch.autocast(device_type=_device(model).type, dtype=autocast_dtype)
                                if autocast_dtype is not None else nullcontext()):
             try:
-                scores = _Scorer(model, pairs, weight, bar, counts, softmax_dtype).run(
+                packs = packing and reason is None and autocast_dtype is None
+                scores = _Scorer(model, pairs, weight, bar, counts, softmax_dtype, packs).run(
                     batch_size, max_length, use_cache=reason is None)
             except (TypeError, ValueError, NotImplementedError, IndexError, AttributeError) as error:
                 if reason is not None:
                     raise
                 counts.update(fallback=f"a cached forward failed: {type(error).__name__}: {error}".splitlines()[0],
-                              rows=0, cached_prefixes=0, forwards=0, tokens_fed=0)
+                              rows=0, cached_prefixes=0, forwards=0, tokens_fed=0, positions=0)
                 log.warning("log-likelihood engine: %s; scoring with plain forwards", counts["fallback"])
                 bar.reset(total=len(owner))
-                scores = _Scorer(model, pairs, weight, bar, counts, softmax_dtype).run(
+                scores = _Scorer(model, pairs, weight, bar, counts, softmax_dtype, False).run(
                     batch_size, max_length, use_cache=False)
     finally:
         bar.close()
@@ -168,11 +179,14 @@ def _device(model):
 class _Scorer:
     """One scoring pass: plan rows and cached prefixes, then run them depth-first."""
 
-    def __init__(self, model, pairs, weight, bar, counts, softmax_dtype):
+    def __init__(self, model, pairs, weight, bar, counts, softmax_dtype, packing: bool):
         self.model, self.pairs, self.weight, self.bar, self.counts = model, pairs, weight, bar, counts
         self.softmax_dtype = softmax_dtype
         self.device = _device(model)
-        self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        parameters = inspect.signature(model.forward).parameters
+        self.keeps_logits = "logits_to_keep" in parameters
+        self.packs = packing_attention(model) if packing and "position_ids" in parameters else None
+        counts["packing"] = self.packs
         self.scores: list[tuple[float, bool] | None] = [None] * len(pairs)
 
     def run(self, batch_size: int, max_length: int | None, use_cache: bool) -> list[tuple[float, bool]]:
@@ -184,9 +198,8 @@ class _Scorer:
             node, parent, parent_cache = stack.pop()
             cache = None if parent is None else self._extend(parent_cache, node.source[parent.depth: node.depth])
             attached, below = _attached(node)
-            order = sorted(attached, key=lambda r: -len(rows[r].tokens))
-            for start in range(0, len(order), batch_size):
-                self._score_batch(cache, node.depth, [rows[r] for r in order[start: start + batch_size]])
+            for batch in self._batches([rows[r] for r in attached], node.depth, batch_size):
+                self._score_batch(cache, node.depth, batch)
             stack += [(child, node, cache) for child in reversed(below)]
         return self.scores  # type: ignore[return-value]
 
@@ -255,10 +268,26 @@ class _Scorer:
         self.counts["cached_prefixes"] += 1
         return _snapshot(out.past_key_values)
 
-    def _score_batch(self, snapshot, depth: int, rows: list[_Row]) -> None:
+    def _batches(self, rows: list[_Row], depth: int, batch_size: int) -> list[list[_Row]]:
+        """Rows longest first, ``batch_size`` to a forward; a packed forward also holds at most ``PACK_TOKENS``
+        tokens (or one longer row)."""
+        order = sorted(rows, key=lambda row: -len(row.tokens))
+        if not self.packs:
+            return [order[start: start + batch_size] for start in range(0, len(order), batch_size)]
+        batches, tokens = [], 0
+        for row in order:
+            length = len(row.tokens) - depth
+            if not batches or len(batches[-1]) == batch_size or tokens + length > PACK_TOKENS:
+                batches.append([])
+                tokens = 0
+            batches[-1].append(row)
+            tokens += length
+        return batches
+
+    def _padded(self, snapshot, depth: int, rows: list[_Row], tails: list[tuple[int, ...]]):
+        """One right-padded row per input over the prefix cache expanded to the batch."""
         import torch
 
-        tails = [row.tokens[depth:] for row in rows]
         width = max(len(tail) for tail in tails)
         ids = torch.zeros((len(rows), width), dtype=torch.long)
         mask = torch.zeros((len(rows), depth + width), dtype=torch.long)
@@ -269,23 +298,58 @@ class _Scorer:
             mask[r, depth: depth + len(tail)] = 1
             scored[r, len(tail) - row.scored: len(tail)] = True
         arguments = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
-        if snapshot is None:
-            arguments["use_cache"] = False
-        else:
-            arguments.update(past_key_values=_cache_over(snapshot, len(rows)), use_cache=True)
+        if snapshot is not None:
+            arguments["past_key_values"] = _cache_over(snapshot, len(rows))
+        return arguments, scored
+
+    def _packed(self, snapshot, depth: int, rows: list[_Row], tails: list[tuple[int, ...]]):
+        """All inputs side by side in one sequence over the prefix cache: each attends to the prefix and to its own
+        earlier tokens (a block-causal 4D mask) at its own positions, so no padding is computed."""
+        import torch
+
+        lengths = torch.tensor([len(tail) for tail in tails])
+        total = int(lengths.sum())
+        ids = torch.tensor([[token for tail in tails for token in tail]], dtype=torch.long)
+        starts = torch.cumsum(lengths, 0) - lengths
+        segment = torch.repeat_interleave(torch.arange(len(tails)), lengths)
+        local = torch.arange(total) - starts[segment]
+        here = torch.arange(total)
+        allowed = torch.cat([torch.ones((total, depth), dtype=torch.bool),
+                             (segment[:, None] == segment[None, :]) & (here[:, None] >= here[None, :])], dim=1)
+        if self.packs == "sdpa":
+            mask = allowed[None, None]
+        else:  # eager attention adds the mask to the scores
+            dtype = next(self.model.parameters()).dtype
+            mask = torch.zeros((1, 1, total, depth + total), dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+        scored = torch.zeros((1, total), dtype=torch.bool)
+        for row, start, length in zip(rows, starts.tolist(), lengths.tolist()):
+            scored[0, start + length - row.scored: start + length] = True
+        arguments = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device),
+                     "position_ids": (local + depth)[None].to(self.device)}
+        if snapshot is not None:
+            arguments["past_key_values"] = _cache_over(snapshot, 1)
+        return arguments, scored
+
+    def _score_batch(self, snapshot, depth: int, rows: list[_Row]) -> None:
+        import torch
+
+        tails = [row.tokens[depth:] for row in rows]
+        packed = self.packs and len(rows) > 1  # one row has no padding to save
+        arguments, scored = (self._packed if packed else self._padded)(snapshot, depth, rows, tails)
+        arguments["use_cache"] = snapshot is not None
         if self.keeps_logits:
             arguments["logits_to_keep"] = scored.to(self.device)
         logits = self.model(**arguments).logits
         self.counts["forwards"] += 1
         self.counts["tokens_fed"] += sum(len(tail) for tail in tails)
+        self.counts["positions"] += scored.numel()
         if logits.dim() == 3:  # a model that ignores logits_to_keep or has none: every position came back
             logits = logits[scored.to(self.device)]
         if logits.shape[0] != int(scored.sum()):
             raise ValueError(f"expected {int(scored.sum())} scored positions, the model returned {logits.shape[0]}")
-        if self.softmax_dtype is not None:
-            logits = logits.to(self.softmax_dtype)
-        normalizer = torch.logsumexp(logits, dim=-1)
-        greedy = logits.argmax(dim=-1)
+        # log_softmax as lm-eval computes it: an fp32 logsumexp over the 49k-wide vocabulary rounds differently (~1e-4)
+        logps = torch.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
+        greedy = logps.argmax(dim=-1)
         positions, targets, owners, requests = [], [], [], []
         offset = 0
         for row in rows:
@@ -300,7 +364,7 @@ class _Scorer:
         positions_t = torch.tensor(positions, device=logits.device)
         targets_t = torch.tensor(targets, device=logits.device)
         owners_t = torch.tensor(owners, device=logits.device)
-        token_logps = logits[positions_t, targets_t] - normalizer[positions_t]
+        token_logps = logps[positions_t, targets_t]
         sums = torch.zeros(len(requests), dtype=token_logps.dtype, device=logits.device).index_add_(
             0, owners_t, token_logps)
         misses = torch.zeros(len(requests), dtype=torch.long, device=logits.device).index_add_(
