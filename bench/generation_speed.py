@@ -76,7 +76,7 @@ def batched_hf_generate(model, tokenizer, prompts: list[str], *, max_new_tokens:
 
 class Timer:
     def __init__(self):
-        self.seconds = 0.0
+        self.seconds, self.engine_stats = 0.0, []
 
     def wrap(self, function):
         def timed(*args, **kwargs):
@@ -93,9 +93,19 @@ def generation_path(path: str, timer: Timer):
     """Swap the harness's generation (``generate`` and lm-eval's ``HFLM.generate_until``) for the old or new one."""
     from lm_eval.models.huggingface import HFLM
 
-    from harness.evaluate import generation
+    from harness.evaluate import continuous_batching, generation
 
     saved = generation.generate, HFLM.generate_until
+    engine_run = continuous_batching.run
+
+    def run_with_stats(*args, **kwargs):
+        kwargs["stats"] = {}
+        try:
+            return engine_run(*args, **kwargs)
+        finally:
+            timer.engine_stats.append(kwargs["stats"])
+
+    continuous_batching.run = run_with_stats
     if path == "old":
         generation.generate = timer.wrap(batched_hf_generate)
         HFLM.generate_until = timer.wrap(saved[1])
@@ -107,6 +117,7 @@ def generation_path(path: str, timer: Timer):
         yield
     finally:
         generation.generate, HFLM.generate_until = saved
+        continuous_batching.run = engine_run
 
 
 def run(gsm8k_limit: int = 32, model: str | Path | None = None, *, toxicity_per_group: int = 2,
@@ -160,6 +171,8 @@ def run(gsm8k_limit: int = 32, model: str | Path | None = None, *, toxicity_per_
                 finally:
                     torch.set_num_threads(default_threads)
                 seconds[which] = timer.seconds
+                if which == "new":
+                    engine_stats = timer.engine_stats
                 print(f"{name}: {which} generation {timer.seconds:.1f} s", flush=True)
             old_samples, new_samples = results["old"].samples, results["new"].samples
             prompts = [model_input(path, name, s) for s in old_samples]
@@ -176,6 +189,7 @@ def run(gsm8k_limit: int = 32, model: str | Path | None = None, *, toxicity_per_
             summary["per_task"][name] = {"old_seconds": round(seconds["old"], 1), "new_seconds": round(seconds["new"], 1),
                                          "speedup": round(seconds["old"] / max(seconds["new"], 1e-9), 2),
                                          "items": len(old_samples), "identical": len(old_samples) - len(differing),
+                                         "engine": engine_stats,
                                          "metrics": metrics}
             summary["old_seconds"] += seconds["old"]
             summary["new_seconds"] += seconds["new"]

@@ -44,7 +44,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
 
     Runs on the continuous-batching engine (``harness.evaluate.continuous_batching``): each row stops on its own (the
     model's EOS token, a ``stop`` string, ``max_new_tokens``) and its slot takes the next prompt. ``batch_size`` is a
-    lower bound on the rows decoded together: the engine uses at least ``DEFAULT_SLOTS`` (16), as far as its
+    lower bound on the rows decoded together: the engine uses at least ``DEFAULT_SLOTS`` (32), as far as its
     key/value buffer allows (the result does not depend on it). Sampling draws from the softmax at ``temperature``,
     restricted to the ``top_k`` likeliest tokens when set (None: the whole vocabulary; the model's own
     generation_config defaults are overridden either way); each prompt has its own generator seeded by (``seed``,
