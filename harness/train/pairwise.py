@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.protocols import TrainingJob, TrainingOutcome
-from harness.train.trl_support import count_tokens, epochs_fraction, finish, peft_config, to_conversational, trl_arguments
+from harness.train.trl_support import (count_tokens, epochs_fraction, finish, model_init_kwargs, peft_config,
+                                       to_conversational, trl_arguments)
 
 
 def pairwise_trainer(job: TrainingJob, *, start: Path, beta: float, learning_rate: float,
@@ -20,7 +21,8 @@ def pairwise_trainer(job: TrainingJob, *, start: Path, beta: float, learning_rat
 
     ``pairwise_loss`` (see ``harness.train.trl_extensions``) replaces TRL's loss; ``dpo_options`` go to
     ``DPOConfig`` (``loss_type``, ``label_smoothing``, ...). Reference log-probs are precomputed
-    through ``job.reference_cache_dir``.
+    through ``job.reference_cache_dir``; the model loads as ``model_init_kwargs`` says (eager attention on the CPU
+    for short sequences).
     """
     from datasets import Dataset
     from transformers import AutoTokenizer
@@ -29,7 +31,8 @@ def pairwise_trainer(job: TrainingJob, *, start: Path, beta: float, learning_rat
     from harness.train.trl_extensions import HarnessDPOTrainer
 
     arguments = trl_arguments(job, learning_rate=learning_rate)
-    config = DPOConfig(**arguments, beta=beta, precompute_ref_log_probs=True, **dpo_options)
+    config = DPOConfig(**arguments, beta=beta, precompute_ref_log_probs=True, model_init_kwargs=model_init_kwargs(job),
+                       **dpo_options)
     return HarnessDPOTrainer(
         model=str(start),
         args=config,

@@ -60,7 +60,7 @@ class TrainingPlan:
     def record(self) -> dict:
         """What the run's record keeps of its plan (``consumed``), beside what the run then did."""
         return {"planned_optimizer_steps": self.optimizer_steps, "micro_batch": self.micro_batch,
-                "gradient_accumulation": self.gradient_accumulation}
+                "gradient_accumulation": self.gradient_accumulation, "precision": self.precision}
 
 
 def cut_to_budget(rows: list[dict], tokenizer, budget: Budget) -> list[dict]:
@@ -74,13 +74,29 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def resolved_precision(precision: str) -> str:
-    """``auto`` → bf16 on a GPU that supports it, else fp32; anything else as configured."""
-    if precision != "auto":
-        return precision
+# CPU instruction sets with native bf16 matmuls (``torch.cpu.get_capabilities()`` names): Intel AMX, AVX512_BF16
+# (Intel Cooper Lake+, AMD Zen 4+), Arm's BF16 / SVE-BF16 extensions. Without one, bf16 autocast is emulated and slower
+# than fp32.
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16", "sve_bf16", "bf16")
+
+
+def native_bf16() -> str | None:
+    """Why this machine runs bf16 matmuls natively — ``"cuda"`` (a GPU with hardware bf16: Ampere or later, ROCm), or
+    the CPU flag (``CPU_BF16_FLAGS``) — or None. Training runs on the GPU when one is visible, so its answer decides."""
     import torch
 
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    if torch.cuda.is_available():
+        return "cuda" if torch.cuda.is_bf16_supported(including_emulation=False) else None
+    capabilities = torch.cpu.get_capabilities()
+    return next((flag for flag in CPU_BF16_FLAGS if capabilities.get(flag)), None)
+
+
+def resolved_precision(precision: str) -> str:
+    """``auto`` → bf16 where the hardware has native bf16 matmuls (``native_bf16``), else fp32; anything else as
+    configured. bf16 is autocast: weights, gradients and optimizer state stay fp32, matmuls run in bf16."""
+    if precision != "auto":
+        return precision
+    return "bf16" if native_bf16() else "fp32"
 
 
 def examples_per_pair(method) -> int:

@@ -1,5 +1,5 @@
 """What TRL 1.16's ``DPOTrainer`` lacks, added through the smallest overrides: a pluggable pairwise
-loss, and a reference log-prob cache shared by every run on disk.
+loss, a reference log-prob cache shared by every run on disk, and a compact LM head on devices without Triton.
 
 Import this module only inside a method's ``train`` (it imports TRL at the top, and the harness
 core must not pay for TRL at import time).
@@ -35,7 +35,8 @@ the SHA-256 of
   of its ``config.json``, and the name, size and modification time (ns) of each weights file —
   cheap on a 7B model, and any rewrite of the weights changes it. A checkpoint rewritten with
   identical bytes is a miss (a wasted forward pass, never a wrong hit);
-* the precision the reference runs in (parameter dtype, ``bf16``/``fp16`` autocast flags);
+* the precision the reference runs in (parameter dtype, ``bf16``/``fp16`` autocast flags) and its attention kernel
+  (``eager``/``sdpa``: under bf16 they round differently);
 * everything that shapes the scored tokens: the tokenized ``prompt_ids``/``chosen_ids``/
   ``rejected_ids`` of every row in order, ``max_length``, ``truncation_mode``;
 * a format version (``CACHE_FORMAT``).
@@ -47,6 +48,32 @@ row; the key's inputs in the metadata) under a checksum header (``harness.inputs
 written to a temporary name and renamed, so a reader sees a whole entry or none, and a damaged one is
 scored again. Concurrent writers of one key write identical files.
 
+**Compact LM head** (``HarnessDPOTrainer.compact_lm_head``, on). TRL's fused LM head projects only the positions
+whose label is scored (the completion tokens) on Triton devices, but every position — prompt and padding too —
+elsewhere, to keep tile shapes fixed for compilers (Neuron); on the CPU that is a vocabulary-wide projection,
+forward and backward, of tokens nobody scores (on the smoke budget a third or more of a step). The trainer's
+forwards (policy and reference) run inside ``compact_scoring()``, which takes TRL's compact path on every device. The
+log-probs are the same numbers (each position's row of the projection is computed alone); only unscored work goes.
+
+**Whole-logit scoring on the CPU** (``HarnessDPOTrainer.whole_logit_scoring``, on). On a device without Triton, TRL's
+kernel (``trl.kernels.ChunkedLogProbFunction``) folds each [tokens × 32,768] logit tile in torch ops — about 25
+passes over every tile forward and backward — and runs its gradient matmuls in fp32 (``.float()`` of bf16 tiles).
+``WholeLogitScoring`` is the same call computed as one autocast matmul and a log-softmax over the whole fp32 logits
+through autograd: the projection and its gradients in bf16 like every other linear layer under autocast, half the
+passes (measured on one core, 560 tokens × 49,152: see ``WholeLogitScoring``). It keeps the fp32 logits for the
+backward pass, so above ``WHOLE_LOGITS_MAX_ELEMENTS`` scored tokens × vocabulary, and on Triton devices, TRL's kernel
+runs. Its extra outputs (entropy, mean logit, top-1) carry no gradient: the DPO trainer only logs them.
+
+**Length-sorted micro-batches** (``HarnessDPOTrainer.sort_micro_batches``, on). Each optimizer step takes the same
+pairs as TRL's random order gives it (accelerate's ``SeedableRandomSampler``, same seed), but sorted by length before
+they are cut into micro-batches, so each micro-batch pads to lengths close to its own (smoke budget: 31 % → 22 % of
+the forward passes' positions are padding, over 400 pairs). The step's gradient is the same average over the same
+pairs: each micro-batch is the same size and TRL's loss is a per-pair mean. Only for per-pair losses
+(``PER_PAIR_LOSSES``); a loss over micro-batch statistics (``aot``, ``bco_pair``'s running mean, ``sft``'s token mean,
+an own ``pairwise_loss`` such as β-DPO's) keeps the random micro-batches. transformers' own ``group_by_length``
+changes which pairs share a step and ``batch_rebalance`` varies the micro-batch size (which reweights pairs under
+a per-micro-batch mean), hence this sampler.
+
 The trainer records ``reference_cache_status[name]`` (``hit`` / ``miss`` / ``off``) and
 ``reference_seconds`` (time spent obtaining reference log-probs: loading on a hit, scoring on a
 miss) for the method adapter's accounting: a hit costs no reference tokens.
@@ -54,12 +81,14 @@ miss) for the method adapter's accounting: a hit costs no reference tokens.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from datasets import Dataset, concatenate_datasets
 from trl import DPOTrainer
 
@@ -69,6 +98,10 @@ CACHE_FORMAT = 1
 CACHE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+# TRL loss types whose loss is a mean of per-pair terms (trl DPOTrainer._compute_loss): the micro-batch split of a
+# step does not change the step's gradient, so its pairs may be sorted by length first
+PER_PAIR_LOSSES = frozenset({"sigmoid", "sigmoid_norm", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "sppo_hard",
+                             "apo_zero", "apo_down", "discopop"})
 
 
 def _file_sha256(path: Path) -> str:
@@ -126,12 +159,116 @@ def store_reference_logps(cache_dir: Path, key: str, columns: dict[str, np.ndarr
     return path
 
 
+@contextlib.contextmanager
+def compact_scoring():
+    """Inside this block, TRL's fused LM head (``trl.trainer.utils.add_fused_lm_head``) projects only the scored
+    positions on every device, as it does on Triton devices (see the module docstring). TRL decides by calling
+    ``trl.trainer.utils._use_triton`` once per forward; the block answers "compact" there and nowhere else (the
+    kernel's own choice of Triton or torch tiles is untouched). A TRL without that hook runs its own path."""
+    import trl.trainer.utils as trl_utils
+
+    decide = getattr(trl_utils, "_use_triton", None)
+    if decide is None:
+        yield
+        return
+    trl_utils._use_triton = lambda device: True
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = decide
+
+
+# Largest scored tokens × vocabulary that ``WholeLogitScoring`` scores with whole logits: it keeps them in fp32 for
+# the backward pass (4 bytes each: 512 MiB here; the smoke budget's micro-batches need ≤ 50 MiB)
+WHOLE_LOGITS_MAX_ELEMENTS = 2**27
+
+
+class WholeLogitScoring:
+    """``trl.kernels.ChunkedLogProbFunction.apply`` (same arguments, same five outputs) with whole logits on devices
+    without Triton (module docstring); TRL's kernel itself on Triton devices and above ``WHOLE_LOGITS_MAX_ELEMENTS``.
+    The harness's own code because TRL has only the tiled kernel, written for GPUs."""
+
+    @staticmethod
+    def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None, logit_scale=1.0,
+              outputs=("log_probs",)):
+        from trl.kernels import ChunkedLogProbFunction
+        from trl.kernels.chunked_logprob import _use_triton
+
+        if _use_triton(hidden.device) or hidden.shape[0] * weight.shape[0] > WHOLE_LOGITS_MAX_ELEMENTS:
+            return ChunkedLogProbFunction.apply(hidden, weight, bias, targets, temperature, chunk_size,
+                                                final_logit_softcapping, logit_scale, outputs)
+        z = torch.nn.functional.linear(hidden, weight, bias).float()  # autocast: a bf16 matmul, then fp32
+        if logit_scale != 1.0:
+            z = z * logit_scale
+        if final_logit_softcapping is not None:
+            z = final_logit_softcapping * torch.tanh(z / final_logit_softcapping)
+        if temperature != 1.0:
+            z = z / temperature
+        log_z = torch.logsumexp(z, dim=-1)
+        logprobs = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_z
+        entropy = log_sum_sq_probs = mean_logits = is_top1 = None
+        with torch.no_grad():
+            if "entropy" in outputs or "log_sum_sq_probs" in outputs:
+                probs = torch.softmax(z, dim=-1)
+                if "entropy" in outputs:
+                    entropy = log_z - (probs * z).sum(-1)
+                if "log_sum_sq_probs" in outputs:
+                    log_sum_sq_probs = torch.log(probs.square().sum(-1))
+            if "mean_logits" in outputs:
+                mean_logits = z.mean(-1)
+            if "is_top1" in outputs:
+                is_top1 = z.argmax(-1) == targets  # the first maximum, as TRL's kernel counts a tie
+        return logprobs, entropy, log_sum_sq_probs, mean_logits, is_top1
+
+
+@contextlib.contextmanager
+def whole_logit_scoring():
+    """Inside this block, TRL's fused LM head scores through ``WholeLogitScoring`` instead of TRL's kernel (it calls
+    ``trl.trainer.utils._ChunkedLogProbFunction.apply``). A TRL without that name runs its own kernel."""
+    import trl.trainer.utils as trl_utils
+
+    kernel = getattr(trl_utils, "_ChunkedLogProbFunction", None)
+    if kernel is None:
+        yield
+        return
+    trl_utils._ChunkedLogProbFunction = WholeLogitScoring
+    try:
+        yield
+    finally:
+        trl_utils._ChunkedLogProbFunction = kernel
+
+
+class StepSortedSampler(torch.utils.data.Sampler):
+    """``order``'s indices with each window of ``window`` consecutive ones (one optimizer step's rows) sorted by
+    ``lengths``, longest first (a step's memory peak comes in its first micro-batch). ``set_epoch`` goes to ``order``
+    (accelerate reseeds its sampler each epoch through it)."""
+
+    def __init__(self, order, lengths: list[int], window: int):
+        self.order, self.lengths, self.window = order, lengths, window
+
+    def __iter__(self):
+        indices = list(self.order)
+        for start in range(0, len(indices), self.window):
+            yield from sorted(indices[start:start + self.window], key=lambda i: -self.lengths[i])
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.order, "set_epoch"):
+            self.order.set_epoch(epoch)
+
+
 class HarnessDPOTrainer(DPOTrainer):
-    """TRL's ``DPOTrainer`` plus an optional ``pairwise_loss`` and the shared reference cache.
+    """TRL's ``DPOTrainer`` plus an optional ``pairwise_loss``, the shared reference cache and the compact LM head.
 
     With ``pairwise_loss=None`` the loss is TRL's own (``args.loss_type``), so plain DPO and its
-    TRL aliases use this class for the cache alone.
+    TRL aliases use this class for the cache and the compact head alone.
     """
+
+    compact_lm_head = True  # score only completion positions on every device (module docstring); bench/ turns it off
+    whole_logit_scoring = True  # score with whole logits on devices without Triton (module docstring); bench/: off
+    sort_micro_batches = True  # sort each step's pairs by length before the micro-batch cut (module docstring)
 
     def __init__(self, *args, pairwise_loss=None, reference_cache_dir: str | Path | None = None,
                  reference_path: str | Path | None = None, **kwargs):
@@ -152,8 +289,8 @@ class HarnessDPOTrainer(DPOTrainer):
     def _reference_settings(self) -> dict:
         reference = self.ref_model or self.model
         return {"dtype": str(next(reference.parameters()).dtype), "bf16": bool(self.args.bf16),
-                "fp16": bool(self.args.fp16), "max_length": self.args.max_length,
-                "truncation_mode": self.args.truncation_mode}
+                "fp16": bool(self.args.fp16), "attention": reference.config._attn_implementation,
+                "max_length": self.args.max_length, "truncation_mode": self.args.truncation_mode}
 
     def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
         started = time.perf_counter()
@@ -179,8 +316,42 @@ class HarnessDPOTrainer(DPOTrainer):
         self.reference_seconds += time.perf_counter() - started
         return dataset
 
+    # length-sorted micro-batches -------------------------------------------------------
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if not (self.sort_micro_batches and self.pairwise_loss is None and set(self.loss_types) <= PER_PAIR_LOSSES
+                and type(sampler) is torch.utils.data.RandomSampler and self.args.accelerator_config.use_seedable_sampler):
+            return sampler
+        from accelerate.data_loader import SeedableRandomSampler
+
+        # the order accelerate would have made of TRL's RandomSampler (accelerate.data_loader.prepare_data_loader)
+        order = SeedableRandomSampler(data_source=dataset, data_seed=self.args.data_seed)
+        cap = self.args.max_length or float("inf")
+        lengths = [min(len(prompt) + max(len(chosen), len(rejected)), cap) for prompt, chosen, rejected
+                   in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"])]
+        window = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        return StepSortedSampler(order, lengths, window)
+
+    # compact LM head, whole-logit scoring ---------------------------------------------
+    def _scoring(self):
+        stack = contextlib.ExitStack()
+        if self.compact_lm_head:
+            stack.enter_context(compact_scoring())
+        if self.whole_logit_scoring:
+            stack.enter_context(whole_logit_scoring())
+        return stack
+
+    def compute_ref_log_probs(self, model, inputs):
+        with self._scoring():
+            return super().compute_ref_log_probs(model, inputs)
+
     # pairwise loss ---------------------------------------------------------------------
     def _compute_loss(self, model, inputs, return_outputs):
+        with self._scoring():
+            return self._pair_loss(model, inputs, return_outputs)
+
+    def _pair_loss(self, model, inputs, return_outputs):
         if self.pairwise_loss is None:
             return super()._compute_loss(model, inputs, return_outputs)
         mode = "train" if self.model.training else "eval"

@@ -13,14 +13,23 @@ from pathlib import Path
 
 from harness.protocols import TrainingJob, TrainingOutcome
 
+# Longest sequence (tokens) a trainer on the CPU runs with transformers' plain matmul attention ("eager") instead of
+# its default, SDPA. On short sequences eager is faster there (smoke DPO step: 6 % less time, bench/train_speed.py) and
+# its bf16 numbers do not depend on how far a batch is padded, so an untrained policy's log-probs equal its precomputed
+# reference's (SDPA's CPU kernel: bf16-rounding apart). It keeps the attention weights for the backward pass,
+# ~6·batch·heads·length² bytes a layer, hence the cap; GPUs keep the default (memory-efficient kernels).
+EAGER_ATTENTION_MAX_LENGTH = 256
+
 
 def trl_arguments(job: TrainingJob, *, learning_rate: float) -> dict:
     """Keyword arguments shared by every TRL config class: the job's plan (``harness.train.plan``) as TRL reads it.
 
     The one budget → trainer mapping: micro-batch, accumulation, passes and the planned optimizer steps
     (``max_steps``, so every trainer takes exactly the plan's steps), warm-up, length cap and precision come from
-    the plan; optimizer, schedule, decay, clipping and seed are the budget's as configured.
+    the plan; optimizer, schedule, decay, clipping, gradient checkpointing and seed are the budget's as configured.
     """
+    import torch
+
     plan = job.plan
     budget = plan.budget
     return dict(
@@ -34,6 +43,7 @@ def trl_arguments(job: TrainingJob, *, learning_rate: float) -> dict:
         warmup_steps=plan.warmup_steps,
         weight_decay=budget.weight_decay,
         max_grad_norm=budget.max_grad_norm,
+        activation_checkpointing=budget.activation_checkpointing,
         optim=budget.optimizer,
         seed=budget.seed,
         data_seed=budget.seed,
@@ -43,9 +53,21 @@ def trl_arguments(job: TrainingJob, *, learning_rate: float) -> dict:
         report_to=[],
         remove_unused_columns=False,
         dataloader_num_workers=0,
-        bf16=plan.precision == "bf16",
+        bf16=plan.precision == "bf16",  # autocast: fp32 weights and optimizer, bf16 matmuls
         fp16=plan.precision == "fp16",
+        # transformers refuses bf16 without a bf16 GPU unless told the run is on the CPU (autocast on the CPU)
+        use_cpu=plan.precision == "bf16" and not torch.cuda.is_available(),
     )
+
+
+def model_init_kwargs(job: TrainingJob) -> dict | None:
+    """How a TRL trainer loads the job's model from its folder (``model_init_kwargs``): eager attention on the CPU for
+    sequences up to ``EAGER_ATTENTION_MAX_LENGTH``, else transformers' defaults (None)."""
+    import torch
+
+    if torch.cuda.is_available() or job.plan.max_length > EAGER_ATTENTION_MAX_LENGTH:
+        return None
+    return {"attn_implementation": "eager"}
 
 
 def peft_config(job: TrainingJob):
