@@ -44,7 +44,7 @@ def completion_logps(model, tokenizer, sequences: list[tuple[list[int], list[int
     (``harness.evaluate.loglik``): a prompt shared by a chosen and a rejected completion, and the chat template's
     opening shared by all, are encoded once. The first token of a completion without a prompt is not scored
     (nothing predicts it). Batch size does not change results beyond float rounding. The model runs on its own
-    device (``device`` is where the caller put it)."""
+    device (``device`` is where the caller put it); ``tokenizer`` is no longer read (the ids are given)."""
     from harness.evaluate.loglik import score_continuations
 
     model.eval()
