@@ -11,7 +11,8 @@ import torch
 
 from harness.errors import HarnessError
 from harness.evaluate import continuous_batching as engine
-from harness.evaluate.generation import cut_at_stop, format_prompt, generate, generate_until, load_for_generation
+from harness.evaluate.generation import (cut_at_stop, format_prompt, generate, generate_until, load_for_generation,
+                                        sampling_settings)
 
 PROMPTS = [
     "The weather today is",
@@ -117,6 +118,8 @@ def test_sampling_is_reproducible_and_independent_of_the_batch(loaded):
     greedy = reference(model, tokenizer, PROMPTS, 10)
     assert first != greedy
     assert sampling.top_p is None
+    # top_k=None is what model.generate makes of it: the model's generation_config, else transformers' default 50
+    assert sampling_settings(model, temperature=0.7).top_k == 50
     texts = generate(model, tokenizer, PROMPTS, max_new_tokens=10, do_sample=True, temperature=0.7, seed=5)
     assert generate(model, tokenizer, PROMPTS, max_new_tokens=10, do_sample=True, temperature=0.7, seed=5,
                     batch_size=1) == texts

@@ -31,7 +31,7 @@ without flash attention it packs all requests into one sequence with a dense
 ``[queries, all requests' keys]`` mask, so a decode step of N requests attends over every request's
 keys (N× the attention work and mask memory); it has no stop strings (EOS token ids only); it samples
 with one ``torch.multinomial`` over the whole batch on a background thread (a request's sample depends
-on the batch); and its prefix sharing works in whole 256-token cache blocks. README ("Generation
+on the batch); and its prefix sharing works in whole cache pages (256 tokens by default). README ("Generation
 engine") has the measured numbers.
 """
 

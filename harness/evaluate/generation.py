@@ -46,8 +46,8 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
     model's EOS token, a ``stop`` string, ``max_new_tokens``) and its slot takes the next prompt. ``batch_size`` is a
     lower bound on the rows decoded together: the engine uses at least ``DEFAULT_SLOTS`` (32), as far as its
     key/value buffer allows (the result does not depend on it). Sampling draws from the softmax at ``temperature``,
-    restricted to the ``top_k`` likeliest tokens when set (None: the whole vocabulary; the model's own
-    generation_config defaults are overridden either way); each prompt has its own generator seeded by (``seed``,
+    restricted to the ``top_k`` likeliest tokens (None: the model's generation_config ``top_k``, else transformers'
+    default 50 — what ``model.generate`` did with None; ``sampling_settings``); each prompt has its own generator seeded by (``seed``,
     its position in ``prompts``), so a prompt's sample does not depend on the other prompts or on ``batch_size``.
     ``threads``: torch threads (None: the engine's load-aware choice). ``device`` is where the model already is.
     """
@@ -57,7 +57,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
 
     requests = [engine.Request(tokenizer(prompt, add_special_tokens=False)["input_ids"], max_new_tokens, tuple(stop or ()))
                 for prompt in prompts]
-    sampling = engine.Sampling(temperature=temperature, top_k=top_k, seed=seed) if do_sample else None
+    sampling = sampling_settings(model, temperature=temperature, top_k=top_k, seed=seed) if do_sample else None
     with tqdm(total=len(prompts), desc=progress or "generating", disable=progress is None) as bar:
         completions = engine.run(model, tokenizer, requests, eos_token_ids=eos_token_ids(model, tokenizer),
                                  sampling=sampling, slots=max(batch_size, engine.DEFAULT_SLOTS), threads=threads,
@@ -90,6 +90,32 @@ def generate_static(model, tokenizer, prompts: list[str], *, max_new_tokens: int
         for row, index in enumerate(batch):
             outputs[index] = cut_at_stop(tokenizer.decode(new_tokens[row], skip_special_tokens=True), stop)
     return outputs
+
+
+def sampling_settings(model, *, temperature: float | None, top_k: int | None = None, top_p: float | None = None,
+                      seed: int = 0):
+    """What ``model.generate(do_sample=True, ...)`` samples with: a value given here, else the model's
+    generation_config, else transformers' global default (``top_k`` 50, ``top_p`` 1.0, ``temperature`` 1.0) — as
+    ``generate`` resolves an unset (None) value; so ``top_k=None`` means the 50 likeliest tokens, as before."""
+    from transformers import GenerationConfig
+
+    from harness.evaluate import continuous_batching as engine
+
+    try:
+        defaults = GenerationConfig._get_default_generation_params()
+    except AttributeError:  # older transformers: its documented defaults
+        defaults = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
+    own = getattr(model, "generation_config", None)
+
+    def resolved(value, name):
+        if value is not None:
+            return value
+        configured = getattr(own, name, None)
+        return configured if configured is not None else defaults.get(name)
+
+    top_k = resolved(top_k, "top_k")
+    return engine.Sampling(temperature=resolved(temperature, "temperature"), top_k=top_k or None,
+                           top_p=resolved(top_p, "top_p"), seed=seed)
 
 
 def cut_at_stop(text: str, stop: list[str] | None) -> str:
@@ -166,8 +192,8 @@ def generate_until(lm, requests, disable_tqdm: bool = False) -> list[str]:
                      for context in contexts]
             sampling = None
             if kwargs.get("do_sample"):
-                sampling = engine.Sampling(temperature=kwargs.get("temperature"), top_k=kwargs.get("top_k"),
-                                           top_p=kwargs.get("top_p"), seed=torch.initial_seed())
+                sampling = sampling_settings(model, temperature=kwargs.get("temperature"), top_k=kwargs.get("top_k"),
+                                             top_p=kwargs.get("top_p"), seed=torch.initial_seed())
             completions = engine.run(model, tokenizer, batch, eos_token_ids=eos_token_ids(model, tokenizer),
                                      sampling=sampling, slots=max(_batch_size(lm), engine.DEFAULT_SLOTS),
                                      on_done=lambda index, completion: bar.update(1))
