@@ -1,8 +1,8 @@
 """Training throughput: a smoke DPO step's achieved FLOP/s against this machine's matmul peak, old and new, side by side.
 
-    python bench/train_speed.py                          # the embedded SmolLM2-135M-Instruct, 3 timed steps a setting
-    python bench/train_speed.py --threads 1 --clock cpu  # one core, CPU seconds: for a machine other jobs share
-    python bench/train_speed.py --steps 5 --model /path/to/hf-folder --profile
+    python -m bench.train_speed                          # the embedded SmolLM2-135M-Instruct, 3 timed steps a setting
+    python -m bench.train_speed --threads 1 --clock cpu  # one core, CPU seconds: for a machine other jobs share
+    python -m bench.train_speed --steps 5 --model /path/to/hf-folder --profile
 
 1. **Peak**: the best of several large square matmuls (2048, 3072, 4096) in fp32 and in bf16, with torch's threads
    (``--threads``, default torch's own: one per core).
@@ -11,11 +11,12 @@
    smoke.yaml`` (batch 8 pairs, micro-batch 4, prompts ≤ 96 and completions ≤ 64 tokens), ``steps`` + 1 optimizer
    steps per setting (``SETTINGS``):
 
-   * ``old`` — main before issue 12 item 3: fp32; activation checkpointing on (TRL's default, which the harness did
-     not override); TRL's CPU LM head (every position, tiled kernel); random micro-batches; SDPA attention;
+   * ``old`` — main before issue 12 item 3: fp32; ``adamw_torch``; activation checkpointing on (TRL's default, which
+     the harness did not override); TRL's CPU LM head (every position, tiled kernel); random micro-batches; SDPA;
    * ``new`` — ``smoke.yaml`` as shipped (``precision: auto`` = bf16 autocast where the hardware has native bf16,
-     no activation checkpointing) and the harness's trainer as shipped (compact LM head, whole-logit scoring,
-     length-sorted micro-batches: ``harness.train.trl_extensions``; eager attention: ``trl_support.model_init_kwargs``).
+     ``adamw_torch_fused``, no activation checkpointing) and the harness's trainer as shipped (compact LM head,
+     whole-logit scoring, length-sorted micro-batches: ``harness.train.trl_extensions``; eager attention:
+     ``harness.train.trl_support.model_init_kwargs``).
 
    A step's time runs from the end of the previous optimizer step to the end of this one (data, forward and backward
    of every micro-batch, clipping, optimizer, logging). **Excluded** (printed apart): model load, tokenization, the
@@ -34,11 +35,15 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
+
+if not __package__:  # run as a file (python bench/train_speed.py): import this checkout's harness
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 MATMUL_SIZES = (2048, 3072, 4096)
 # wall: elapsed seconds (an idle machine); cpu: this process's CPU seconds (time.process_time), which other jobs
@@ -47,7 +52,7 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 # The two settings timed: budget fields over conf/budget/smoke.yaml, HarnessDPOTrainer's switches, and whether the
 # model loads as the harness says (trl_support.model_init_kwargs) or with transformers' defaults
 SETTINGS = {
-    "old": {"budget": {"precision": "fp32", "activation_checkpointing": True},
+    "old": {"budget": {"precision": "fp32", "activation_checkpointing": True, "optimizer": "adamw_torch"},
             "trainer": {"compact_lm_head": False, "whole_logit_scoring": False, "sort_micro_batches": False},
             "harness_attention": False},
     "new": {"budget": {},

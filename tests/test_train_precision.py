@@ -123,6 +123,7 @@ def test_bf16_autocast_training_moves_every_parameter(tmp_path, tiny_model):
                                                            PAIR_METHOD, ROWS, [], AutoTokenizer.from_pretrained(tiny_model))),
                             start=tiny_model, beta=0.1, learning_rate=1e-2)
     assert fp32.reference_cache_status == {"train": "miss"} and len(list((tmp_path / "reference").iterdir())) == 2
+    assert trainer._reference_settings()["attention"] == "eager"  # short sequences on the CPU: in the cache key too
 
 
 def test_compact_lm_head_scores_the_same_log_probs_from_the_scored_rows_only(tiny_model, monkeypatch):

@@ -26,7 +26,7 @@ def trl_arguments(job: TrainingJob, *, learning_rate: float) -> dict:
 
     The one budget → trainer mapping: micro-batch, accumulation, passes and the planned optimizer steps
     (``max_steps``, so every trainer takes exactly the plan's steps), warm-up, length cap and precision come from
-    the plan; optimizer, schedule, decay, clipping, gradient checkpointing and seed are the budget's as configured.
+    the plan; optimizer, schedule, decay, clipping, activation checkpointing and seed are the budget's as configured.
     """
     import torch
 
