@@ -13,7 +13,7 @@ with only the generation call swapped and timed (model loading, data, scoring an
 * **toxicity** (``tasks/toxicity.py`` defaults: 2 prompts per file, 32 new tokens, chat template) and
 * **win_rate** (``tasks/win_rate.py`` defaults: 16 AlpacaEval instructions, 64 new tokens, greedy; judged
   against text-davinci-003 so that there is a metric): old = the harness's previous
-  ``generate`` (``model.generate`` on length-sorted batches, kept verbatim below as ``batched_hf_generate``),
+  ``generate`` (``model.generate`` on length-sorted batches, kept as ``generation.generate_static`` and called through ``batched_hf_generate``),
   new = ``harness.evaluate.generation.generate``.
 
 Both paths get the same ``--batch-size`` (the sweep's ``eval_batch_size``, 8). An item whose text differs is
@@ -44,34 +44,12 @@ CACHE = Path(os.environ.get("ALIGN_HARNESS_CACHE", "~/.cache/alignment-harness")
 DATA = Path(os.environ.get("ALIGN_HARNESS_DATA", REPO.parent / "shared" / "data"))
 
 
-def batched_hf_generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int = 8,
-                        do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None, seed: int = 0,
-                        device: str = "cpu", stop: list[str] | None = None, progress: str | None = None,
-                        threads: int | None = None) -> list[str]:
-    """The harness's ``generate`` before the engine (commit ead2b5f), verbatim but for the unused ``threads``."""
-    import torch
-    from tqdm.auto import tqdm
+def batched_hf_generate(model, tokenizer, prompts: list[str], *, threads: int | None = None, **options) -> list[str]:
+    """The harness's ``generate`` before the engine (commit ead2b5f): ``generation.generate_static``, which keeps it
+    (``engine=hf``); ``threads`` is accepted and unused, as the old signature had none."""
+    from harness.evaluate.generation import generate_static
 
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    outputs: list[str] = [""] * len(prompts)
-    batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
-    for batch in tqdm(batches, desc=progress or "generating", disable=progress is None):
-        encoded = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False)
-        encoded = {k: v.to(device) for k, v in encoded.items()}
-        if do_sample:
-            torch.manual_seed(seed)
-        with torch.no_grad():
-            generated = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                       temperature=temperature if do_sample else None, top_p=None,
-                                       top_k=top_k if do_sample else None,
-                                       pad_token_id=tokenizer.pad_token_id)
-        new_tokens = generated[:, encoded["input_ids"].shape[1]:]
-        for row, index in enumerate(batch):
-            text = tokenizer.decode(new_tokens[row], skip_special_tokens=True)
-            for marker in stop or []:
-                text = text.split(marker)[0]
-            outputs[index] = text
-    return outputs
+    return generate_static(model, tokenizer, prompts, **options)
 
 
 class Timer:
