@@ -71,14 +71,9 @@ def vllm_generate(path: Path, prompts: list[str], *, max_new_tokens: int, do_sam
     params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0,
                             top_k=(top_k or -1) if do_sample else -1, top_p=1.0, seed=seed if do_sample else None,
                             stop=list(stop or []) or None)
-    outputs = llm.generate(prompts, params)
-    texts = []
-    for output in outputs:
-        text = output.outputs[0].text
-        for marker in stop or []:
-            text = text.split(marker)[0]
-        texts.append(text)
-    return texts
+    from harness.evaluate.generation import cut_at_stop
+
+    return [cut_at_stop(output.outputs[0].text, stop) for output in llm.generate(prompts, params)]
 
 
 def trl_sampling_arguments(engine: str, gpu_memory_utilization: float = 0.3) -> dict:
