@@ -289,6 +289,11 @@ class Sweep:
                      f" (+{len(record['metrics']) - len(shown)} breakdowns)" if len(shown) < len(record["metrics"]) else "")
 
     # the whole sweep -------------------------------------------------------------------
+    def units(self) -> list[tuple[str, str]]:
+        """The sweep's units of work in run order: (setting, method) for every setting, its starting row first
+        (method ``start``, when ``include_start``), then each method."""
+        return [(s, m) for s in self.settings for m in ([START] if self.cfg.include_start else []) + self.method_names]
+
     def run(self) -> Path:
         debug.arm(OmegaConf.select(self.cfg, "debug.kill_at", default=None))  # a test hook; off by default
         self.validate()  # nothing is written before this passes
@@ -304,7 +309,7 @@ class Sweep:
             atomic_write_text(self.results / "published.json",
                               json.dumps(OmegaConf.to_container(self.cfg.published), indent=1))
         done = self.done
-        units = [(s, m) for s in self.settings for m in ([START] if self.cfg.include_start else []) + self.method_names]
+        units = self.units()
         log.info("sweep %s: %d runs × %d tasks → %s", self.cfg.name, len(units), len(self.tasks), self.results)
         for index, (setting, method_name) in enumerate(units, start=1):
             log.info("[%d/%d] %s · %s", index, len(units), setting, method_name)
