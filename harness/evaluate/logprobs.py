@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 
 from harness.identity import config_hash
-from harness.inputs.cache import read_checked_json, write_checked_json
+from harness.inputs.cache import build_once, read_checked_json, write_checked_json
 
 
 PLAIN_ROLES = {"user": "Human", "assistant": "Assistant", "system": "System"}
@@ -109,12 +109,13 @@ def _model_identity(path: Path) -> dict:
 def cached_pair_logps(path: Path, pairs: list[dict], cache_dir: Path, *, batch_size: int, device: str) -> list[dict]:
     key = config_hash({"model": _model_identity(path), "pairs": pairs})
     cache_file = cache_dir / "pair_logps" / f"{key}.json"
-    cached = read_checked_json(cache_file, "pair log-probs")
-    if cached is not None:
-        return cached
-    scored = pair_logps(path, pairs, batch_size=batch_size, device=device)
-    write_checked_json(cache_file, scored)
-    return scored
+
+    def build() -> list[dict]:
+        scored = pair_logps(path, pairs, batch_size=batch_size, device=device)
+        write_checked_json(cache_file, scored)
+        return scored
+
+    return build_once(cache_file, "pair log-probs", lambda: read_checked_json(cache_file, "pair log-probs"), build)
 
 
 def cached_example_logps(path: Path, examples: list[dict], cache_dir: Path, *, batch_size: int,
@@ -122,16 +123,18 @@ def cached_example_logps(path: Path, examples: list[dict], cache_dir: Path, *, b
     """Summed completion log-prob and length of each binary-feedback example under the model at ``path`` (cached)."""
     key = config_hash({"model": _model_identity(path), "examples": examples})
     cache_file = cache_dir / "example_logps" / f"{key}.json"
-    cached = read_checked_json(cache_file, "example log-probs")
-    if cached is not None:
-        return cached
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
-    sequences = [render(tokenizer, example["prompt"], example["completion"]) for example in examples]
-    scored = [{"logp": logp, "tokens": tokens}
-              for logp, tokens in completion_logps(model, tokenizer, sequences, batch_size=batch_size, device=device)]
-    write_checked_json(cache_file, scored)
-    return scored
+    def build() -> list[dict]:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+        sequences = [render(tokenizer, example["prompt"], example["completion"]) for example in examples]
+        scored = [{"logp": logp, "tokens": tokens}
+                  for logp, tokens in completion_logps(model, tokenizer, sequences, batch_size=batch_size, device=device)]
+        write_checked_json(cache_file, scored)
+        return scored
+
+    return build_once(cache_file, "example log-probs", lambda: read_checked_json(cache_file, "example log-probs"),
+                      build)

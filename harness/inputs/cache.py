@@ -31,6 +31,16 @@ Which check each cached artifact uses:
   toxicity classifier head ``<cache>/tasks/toxicity/minilm_toxigen-<key>.npz``;
 * content against the name's hash — converted data files ``<cache>/tasks/{gsm8k,truthfulqa_mc}/*.jsonl``.
 
+**Built once, whoever asks first** (``build_once``). Units of a fanned-out sweep (``harness.run.fanout``) start
+together and need the same shared stages — the unpacked model, a derived SFT stage, a reward model, judge verdicts,
+reference log-probs and outputs. Each is built as "check the cache → take the entry's lock → check again → build →
+publish": the lock is an exclusive ``fcntl`` lock on ``.<entry>.lock`` beside the entry, so a second process waits
+and then finds the entry whole instead of building it again; a reader never needs the lock (entries appear by a
+rename). The lock dies with its process, so a killed builder leaves no stale lock. Every build appends one line to
+``builds.jsonl`` in the entry's folder (entry, what, seconds, host, pid, time) — the tests count them to prove no
+stage was built twice. ``fcntl`` locks hold across processes of one machine and, on Linux NFS v4 / Lustre / GPFS,
+across machines.
+
 **Stale temporaries.** Every temporary file or folder is ``.<name>.<pid>.tmp`` (``harness.inputs.paths.
 temporary_path``): atomic writes, checkpoint and model staging folders, training scratch folders. When a sweep
 starts, ``remove_stale_temporaries`` deletes those under the cache and the results folder whose writer is gone
@@ -40,13 +50,19 @@ check assumes the cache is written from one machine (process ids are per machine
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import socket
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from harness.inputs.paths import atomic_write_bytes, atomic_write_text, temporary_path
 
@@ -167,6 +183,63 @@ def publish(staging: Path, target: Path) -> Path:
         discard(staging)
     discard(old)
     return target
+
+
+# built once ----------------------------------------------------------------------------------
+BUILDS = "builds.jsonl"  # one line per build, in the entry's folder (module docstring)
+T = TypeVar("T")
+
+
+@contextmanager
+def entry_lock(entry: Path):
+    """Hold the exclusive lock of a cache entry (``.<name>.lock`` beside it) for the block; waits for the holder.
+    Our own code: the standard library's ``fcntl.flock``, no library offers a lock per cache entry."""
+    entry = Path(entry)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with open(entry.parent / f".{entry.name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def build_once(entry: Path, what: str, cached: Callable[[], T | None], build: Callable[[], T]) -> T:
+    """``cached()`` when it finds the entry (not None); otherwise, under the entry's lock, ``cached()`` again (another
+    process may have built it meanwhile) and only then ``build()``, counted in ``builds.jsonl``."""
+    found = cached()
+    if found is not None:
+        return found
+    with entry_lock(entry):
+        found = cached()
+        if found is not None:
+            return found
+        began = time.perf_counter()
+        value = build()
+        count_build(entry, what, time.perf_counter() - began)
+        return value
+
+
+def count_build(entry: Path, what: str, seconds: float) -> None:
+    """Append one line for a finished build to ``builds.jsonl`` beside ``entry`` (a whole line, under a lock)."""
+    entry = Path(entry)
+    line = json.dumps({"entry": entry.name, "what": what, "seconds": round(seconds, 2), "host": socket.gethostname(),
+                       "pid": os.getpid(), "at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    with open(entry.parent / BUILDS, "a", encoding="utf-8") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            handle.write(line + "\n")
+            handle.flush()
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def read_builds(folder: Path) -> list[dict]:
+    """The builds counted in ``folder`` (``builds.jsonl``), oldest first."""
+    path = Path(folder) / BUILDS
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 # file entries --------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from harness import debug
 from harness.errors import HarnessError, SkipRun
-from harness.inputs.cache import discard, is_whole, publish
+from harness.inputs.cache import build_once, discard, is_whole, publish
 from harness.inputs.paths import temporary_path
 
 EMBEDDED_PACKAGES = {
@@ -109,8 +109,14 @@ def materialize_embedded(name: str, cache_dir: Path) -> Path:
     ``harness.inputs.cache``).
     """
     target = cache_dir / "models" / name
-    if is_whole(target, "model"):
-        return target
+    return build_once(target, "model", lambda: _whole_model(target), lambda: _dequantize(name, target))
+
+
+def _whole_model(target: Path) -> Path | None:
+    return target if is_whole(target, "model") else None
+
+
+def _dequantize(name: str, target: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -135,8 +141,10 @@ def materialize_embedded(name: str, cache_dir: Path) -> Path:
 def materialize_tiny_random(seed: int, cache_dir: Path) -> Path:
     """A 2-layer, 64-wide Llama with the SmolLM2 tokenizer and weights drawn from ``seed``."""
     target = cache_dir / "models" / f"tiny-random-{seed}"
-    if is_whole(target, "model"):
-        return target
+    return build_once(target, "model", lambda: _whole_model(target), lambda: _tiny_random(seed, target, cache_dir))
+
+
+def _tiny_random(seed: int, target: Path, cache_dir: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 

@@ -37,7 +37,7 @@ from harness.train.feedback import feedback_from_config
 from harness.train.matching import ModelSizes, match_quality
 from harness.train.plan import cut_to_budget, plan_training
 from harness import debug
-from harness.inputs.cache import discard, is_whole, publish, remove_stale_temporaries
+from harness.inputs.cache import build_once, discard, is_whole, publish, remove_stale_temporaries
 from harness.inputs.models import check_checkpoint_spec, resolve_checkpoint
 from harness.inputs.paths import atomic_write_text, temporary_path
 from harness.protocols import Checkpoint, RewardContext, TaskContext, TrainingJob
@@ -196,10 +196,22 @@ class Sweep:
         stage_id = config_hash(identity)
         log.info("setting %s: deriving from %s by %s (stage %s)", setting, base_setting, stage, stage_id)
         with self.heartbeat.stage(f"deriving setting {setting} by {stage}"):
-            path, consumed = self.train(method, base.path, self.stage_budget, stage_id, human_labels=True)
+            path, consumed = self.train_once(method, base.path, self.stage_budget, stage_id, human_labels=True,
+                                             what="derived stage")
         return StartPoint(setting, identity, path=path, consumed=consumed)
 
     # 4. training ------------------------------------------------------------------------
+    def train_once(self, method, start: Path, budget: Budget, run_id: str, *, human_labels: bool = False,
+                   what: str = "checkpoint") -> tuple[Path, dict]:
+        """``train`` under the checkpoint's cache lock (``harness.inputs.cache.build_once``): fanned-out units that
+        need the same checkpoint at once (a derived stage) train it once; the others wait, then reuse it."""
+        target = self.cache / "checkpoints" / run_id
+
+        def trained() -> tuple[Path, dict]:
+            return self.train(method, start, budget, run_id, human_labels=human_labels)
+
+        return build_once(target, what, lambda: trained() if is_whole(target, what) else None, trained)
+
     def train(self, method, start: Path, budget: Budget, run_id: str, *, human_labels: bool = False) -> tuple[Path, dict]:
         """Train (or reuse) the checkpoint of ``run_id``; returns (folder, consumed budget). Trains on the sweep's
         feedback labels, or on the data set's own with ``human_labels`` (derived starting settings)."""
@@ -295,56 +307,76 @@ class Sweep:
         return [(s, m) for s in self.settings for m in ([START] if self.cfg.include_start else []) + self.method_names]
 
     def run(self) -> Path:
-        debug.arm(OmegaConf.select(self.cfg, "debug.kill_at", default=None))  # a test hook; off by default
-        self.validate()  # nothing is written before this passes
-        if not self.cfg.get("progress_bars", False):  # after validation: it imports the trainer (seconds)
-            quiet_progress_bars()
-        for root in (self.cache, self.results):  # what killed writers left behind (harness.inputs.cache)
-            remove_stale_temporaries(root)
-        self.results.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.results / "sweep_config.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
+        """The whole sweep in this process: every unit in turn, then the leaderboard."""
+        self.prepare()
         with self.heartbeat.stage("labelling training pairs (AI feedback)"):
             self.label_feedback()
-        if self.cfg.get("published"):  # an experiment's published reference numbers, shown beside ours
-            atomic_write_text(self.results / "published.json",
-                              json.dumps(OmegaConf.to_container(self.cfg.published), indent=1))
-        done = self.done
         units = self.units()
         log.info("sweep %s: %d runs × %d tasks → %s", self.cfg.name, len(units), len(self.tasks), self.results)
         for index, (setting, method_name) in enumerate(units, start=1):
             log.info("[%d/%d] %s · %s", index, len(units), setting, method_name)
-            with self.heartbeat.stage(f"preparing the {setting} starting checkpoint"):
-                start = self.start_point(setting)
-            method, arguments, tuning = self.methods.get(method_name), self.method_arguments.get(method_name), None
-            if method_name != START and self.cfg.tune.trials and start.path is not None:
-                method, arguments, tuning = self.tune(method_name, start)
-            unit = self._unit(setting, method_name, start, method, arguments)
-            if tuning:
-                unit["tuning"] = tuning
-            if all((unit["run_id"], self.score_key(t, unit["run_id"]).task_key) in done for t in self.tasks):
-                log.info("  done before, skipped")
-                continue
-            if start.path is None:
-                self.score({**unit, "status": "skipped", "reason": start.skip_reason}, None, {}, done)
-                continue
-            if method_name == START:
-                self.score(unit, self._checkpoint(start.path, setting, reference=None), start.consumed, done)
-                continue
-            try:
-                with self.heartbeat.stage(f"training {unit['variant']}"):
-                    path, consumed = self.train(method, start.path, self.budget, unit["run_id"])
-            except HarnessError:
-                raise
-            except Exception as error:
-                reason = _failure(error, self.results, unit["run_id"])
-                log.error("  training failed: %s", reason)
-                self.score({**unit, "status": "failed", "reason": reason}, None, {}, done)
-                continue
-            curves = path / "curves.jsonl"
-            if curves.exists():  # training curves travel with the records, for the leaderboard's plots
-                atomic_write_text(self.results / "curves" / f"{unit['run_id']}.jsonl", curves.read_text(),
-                                  point="curve_write")
-            self.score(unit, self._checkpoint(path, setting, reference=start.path), consumed, done)
+            self.run_unit(setting, method_name)
+        return self.finish()
+
+    def prepare(self, *, job: bool = False) -> None:
+        """Validate (nothing is written before this passes), then remove the temporaries of dead writers, write
+        ``sweep_config.yaml`` and an experiment's published numbers. A fanned-out ``job`` (``harness.run.fanout``)
+        only validates: its parent did the rest before launching it, and its siblings may be writing elsewhere."""
+        debug.arm(OmegaConf.select(self.cfg, "debug.kill_at", default=None))  # a test hook; off by default
+        self.validate()
+        if not self.cfg.get("progress_bars", False):  # after validation: it imports the trainer (seconds)
+            quiet_progress_bars()
+        if job:
+            return
+        for root in (self.cache, self.results):  # what killed writers left behind (harness.inputs.cache)
+            remove_stale_temporaries(root)
+        self.results.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.results / "sweep_config.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
+        if self.cfg.get("published"):  # an experiment's published reference numbers, shown beside ours
+            atomic_write_text(self.results / "published.json",
+                              json.dumps(OmegaConf.to_container(self.cfg.published), indent=1))
+
+    def run_unit(self, setting: str, method_name: str) -> None:
+        """One unit of work: a setting's starting row (``start``) or one method trained from it, scored on every task;
+        a task already ``ok`` in the records is skipped. A failure is recorded and the caller goes on."""
+        done = self.done
+        with self.heartbeat.stage(f"preparing the {setting} starting checkpoint"):
+            start = self.start_point(setting)
+        if method_name == START and not self.cfg.include_start:  # a fanned-out setting's stage only (fanout.py)
+            return
+        method, arguments, tuning = self.methods.get(method_name), self.method_arguments.get(method_name), None
+        if method_name != START and self.cfg.tune.trials and start.path is not None:
+            method, arguments, tuning = self.tune(method_name, start)
+        unit = self._unit(setting, method_name, start, method, arguments)
+        if tuning:
+            unit["tuning"] = tuning
+        if all((unit["run_id"], self.score_key(t, unit["run_id"]).task_key) in done for t in self.tasks):
+            log.info("  done before, skipped")
+            return
+        if start.path is None:
+            self.score({**unit, "status": "skipped", "reason": start.skip_reason}, None, {}, done)
+            return
+        if method_name == START:
+            self.score(unit, self._checkpoint(start.path, setting, reference=None), start.consumed, done)
+            return
+        try:
+            with self.heartbeat.stage(f"training {unit['variant']}"):
+                path, consumed = self.train_once(method, start.path, self.budget, unit["run_id"])
+        except HarnessError:
+            raise
+        except Exception as error:
+            reason = _failure(error, self.results, unit["run_id"])
+            log.error("  training failed: %s", reason)
+            self.score({**unit, "status": "failed", "reason": reason}, None, {}, done)
+            return
+        curves = path / "curves.jsonl"
+        if curves.exists():  # training curves travel with the records, for the leaderboard's plots
+            atomic_write_text(self.results / "curves" / f"{unit['run_id']}.jsonl", curves.read_text(),
+                              point="curve_write")
+        self.score(unit, self._checkpoint(path, setting, reference=start.path), consumed, done)
+
+    def finish(self) -> Path:
+        """Rebuild the leaderboard from the records; returns its Markdown file."""
         from harness.report.leaderboard import build_leaderboard
 
         with self.heartbeat.stage("building the leaderboard"):
@@ -385,7 +417,7 @@ class Sweep:
             trial = {"params": params, "run_id": run_id, "selected_by": f"heldout_{kind}_accuracy"}
             try:
                 with self.heartbeat.stage(f"tuning {name}: trial {index}/{tune.trials}"):
-                    path, consumed = self.train(method, start.path, self.budget, run_id)
+                    path, consumed = self.train_once(method, start.path, self.budget, run_id)
                 policy = cached_pair_logps(path, pairs, self.cache / "tasks", batch_size=self.cfg.eval_batch_size,
                                            device=self.device)
                 value, stderr, _ = preference_accuracy(policy, reference)[kind]
@@ -523,6 +555,14 @@ def check_sweep_config(cfg: DictConfig) -> None:
                            f"(available: {', '.join(registry.available('task'))})")
     check_names("plugins", plain("plugins") or [], "../my-plugin")
     check_bool("include_start", plain("include_start"))
+    check_bool("fanout", plain("fanout"))
+    unit = plain("unit")
+    if unit is not None:
+        setting, _, method = str(unit).partition(":")
+        if setting not in settings or method not in [START, *(plain("methods") or [])]:
+            raise HarnessError(f"unit={unit} names no unit of this sweep; write unit=<setting>:<method> with a setting "
+                               f"of settings={settings} and start or a method of methods (or leave unit unset: "
+                               f"fanout=true sets it for each job)")
     for group in ("method", "task"):
         params = plain(f"{group}_params")
         if params is None:
@@ -642,10 +682,17 @@ def _failure(error: Exception, results: Path, run_id: str) -> str:
     return f"{type(error).__name__}: {message} (traceback: logs/{run_id}.log)"
 
 
-def run_sweep(cfg: DictConfig) -> Path:
+def run_sweep(cfg: DictConfig) -> Path | None:
+    """The sweep of ``cfg`` in this process; with ``unit`` set, that one unit only (a fanned-out job,
+    ``harness.run.fanout``), which returns None: its parent builds the leaderboard."""
     registry.activate_plugins(cfg.get("plugins"))  # again here: a multirun job may run in a process of its own
     sweep = Sweep(cfg)
     try:
+        if cfg.get("unit"):
+            from harness.run.fanout import run_unit_job
+
+            run_unit_job(sweep)
+            return None
         return sweep.run()
     finally:
         sweep.heartbeat.close()

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.errors import HarnessError
-from harness.inputs.cache import read_checked_json, write_checked_json
+from harness.inputs.cache import build_once, read_checked_json, write_checked_json
 from harness.inputs.paths import atomic_write_text
 from harness.identity import config_hash
 
@@ -186,14 +186,26 @@ def cached_judgments(judge, rows: list[dict], *, cache_dir: Path, batch_size: in
     """P(chosen better) for each pair, from ``<cache_dir>/<key>.json`` or by asking ``judge`` (with a progress bar).
 
     Returns (judgments, key, cache hit). Identical chosen and rejected texts are a tie without asking."""
-    from tqdm.auto import tqdm
-
     pairs = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
     key = config_hash({"judge": judge_identity(judge), "pairs": pairs})
     path = Path(cache_dir) / f"{key}.json"
-    cached = read_checked_json(path, "judge verdicts")  # a checked file (harness.inputs.cache)
-    if cached is not None:
-        return cached["judgments"], key, True
+    asked_here = []
+
+    def cached() -> list[dict] | None:
+        found = read_checked_json(path, "judge verdicts")  # a checked file (harness.inputs.cache)
+        return None if found is None else found["judgments"]
+
+    def build() -> list[dict]:
+        asked_here.append(True)
+        return _ask_judge(judge, rows, path, batch_size=batch_size, progress=progress)
+
+    judgments = build_once(path, "judge verdicts", cached, build)  # one process asks; the others read its verdicts
+    return judgments, key, not asked_here
+
+
+def _ask_judge(judge, rows: list[dict], path: Path, *, batch_size: int, progress: str) -> list[dict]:
+    from tqdm.auto import tqdm
+
     judgments: list[dict] = [{"probability": 0.5, "output_1_first": 0.5, "output_1_second": 0.5, "method": "identical",
                               "raw": {}} for _ in rows]
     asked = [k for k, r in enumerate(rows) if r["chosen"] != r["rejected"]]
@@ -207,7 +219,7 @@ def cached_judgments(judge, rows: list[dict], *, cache_dir: Path, batch_size: in
                                 "output_1_second": answer.output_1_second, "method": answer.method, "raw": answer.raw}
             bar.update(len(batch))
     write_checked_json(path, {"judge": judge_identity(judge), "pairs": len(rows), "judgments": judgments})
-    return judgments, key, False
+    return judgments
 
 
 @dataclass

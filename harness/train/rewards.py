@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.errors import HarnessError
-from harness.inputs.cache import discard, is_whole, publish
+from harness.inputs.cache import build_once, discard, is_whole, publish
 from harness.inputs.paths import atomic_write_text, temporary_path
 from harness.identity import config_hash
 
@@ -258,12 +258,19 @@ def bradley_terry_reward(cfg, context) -> ModelReward:
     summary = {"kind": "bradley-terry", "key": key, "start": str(start), "budget": budget.name,
                "pairs": len(train), "settings": settings}
     target = Path(context.cache_dir) / f"bradley-terry-{key}"
-    hit = is_whole(target, "reward model")  # its manifest matches (harness.inputs.cache)
-    if hit:
-        log.info("  reward: Bradley-Terry reward model %s cached", key)
-    else:
+    trained_here = []
+
+    def train_it() -> Path:
+        trained_here.append(True)
         log.info("  reward: training a Bradley-Terry reward model on %d pairs (%s)", len(train), key)
         _train_bradley_terry(cfg, context, start, plan, summary, target)
+        return target
+
+    # its manifest matches (harness.inputs.cache); units sharing it train it once (build_once)
+    build_once(target, "reward model", lambda: target if is_whole(target, "reward model") else None, train_it)
+    hit = not trained_here
+    if hit:
+        log.info("  reward: Bradley-Terry reward model %s cached", key)
     reward = ModelReward.from_path(target, device=context.device, batch_size=int(cfg.get("batch_size", 8)))
     reward.cache_hit = hit
     return reward

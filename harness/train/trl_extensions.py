@@ -95,7 +95,7 @@ import torch
 from datasets import Dataset, concatenate_datasets
 from trl import DPOTrainer
 
-from harness.inputs.cache import read_checked, write_checked
+from harness.inputs.cache import count_build, entry_lock, read_checked, write_checked
 
 CACHE_FORMAT = 1
 CACHE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
@@ -304,18 +304,23 @@ class HarnessDPOTrainer(DPOTrainer):
             self.reference_seconds += time.perf_counter() - started
             return dataset
         key = reference_cache_key(identity, dataset, self._reference_settings())
-        cached = load_reference_logps(self.reference_cache_dir, key, len(dataset))
-        if cached is not None:
-            self.reference_cache_status[name] = "hit"
-            dataset = concatenate_datasets([dataset, Dataset.from_dict(cached)], axis=1)
-        else:
-            self.reference_cache_status[name] = "miss"
-            dataset = super()._precompute_ref_logps(dataset, name, batch_size)
-            if self.accelerator.is_main_process:
-                columns = {c: np.asarray(dataset[c], dtype=np.float32) for c in CACHE_COLUMNS}
-                store_reference_logps(self.reference_cache_dir, key, columns,
-                                      {"reference": identity, "settings": self._reference_settings(),
-                                       "rows": len(dataset)})
+        entry = Path(self.reference_cache_dir) / f"{key}.safetensors"
+        # one process of a fanned-out sweep scores the shared reference, the others wait and read it
+        # (harness.inputs.cache.build_once); not across the ranks of one run, which score together
+        with entry_lock(entry) if self.accelerator.num_processes == 1 else contextlib.nullcontext():
+            cached = load_reference_logps(self.reference_cache_dir, key, len(dataset))
+            if cached is not None:
+                self.reference_cache_status[name] = "hit"
+                dataset = concatenate_datasets([dataset, Dataset.from_dict(cached)], axis=1)
+            else:
+                self.reference_cache_status[name] = "miss"
+                dataset = super()._precompute_ref_logps(dataset, name, batch_size)
+                if self.accelerator.is_main_process:
+                    columns = {c: np.asarray(dataset[c], dtype=np.float32) for c in CACHE_COLUMNS}
+                    store_reference_logps(self.reference_cache_dir, key, columns,
+                                          {"reference": identity, "settings": self._reference_settings(),
+                                           "rows": len(dataset)})
+                    count_build(entry, "reference log-probs", time.perf_counter() - started)
         self.reference_seconds += time.perf_counter() - started
         return dataset
 

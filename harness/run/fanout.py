@@ -1,0 +1,131 @@
+"""Fan a sweep out over Hydra's launchers: one job per unit of work, the leaderboard once at the end.
+
+``align-harness sweep fanout=true hydra/launcher=joblib`` (README: Scale-out) runs the sweep as a Hydra multirun
+whose sweeper is ``hydra_plugins.harness_fanout.UnitSweeper``; for each sweep it composes (one, or one per value of
+the user's own ``-m`` lists) the parent process here
+
+1. validates everything and prepares the results folder (``Sweep.prepare``: nothing is launched on bad input);
+2. lists the units (``Sweep.units``) as jobs ``unit=<setting>:<method>`` with the paths pinned absolute (a job may run
+   in another folder or on another machine, where ``~`` and ``$ALIGN_HARNESS_*`` differ), in two waves: the starting
+   rows of derived settings first (their stage, e.g. the SFT that makes ``sft``, trains once, in that job), then
+   every other unit at once;
+3. hands each wave to the configured launcher (Hydra's ``Launcher.launch``: joblib workers, submitit on SLURM or
+   local processes, Ray tasks) and waits for it;
+4. builds the leaderboard from the records.
+
+A job (``run_unit_job``) validates its config, labels AI feedback if the sweep has any, and runs its one unit
+(``Sweep.run_unit``). Stages several jobs need are built once (``harness.inputs.cache.build_once``); records are
+appended under a lock (``harness.records.append_record``). A job that dies (killed, preempted, out of time) leaves its
+unit unfinished: the same command again skips every finished (run, task) and redoes the rest.
+
+Our own code only where Hydra has no such thing: which jobs a sweep is made of, in which order. Launching, pickling
+and waiting are the launchers'.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from harness.errors import HarnessError
+from harness.run.spec import START
+from harness.run.sweep import Sweep
+
+log = logging.getLogger("harness")
+
+PINNED = ("paths.results", "paths.cache", "data_mirror")  # resolved in the parent, passed to every job as values
+
+
+def task_config(config: DictConfig) -> DictConfig:
+    """A job's config as its task function sees it: Hydra's own node removed (as ``hydra.core.utils.run_job`` does)."""
+    cfg = copy.deepcopy(config)
+    with read_write(cfg), open_dict(cfg):
+        cfg.pop("hydra", None)
+    return cfg
+
+
+def unit_waves(sweep: Sweep) -> list[list[str]]:
+    """The sweep's units as ``<setting>:<method>`` in launch waves: derived settings' starting rows (their stage
+    trains there, once), then the rest. A derived setting gets its wave-one job even without ``include_start``."""
+    derived = [s for s in sweep.settings if str(sweep.cfg.model.checkpoints.get(s, "")).startswith("derived:")]
+    first = [f"{setting}:{START}" for setting in derived]
+    rest = [f"{setting}:{method}" for setting, method in sweep.units() if f"{setting}:{method}" not in first]
+    return [wave for wave in (first, rest) if wave]
+
+
+def pinned_overrides(overrides: list[str], cfg: DictConfig) -> list[str]:
+    """``overrides`` with the paths replaced by the parent's resolved, absolute values."""
+    values = {"paths.results": str(Path(cfg.paths.results).expanduser().resolve()),
+              "paths.cache": str(Path(cfg.paths.cache).expanduser().resolve()),
+              "data_mirror": str(Path(cfg.data_mirror).expanduser().resolve()) if cfg.data_mirror else "null"}
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in PINNED]
+    return kept + [f"{key}={_quoted(value)}" for key, value in values.items()]
+
+
+def _quoted(value: str) -> str:
+    if value == "null" or all(c.isalnum() or c in "/._-" for c in value):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def run_unit_job(sweep: Sweep) -> None:
+    """One fanned-out job: validate, label AI feedback when a method needs it (cached: one job labels), run the unit."""
+    setting, _, method = str(sweep.cfg.unit).partition(":")
+    sweep.prepare(job=True)
+    log.info("unit %s · %s (sweep %s → %s)", setting, method, sweep.cfg.name, sweep.results)
+    if method != START:
+        with sweep.heartbeat.stage("labelling training pairs (AI feedback)"):
+            sweep.label_feedback()
+    sweep.run_unit(setting, method)
+
+
+class FannedSweep:
+    """One composed sweep of a fanned-out multirun: its parent-side ``Sweep`` and its jobs' overrides by wave."""
+
+    def __init__(self, overrides: list[str], config: DictConfig):
+        self.cfg = task_config(config)
+        self.sweep = Sweep(self.cfg)
+        self.sweep.prepare()  # validation and the results folder, before any job starts
+        base = pinned_overrides(list(overrides), self.cfg)
+        self.waves = [[[*base, f"unit={unit}"] for unit in wave] for wave in unit_waves(self.sweep)]
+        log.info("sweep %s fans out: %d units in %d wave(s) → %s", self.cfg.name, sum(map(len, self.waves)),
+                 len(self.waves), self.sweep.results)
+
+    def finish(self) -> Path:
+        return self.sweep.finish()
+
+
+def launch_waves(launcher, jobs: list[list[list[str]]]) -> None:
+    """Launch each wave of job overrides through Hydra's ``launcher`` and wait for it; a job that failed or died ends
+    the sweep in one line (HarnessError) naming it and what to do."""
+    from hydra.core.utils import JobStatus
+
+    index = 0
+    for wave in jobs:
+        if not wave:
+            continue
+        try:
+            returns = launcher.launch(wave, initial_job_idx=index)
+        except Exception as error:  # a worker killed, a job preempted or timed out: the launcher gives up
+            raise HarnessError(f"a job of the fanned-out sweep ended without finishing ({type(error).__name__}: "
+                               f"{_first_line(error)}); run the same command again: finished units are skipped, "
+                               f"the rest redone") from None
+        for overrides, result in zip(wave, returns):
+            if result.status == JobStatus.FAILED:
+                unit = next((o.split("=", 1)[1] for o in overrides if o.startswith("unit=")), "?")
+                error = result._return_value
+                kind = "" if isinstance(error, HarnessError) else f"{type(error).__name__}: "
+                raise HarnessError(f"unit {unit}: {kind}{_first_line(error)}")
+        index += len(wave)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def fanned(config: DictConfig) -> bool:
+    return bool(OmegaConf.select(config, "fanout", default=False)) and not OmegaConf.select(config, "unit", default=None)
