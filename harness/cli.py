@@ -2,6 +2,7 @@
 
     align-harness sweep [hydra overrides...]      train, score, write records and the leaderboard
     align-harness leaderboard results/<sweep>     rebuild the leaderboard from records alone
+    align-harness leaderboard A B --into C        merge results folders from several machines, then rebuild
     align-harness judge-check [--judge TYPE]      agreement of the win-rate judge with GPT-4's annotations
     align-harness describe method|task NAME       every parameter of a method or task: default and one-line help
 
@@ -255,7 +256,11 @@ def leaderboard_main(argv: list[str]) -> None:
         prog="align-harness leaderboard",
         description="Rebuild leaderboard .md/.csv/.tex/.html and plots from a folder of records (any machines').")
     parser.error = _fail  # one line, exit 2
-    parser.add_argument("folder", help="a results folder holding records.jsonl, e.g. results/smollm2-135m-smoke")
+    parser.add_argument("folders", nargs="+", metavar="folder",
+                        help="a results folder holding records.jsonl, e.g. results/smollm2-135m-smoke; several (copied "
+                             "from several machines) are merged into --into")
+    parser.add_argument("--into", help="with several folders: the folder to merge them into (records, samples, "
+                                       "curves, logs) and build the leaderboard in; may be one of them")
     parser.add_argument("--compare", nargs="*", metavar="VARIANT",
                         help="print paired-bootstrap differences A − B of every metric for each pair of the named "
                              "variants (variant labels or method names) within each family and setting, instead of "
@@ -263,6 +268,16 @@ def leaderboard_main(argv: list[str]) -> None:
     parser.add_argument("--experiment", help="show the published numbers of conf/experiment/<name>.yaml beside ours")
     arguments = parser.parse_args(argv)
     try:
+        arguments.folder = arguments.folders[0]
+        if len(arguments.folders) > 1 or arguments.into:
+            from harness.records import merge_results
+
+            if not arguments.into:
+                raise HarnessError(f"{len(arguments.folders)} folders: name the merged one, e.g. --into "
+                                   f"{arguments.folders[0].rstrip('/')}-merged")
+            kept = merge_results(arguments.folders, arguments.into)
+            print(f"merged {len(arguments.folders)} folders into {arguments.into}: {kept} records", flush=True)
+            arguments.folder = arguments.into
         if arguments.experiment:
             write_published(arguments.folder, arguments.experiment)
         if arguments.compare is not None:

@@ -1,8 +1,10 @@
 """Records: one self-describing JSON object per (run, task) in ``results/<sweep>/records.jsonl``.
 
 A record is the unit of exchange: the leaderboard is rebuilt from records alone, and records
-from several machines can be concatenated. Writing is atomic (the whole file is rewritten to a
-temporary name and renamed, under a lock), so a killed sweep never leaves a half-written line.
+from several machines can be concatenated or merged (``merge_results``). Writing is atomic (the whole file is
+rewritten to a temporary name and renamed, under an ``fcntl`` lock on ``.records.lock``), so a killed sweep never
+leaves a half-written line, and concurrent writers (the jobs of a fanned-out sweep, ``harness.run.fanout``) take
+turns: none loses or duplicates another's record.
 
 Fields: ``run_id`` (hash of the resolved run config), ``task_key`` (task name + config hash),
 ``sweep``, ``family``, ``setting``, ``method``, ``task``, ``task_version``, ``metrics``
@@ -139,6 +141,40 @@ def append_record(folder: Path, record: dict) -> None:
         kept = [r for r in read_records(folder) if (r["run_id"], r["task_key"]) != (record["run_id"], record["task_key"])]
         text = "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in kept) + line + "\n"
         atomic_write_text(folder / RECORDS_FILE, text, point="record_write")
+
+
+def merge_results(folders: list[Path], into: Path) -> int:
+    """Results folders from several machines (or fanned-out jobs that wrote apart) merged into ``into``: the newest
+    record per (run, task) by ``finished_at`` — an ``ok`` one over a ``failed`` or ``skipped`` one at any time — and
+    every per-run file beside them (samples, curves, logs, feedback items) copied over. ``into`` may be one of
+    ``folders``. Returns the number of records kept."""
+    import shutil
+
+    into = Path(into)
+    chosen: dict[tuple, dict] = {}
+    for folder in folders:
+        folder = Path(folder)
+        if not (folder / RECORDS_FILE).is_file():
+            raise HarnessError(f"{folder} holds no {RECORDS_FILE}; pass results folders, e.g. results/<sweep>")
+        for record in read_records(folder):
+            key = (record["run_id"], record["task_key"])
+            rank = (record["status"] == "ok", str(record.get("finished_at") or ""))
+            old = chosen.get(key)
+            if old is None or rank >= (old["status"] == "ok", str(old.get("finished_at") or "")):
+                chosen[key] = record
+        if folder.resolve() != into.resolve():
+            for sub in ("samples", "curves", "logs", "feedback"):
+                if (folder / sub).is_dir():
+                    shutil.copytree(folder / sub, into / sub, dirs_exist_ok=True)
+            for name in ("sweep_config.yaml", "published.json"):
+                if (folder / name).is_file() and not (into / name).exists():
+                    into.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(folder / name, into / name)
+    records = sorted(chosen.values(), key=lambda r: str(r.get("finished_at") or ""))
+    with _locked(into):
+        atomic_write_text(into / RECORDS_FILE, "".join(json.dumps(r, sort_keys=True, default=str) + "\n"
+                                                       for r in records), point="record_write")
+    return len(records)
 
 
 def finished_keys(folder: Path) -> set[tuple[str, str]]:

@@ -1,0 +1,179 @@
+"""A sweep fanned out over Hydra's launchers (``fanout=true``, harness/run/fanout.py) through the real entry point on
+``tiny-random``: joblib workers, submitit's local processes and a local Ray instance give records whose metrics equal
+the one-process sweep's exactly; a shared stage is built once whichever job gets to it first (``builds.jsonl``,
+harness.inputs.cache.build_once); a job killed mid-run is redone by running the same command again."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import MODELS_CACHE, run_cli, run_cli_forked
+from harness.inputs.cache import read_builds
+from harness.records import read_records
+
+TINY = ["model=tiny-random", "budget=micro", "budget@stage_budget=micro", "tasks=[truthfulqa_mc]",
+        "+task_params.truthfulqa_mc.limit=2", "eval_batch_size=4", "settings=[instruct,sft]", "methods=[dpo,kto]",
+        "model.checkpoints.sft=derived:sft:instruct", "name=t"]
+UNITS = {(s, m) for s in ("instruct", "sft") for m in ("start", "dpo", "kto")}
+
+
+def sweep(results: Path, cache: Path, *overrides: str, timeout: float = 900):
+    return run_cli("sweep", *TINY, f"paths.results={results}", *overrides, cache=cache, timeout=timeout)
+
+
+def measured(folder: Path) -> dict:
+    """(setting, method, run id, task key) → what must not depend on how the sweep ran: status, metrics, steps."""
+    out = {}
+    for r in read_records(folder):
+        key = (r["setting"], r["method"], r["run_id"], r["task_key"])
+        assert key not in out, f"duplicate record {key}"
+        out[key] = (r["status"], r["metrics"], (r.get("consumed") or {}).get("optimizer_steps"))
+    return out
+
+
+def builds(cache: Path) -> dict[tuple[str, str], int]:
+    """(folder, entry) → how often it was built, over every ``builds.jsonl`` of the cache (the models folder too)."""
+    counts: dict[tuple[str, str], int] = {}
+    for folder in {path.parent for path in cache.rglob("builds.jsonl")} | {cache / "models"}:
+        for line in read_builds(folder):
+            key = (folder.relative_to(cache).as_posix(), line["entry"])
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+@pytest.fixture(scope="module")
+def serial(tmp_path_factory, cache_dir) -> dict:
+    """The same sweep in one process (``fanout`` off, the default)."""
+    results = tmp_path_factory.mktemp("serial")
+    result = sweep(results, cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = measured(results / "t")
+    assert {(k[0], k[1]) for k in records} == UNITS and all(v[0] == "ok" for v in records.values())
+    return records
+
+
+@pytest.fixture(scope="module")
+def fresh_cache(tmp_path_factory, tiny_model) -> Path:
+    """A cache of its own holding only the embedded model (the tiny-random checkpoints' tokenizer): every other
+    stage is built by the fanned-out jobs."""
+    cache = tmp_path_factory.mktemp("fanout-cache")
+    (cache / "models").mkdir()
+    (cache / "models" / "smollm2-135m-instruct").symlink_to(MODELS_CACHE / "smollm2-135m-instruct")
+    return cache
+
+
+@pytest.fixture(scope="module")
+def joblib_run(tmp_path_factory, fresh_cache) -> Path:
+    results = tmp_path_factory.mktemp("joblib")
+    result = sweep(results, fresh_cache, "fanout=true", "hydra/launcher=workers", "hydra.launcher.n_jobs=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"leaderboard: {results / 't' / 'leaderboard.md'}" in result.stdout
+    return results
+
+
+def test_joblib_workers_give_the_serial_metrics_and_build_every_stage_once(serial, joblib_run, fresh_cache):
+    assert measured(joblib_run / "t") == serial
+    counted = builds(fresh_cache)
+    assert counted and all(n == 1 for n in counted.values()), counted
+    run_ids = {r["run_id"] for r in read_records(joblib_run / "t") if r["method"] != "start"}
+    kinds = {}
+    for folder in {p.parent for p in fresh_cache.rglob("builds.jsonl")}:
+        for line in read_builds(folder):
+            kinds.setdefault(line["what"], set()).add(line["entry"])
+    assert kinds["checkpoint"] == run_ids  # each trained variant once
+    assert len(kinds["derived stage"]) == 1  # the SFT making the sft setting: once, though three jobs need it
+    assert kinds["model"] == {"tiny-random-3"}  # the instruct checkpoint, unpacked once for five jobs
+    assert len(kinds["reference log-probs"]) == 2  # one per starting checkpoint, shared by DPO and KTO
+    assert (joblib_run / "t" / "leaderboard.md").exists()
+
+
+@pytest.mark.parametrize("launcher", [
+    ["hydra/launcher=submitit_local"],
+    ["hydra/launcher=ray", "+hydra.launcher.ray.init.num_cpus=2"],
+], ids=["submitit_local", "ray"])
+def test_submitit_and_ray_give_the_serial_metrics_and_build_nothing_again(serial, joblib_run, fresh_cache, tmp_path,
+                                                                          launcher):
+    before = builds(fresh_cache)
+    result = sweep(tmp_path, fresh_cache, "fanout=true", *launcher)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert measured(tmp_path / "t") == serial
+    assert builds(fresh_cache) == before  # every stage came from the cache the joblib run filled
+
+
+def test_a_killed_job_is_redone_by_the_same_command(serial, joblib_run, fresh_cache, tmp_path):
+    # the first job to copy its training curves dies there (SIGKILL), after the first wave's records are written
+    killed = sweep(tmp_path, fresh_cache, "fanout=true", "hydra/launcher=workers", "debug.kill_at=curve_write:1")
+    assert killed.returncode == 2
+    assert "run the same command again" in killed.stderr
+    assert 0 < len(measured(tmp_path / "t")) < len(serial)
+    again = sweep(tmp_path, fresh_cache, "fanout=true", "hydra/launcher=workers")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert measured(tmp_path / "t") == serial  # nothing lost, nothing twice
+    assert not [p for p in (tmp_path / "t").rglob("*.tmp")]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["unit=pretrained:dpo"], "unit=pretrained:dpo names no unit of this sweep"),
+    (["fanout=maybe"], "fanout"),
+    (["hydra/sweeper=basic"], "fanout=true chooses its own sweeper"),
+])
+def test_bad_fanout_input_is_one_line_and_writes_nothing(tmp_path, cache_dir, overrides, message):
+    result = run_cli_forked("sweep", *TINY, f"paths.results={tmp_path}", "fanout=true", *overrides, cache=cache_dir)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("align-harness: error:") and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not os.listdir(tmp_path)
+
+
+def _append_many(folder: str, writer: int, count: int) -> None:
+    from harness.records import append_record
+
+    for number in range(count):
+        append_record(Path(folder), {"run_id": f"run-{writer}", "task_key": f"task-{number}", "sweep": "t",
+                                     "family": "f", "setting": "instruct", "method": "dpo", "task": "x",
+                                     "status": "ok", "metrics": {}})
+
+
+def test_records_from_concurrent_writers_are_all_kept_once(tmp_path):
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    writers = [context.Process(target=_append_many, args=(str(tmp_path), writer, 15)) for writer in range(4)]
+    for process in writers:
+        process.start()
+    for process in writers:
+        process.join(60)
+        assert process.exitcode == 0
+    keys = [(r["run_id"], r["task_key"]) for r in read_records(tmp_path)]
+    assert sorted(keys) == sorted((f"run-{w}", f"task-{n}") for w in range(4) for n in range(15))
+
+
+def _record(run_id: str, status: str, finished_at: str, value: float) -> dict:
+    return {"run_id": run_id, "task_key": "x-1", "sweep": "t", "family": "f", "setting": "instruct", "method": "dpo",
+            "task": "x", "status": status, "finished_at": finished_at,
+            "metrics": {"acc": {"value": value, "stderr": None, "higher_is_better": True}},
+            "samples_file": f"samples/{run_id}/x-1.jsonl"}
+
+
+def test_results_folders_from_several_machines_merge_newest_ok_first(tmp_path):
+    from harness.records import append_record, merge_results
+
+    first, second, merged = tmp_path / "node1", tmp_path / "node2", tmp_path / "merged"
+    append_record(first, _record("a", "ok", "2026-01-01T10:00:00", 0.5))
+    append_record(first, _record("b", "ok", "2026-01-01T10:00:00", 0.1))
+    append_record(second, _record("a", "failed", "2026-01-02T10:00:00", 0.0))  # newer, but a failure
+    append_record(second, _record("b", "ok", "2026-01-02T10:00:00", 0.2))      # newer and ok: replaces
+    (second / "samples" / "b").mkdir(parents=True)
+    (second / "samples" / "b" / "x-1.jsonl").write_text("{}\n")
+    assert merge_results([first, second], merged) == 2
+    values = {r["run_id"]: r["metrics"]["acc"]["value"] for r in read_records(merged)}
+    assert values == {"a": 0.5, "b": 0.2}
+    assert (merged / "samples" / "b" / "x-1.jsonl").exists()
+
+
+def test_several_leaderboard_folders_need_into(tmp_path, cache_dir):
+    result = run_cli_forked("leaderboard", str(tmp_path / "a"), str(tmp_path / "b"), cache=cache_dir)
+    assert result.returncode == 2 and "--into" in result.stderr and len(result.stderr.strip().splitlines()) == 1
