@@ -63,6 +63,7 @@ def sweep_main(argv: list[str]) -> None:
         argv = with_fanout(argv, check_composes(argv))
     except HarnessError as error:
         _fail(str(error))
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # hydra/launcher=ray: no usage report (offline machines)
     sys.argv = ["align-harness sweep", *argv]
     sweep()
 

@@ -6,11 +6,14 @@ harness.inputs.cache.build_once); a job killed mid-run is redone by running the 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import MODELS_CACHE, run_cli, run_cli_forked
+from conftest import MODELS_CACHE, REPO, cli_env, run_cli_forked
 from harness.inputs.cache import read_builds
 from harness.records import read_records
 
@@ -20,8 +23,18 @@ TINY = ["model=tiny-random", "budget=micro", "budget@stage_budget=micro", "tasks
 UNITS = {(s, m) for s in ("instruct", "sft") for m in ("start", "dpo", "kto")}
 
 
-def sweep(results: Path, cache: Path, *overrides: str, timeout: float = 900):
-    return run_cli("sweep", *TINY, f"paths.results={results}", *overrides, cache=cache, timeout=timeout)
+def sweep(results: Path, cache: Path, *overrides: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """The real entry point in a session of its own, so that a timeout ends its workers too (joblib's, submitit's)."""
+    process = subprocess.Popen([sys.executable, "-m", "harness.cli", "sweep", *TINY, f"paths.results={results}",
+                                *overrides], cwd=REPO, env=cli_env(cache), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
 def measured(folder: Path) -> dict:
@@ -90,6 +103,7 @@ def test_joblib_workers_give_the_serial_metrics_and_build_every_stage_once(seria
     assert (joblib_run / "t" / "leaderboard.md").exists()
 
 
+@pytest.mark.slow  # a process per job, or a Ray instance: ~1-2 min each on 2 idle cores
 @pytest.mark.parametrize("launcher", [
     ["hydra/launcher=submitit_local"],
     ["hydra/launcher=ray", "+hydra.launcher.ray.init.num_cpus=2"],
@@ -103,6 +117,7 @@ def test_submitit_and_ray_give_the_serial_metrics_and_build_nothing_again(serial
     assert builds(fresh_cache) == before  # every stage came from the cache the joblib run filled
 
 
+@pytest.mark.slow  # two fanned-out runs
 def test_a_killed_job_is_redone_by_the_same_command(serial, joblib_run, fresh_cache, tmp_path):
     # the first job to copy its training curves dies there (SIGKILL), after the first wave's records are written
     killed = sweep(tmp_path, fresh_cache, "fanout=true", "hydra/launcher=workers", "debug.kill_at=curve_write:1")
