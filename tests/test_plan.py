@@ -139,3 +139,32 @@ def test_a_bad_hardware_file_is_named(tmp_path, cache_dir):
                             "plan.hardware=slow", cache=cache_dir)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert "conf/hardware/slow.yaml: sustained_flops=0 must be a positive number of FLOP/s" in result.stderr
+
+
+def test_plan_prices_reward_models_derived_stages_and_tuning_trials(tmp_path, cache_dir):
+    base = [*TINY, f"paths.results={tmp_path}", "model.checkpoints.sft=derived:sft:instruct"]
+    report = plan(cache_dir, *base, "settings=[instruct,sft]", "methods=[dpo,rloo]")
+    assert [(u["setting"], u["kind"]) for u in report["units"]] == [
+        ("instruct", "start"), ("instruct", "reward"), ("instruct", "train"), ("instruct", "train"),
+        ("sft", "stage"), ("sft", "start"), ("sft", "reward"), ("sft", "train"), ("sft", "train")]
+    assert all(u["train_flops"] > 0 for u in report["units"] if u["kind"] in ("reward", "stage", "train"))
+    assert units(report, "stage")[0]["run_id"]  # the derived setting's key in <cache>/checkpoints/
+
+    tuned = plan(cache_dir, *base, "settings=[instruct]", "methods=[dpo]", "tune.trials=2")
+    trials, chosen = units(tuned, "trial"), units(tuned, "train")
+    assert [u["name"].split(" {")[0] for u in trials] == ["dpo trial 1/2", "dpo trial 2/2"]
+    assert len({u["run_id"] for u in trials}) == 2
+    dpo = units(report, "train")[0]
+    assert all(u["train_flops"] == dpo["train_flops"] for u in trials)  # same budget, same pairs, other β / rate
+    assert chosen[0]["checkpoint"] == "chosen by tuning" and chosen[0]["train_flops"] == 0 < chosen[0]["score_flops"]
+
+
+def test_every_shipped_family_states_its_size_and_tiny_random_matches_its_weights(tiny_model):
+    from harness.run.pricing import configured_parameters
+    from harness.run.registry import available, group_config
+    from harness.train.rewards import parameter_count
+
+    sizes = {family: configured_parameters(group_config("model", family).get("parameters"), f"{family}.parameters")
+             for family in available("model")}
+    assert sizes["mistral-7b"] == 7_240_000_000 and sizes["smollm2-135m"] == 135_000_000
+    assert sizes["tiny-random"] == parameter_count(tiny_model)  # every tiny-random draw has the same shape
