@@ -540,7 +540,7 @@ def price_sweep(cfg: DictConfig) -> StudyPlan:
     if fallback is not None:
         configured_parameters(fallback, "model.parameters")
     sweep = Sweep(cfg)
-    sweep.validate()
+    sweep.validate(on_this_machine=False)  # the study may be meant for GPUs this machine lacks
     pricer = Pricer(sweep, hardware)
     units = pricer.price()
     approximations = list(APPROXIMATIONS)
