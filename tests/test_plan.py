@@ -162,6 +162,11 @@ def test_plan_prices_reward_models_derived_stages_and_tuning_trials(tmp_path, ca
     assert all(u["train_flops"] == dpo["train_flops"] for u in trials)  # same budget, same pairs, other β / rate
     assert chosen[0]["checkpoint"] == "chosen by tuning" and chosen[0]["train_flops"] == 0 < chosen[0]["score_flops"]
 
+    labelled = plan(cache_dir, *base, "settings=[instruct]", "methods=[dpo]", "feedback=local-judge")
+    assert [u["kind"] for u in labelled["units"]] == ["feedback", "start", "train"]
+    assert labelled["units"][0]["name"] == "local-judge: label 4 pairs" and labelled["units"][0]["train_flops"] > 0
+    assert labelled["units"][2]["name"] == "dpo[feedback=local-judge]"  # the variant the sweep would record
+
 
 def test_every_shipped_family_states_its_size_and_tiny_random_matches_its_weights(tiny_model):
     from harness.run.pricing import configured_parameters

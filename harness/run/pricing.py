@@ -2,10 +2,11 @@
 
 The units are the sweep's own, enumerated as ``Sweep.run`` does (each setting × ``start`` + every method), plus what
 they need built first: a derived setting's **stage** (``derived:sft:instruct``, under ``stage_budget``), the setting's
-Bradley-Terry **reward** model when an online method needs one, and each tuning **trial** when ``tune.trials`` > 0.
+Bradley-Terry **reward** model when an online method needs one, each tuning **trial** when ``tune.trials`` > 0, and
+the AI **feedback** labelling of the training pairs when ``feedback`` names a judge.
 Nothing is trained, loaded or downloaded: the config is validated as the sweep validates it (``Sweep.validate``), run
-ids come from ``Sweep.run_spec``, and the cache status is read, never written — checkpoint folders that match their
-manifest (``harness.inputs.cache.is_whole``) and the ``ok`` records of ``results/<name>/records.jsonl``.
+ids come from ``Sweep.run_spec``, and the cache status is read, never written — checkpoint folders whose files match
+their manifest's sizes (``looks_whole`` below) and the ``ok`` records of ``results/<name>/records.jsonl``.
 
 **Training FLOPs** are the field's estimate the harness records for every run (``harness.train.budget.training_flops``:
 6·N per trained token + 2·N per forward-only token), summed over the visits the matcher plans
@@ -39,7 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness.errors import HarnessError
 from harness.identity import config_hash
-from harness.inputs.cache import is_whole
+from harness.inputs.cache import MANIFEST
 from harness.inputs.data import budget_rows, is_binary
 from harness.protocols import ScoringCost, ScoringEstimate
 from harness.records import finished_keys
@@ -92,7 +93,7 @@ def hardware_from_config(plan_cfg) -> Hardware:
 class Unit:
     """One line of the plan."""
 
-    kind: str                       # start | train | stage | reward | trial
+    kind: str                       # start | train | stage | reward | trial | feedback
     setting: str
     name: str                       # the variant (dpo, dpo[beta=0.05]), or what the stage / reward / trial is
     run_id: str | None              # the checkpoint's key in <cache>/checkpoints/ (None: known only after tuning)
@@ -136,17 +137,28 @@ class StudyPlan:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# parameters and tokenizers, without loading weights
+# cache status, parameters and tokenizers, without loading weights
+
+
+def looks_whole(folder: Path) -> bool:
+    """A cache entry that looks whole: its manifest is there and every file it lists has the listed size. Its SHA-256
+    hashes are not read (``harness.inputs.cache.is_whole`` does, before the sweep uses an entry: a minute for a 7B
+    checkpoint); a plan only reports."""
+    try:
+        files = json.loads((Path(folder) / MANIFEST).read_text())["files"]
+        return all((Path(folder) / name).stat().st_size == entry["size"] for name, entry in files.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
 
 
 def _local_folder(spec: str, cache: Path) -> Path | None:
     """The folder a checkpoint spec resolves to if it is already on this machine, else None. Downloads nothing."""
     if spec.startswith("embedded:"):
         folder = cache / "models" / spec.split(":", 1)[1]
-        return folder if is_whole(folder, "model") else None
+        return folder if looks_whole(folder) else None
     if spec.startswith("tiny-random:"):
         folder = cache / "models" / f"tiny-random-{spec.split(':', 1)[1]}"
-        return folder if is_whole(folder, "model") else None
+        return folder if looks_whole(folder) else None
     path = Path(spec).expanduser()
     if path.is_absolute() or spec.startswith((".", "~")) or path.exists():
         return path if (path / "config.json").exists() else None
@@ -318,7 +330,7 @@ class Pricer:
             identity = {"derived": stage, "from": base.identity, "budget": self.sweep.stage_budget.as_dict(),
                         "method": _hyperparameters(arguments), "data": self.sweep.data_identity}  # as Sweep._derived_start
             stage_id = config_hash(identity)
-            built = is_whole(self.cache / "checkpoints" / stage_id, "checkpoint")
+            built = looks_whole(self.cache / "checkpoints" / stage_id)
             n = self.size(base_setting)
             trained, forward, visits = training_tokens(
                 self.sweep.stage_budget, method, self.lengths(base_setting, self.sweep.stage_budget, self.sweep.train_rows),
@@ -412,7 +424,7 @@ class Pricer:
         trained, forward, visits = training_tokens(self.sweep.budget, method, lengths, sizes,
                                                    heldout_prompts=len(self.sweep.heldout_rows))
         flops = training_flops(n, trained, forward)
-        cached = is_whole(self.cache / "checkpoints" / spec.run_id, "checkpoint")
+        cached = looks_whole(self.cache / "checkpoints" / spec.run_id)
         unit = Unit(kind=kind, setting=setting, name=spec.variant, run_id=spec.run_id,
                     checkpoint="cached" if cached else "to train", train_flops=flops,
                     remaining_flops=0.0 if cached else flops,
@@ -457,7 +469,7 @@ class Pricer:
                                                        "weights": weight_identity(folder)},
                     "train": plan.rows, "heldout": plan.heldout, "budget": self.sweep.stage_budget.as_dict(),
                     "settings": settings}
-        return is_whole(self.cache / "rewards" / f"bradley-terry-{config_hash(identity)}", "reward model")
+        return looks_whole(self.cache / "rewards" / f"bradley-terry-{config_hash(identity)}")
 
     def trials(self, setting: str, name: str) -> list[str]:
         """Each tuning trial of ``name`` as a unit (training + selection scoring); returns their run ids."""
@@ -489,9 +501,37 @@ class Pricer:
             run_ids.append(unit.run_id)
         return run_ids
 
+    def feedback_unit(self, online: bool) -> None:
+        """AI feedback (``harness.train.feedback``): the judge labels the training pairs once per sweep, before any
+        setting — a local LLM judge reads each pair in both orders, a reward-model judge scores each response once;
+        ties dropped and refilled are left out. Priced in the first setting's tokens; its cache is not checked."""
+        from harness.evaluate.judges import JUDGE_PROMPT
+
+        sweep = self.sweep
+        judge = sweep.feedback.judge_config or {}
+        needed = sweep.budget.pairs
+        if self.cfg.reward.get("kind") == "bradley-terry" and online:  # its reward model trains on them too
+            needed = max(needed, sweep.stage_budget.pairs)
+        setting = sweep.settings[0]
+        lengths = self.lengths(setting, sweep.budget, sweep.train_rows)[:needed]
+        cap = judge.get("max_output_chars")
+        cut = float("inf") if cap is None else math.ceil(cap / CHARS_PER_TOKEN)
+        if judge.get("type") == "reward_model":
+            tokens = sum(2 * p + min(c, cut) + min(r, cut) for p, c, r in lengths)
+        else:
+            fixed = math.ceil(len(JUDGE_PROMPT.format(instruction="", output_1="", output_2="")) / CHARS_PER_TOKEN)
+            tokens = 2 * sum(fixed + TOKENS_PER_TURN + p + min(c, cut) + min(r, cut) for p, c, r in lengths)
+        model = None if judge.get("type") == "openai_api" else judge.get("model")
+        flops = 2.0 * self.judge_size(model) * tokens if model else 0.0
+        self.add(Unit(kind="feedback", setting="all", name=f"{sweep.feedback.name}: label {len(lengths)} pairs",
+                      run_id=None, checkpoint="cache not checked", train_flops=flops, remaining_flops=flops,
+                      notes=[] if model else ["an API judge: not counted"]))
+
     def price(self) -> list[Unit]:
         sweep, cfg = self.sweep, self.cfg
         online = [m for m in sweep.method_names if getattr(sweep.methods[m], "needs_reward", False)]
+        if not sweep.feedback.is_human and sweep.method_names:
+            self.feedback_unit(bool(online))
         for setting in sweep.settings:
             point, spec, folder, where = self.start(setting)
             if cfg.include_start:
