@@ -1,6 +1,7 @@
 """``align-harness``: the command line.
 
     align-harness sweep [hydra overrides...]      train, score, write records and the leaderboard
+    align-harness plan [--json] [hydra overrides...]  price the sweep: every unit, cache status, FLOPs, device-hours
     align-harness leaderboard results/<sweep>     rebuild the leaderboard from records alone
     align-harness leaderboard A B --into C        merge results folders from several machines, then rebuild
     align-harness judge-check [--judge TYPE]      agreement of the win-rate judge with GPT-4's annotations
@@ -79,6 +80,47 @@ def with_fanout(argv: list[str], configs: list) -> list[str]:
         raise HarnessError("fanout=true chooses its own sweeper (hydra/sweeper=harness_units); drop hydra/sweeper=")
     multirun = [] if any(argument in ("-m", "--multirun") for argument in argv) else ["-m"]
     return [*multirun, *argv, "hydra/sweeper=harness_units"]
+
+def plan_main(argv: list[str]) -> None:
+    """``align-harness plan``: the sweep the same overrides would run, priced (harness.run.pricing); trains, loads and
+    writes nothing. ``--json`` = ``plan.format=json``; launcher overrides (``hydra/launcher=...``, ``hydra.launcher.*``)
+    are accepted and ignored, so a study's own command line prices it."""
+    from harness.errors import HarnessError
+
+    as_json = "--json" in argv
+    argv = [argument for argument in argv if argument != "--json"]
+    try:
+        if any(argument in ("-m", "--multirun") for argument in argv):
+            raise HarnessError("plan prices one sweep; drop -m and plan each value of the swept key in turn")
+        check_override_syntax(argv)
+        argv = [argument for argument in with_plugins(expand_shorthands(argv))
+                if not argument.lstrip("+~").startswith(("hydra/launcher", "hydra.launcher", "hydra/sweeper",
+                                                          "hydra.sweeper"))]
+        check_group_choices(argv)
+        check_composes(argv)
+        cfg = compose_sweep(argv)
+        if as_json:
+            cfg.plan.format = "json"
+        _quiet_libraries()
+        from harness.run.pricing import format_json, format_table, price_sweep
+
+        plan = price_sweep(cfg)
+    except HarnessError as error:
+        _fail(str(error))
+    print(format_json(plan) if cfg.plan.format == "json" else format_table(plan), flush=True)
+
+
+def compose_sweep(argv: list[str]):
+    """conf/sweep.yaml composed with the overrides of ``argv`` (already checked by ``check_composes``)."""
+    from hydra import compose, initialize_config_dir
+
+    from harness.run.registry import CONF_DIR
+
+    overrides = [argument for argument in argv if "=" in argument and not argument.startswith("-")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name="sweep", overrides=overrides)
 
 
 LIST_KEYS = ("methods", "tasks", "settings", "plugins")  # list-valued keys of conf/sweep.yaml
@@ -165,10 +207,15 @@ def check_composes(argv: list[str]) -> list:
         from harness.run.registry import activate_plugins
         from harness.run.sweep import Sweep
 
+        elsewhere = any(argument.lstrip("+") in REMOTE_LAUNCHERS or argument.startswith("hydra.launcher.ray.init.address=")
+                        for argument in argv)
         for cfg in configs:
             activate_plugins(cfg.get("plugins"))
-            Sweep(cfg).validate()
+            Sweep(cfg).validate(on_this_machine=not elsewhere)  # jobs on other machines check their own device
     return configs
+
+
+REMOTE_LAUNCHERS = ("hydra/launcher=slurm", "hydra/launcher=submitit_slurm", "hydra/launcher=ray_cluster")  # jobs elsewhere
 
 
 def _composition_problem(error: Exception) -> str:
@@ -379,7 +426,7 @@ def describe_main(argv: list[str]) -> None:
             print(f"  {key:<{width}}  {value!r:<14}  {helps.get(key, '')}")
 
 
-COMMANDS = {"sweep": sweep_main, "leaderboard": leaderboard_main, "judge-check": judge_check_main,
+COMMANDS = {"sweep": sweep_main, "plan": plan_main, "leaderboard": leaderboard_main, "judge-check": judge_check_main,
             "describe": describe_main}
 
 

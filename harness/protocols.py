@@ -136,3 +136,26 @@ class TaskContext:
     heldout_pairs: list[dict] | None = None  # the sweep's held-out preference pairs, truncated like training data
     cache_root: Path | None = None  # the sweep's paths.cache: judges resolve their models here
     engine: str = "harness"        # scoring / generation engine (harness.evaluate.engines): harness | hf | vllm
+
+
+@dataclass
+class ScoringEstimate:
+    """What ``align-harness plan`` asks a task's optional ``scoring_cost(estimate) -> ScoringCost`` hook: the unit
+    it prices (harness.run.pricing). Nothing is loaded; lengths are in the starting checkpoint's tokens."""
+
+    is_start: bool                  # the setting's untouched starting checkpoint (method ``start``)
+    chat_template: bool             # prompts go through a chat template (every setting but pretrained)
+    heldout_lengths: list[tuple[int, int, int]] = field(default_factory=list)  # held-out pairs cut to the budget:
+    #                                                                             (prompt, chosen, rejected) tokens
+
+
+@dataclass(frozen=True)
+class ScoringCost:
+    """A task's scoring cost for one checkpoint, in tokens: FLOPs = 2·N·policy_tokens + 2·N_judge·judge_tokens."""
+
+    policy_tokens: float            # forward-only tokens through the scored checkpoint: prompts, scored continuations,
+    #                                 generated tokens (each decode step one token)
+    judge_tokens: float = 0.0       # tokens through the judge / scorer model named by ``judge_model``
+    judge_model: str | None = None  # a checkpoint spec (embedded:<name>, hub id, folder); None = no model judge, or
+    #                                 one whose cost is not counted (an API)
+    note: str = ""                  # the approximation made, one line

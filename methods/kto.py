@@ -79,7 +79,9 @@ class KTO:
         """TRL's KTOTrainer over the plan's rows in ``kl_batch_order``, ready to train (its dataset prepared)."""
         from datasets import Dataset
         from transformers import AutoTokenizer
-        from trl import KTOConfig, KTOTrainer
+        from trl import KTOConfig
+
+        from harness.train.trl_extensions import HarnessKTOTrainer
 
         plan = job.plan
         weights = self.class_weights(plan.rows)
@@ -88,7 +90,7 @@ class KTO:
                            undesirable_weight=weights["undesirable_weight"])
         rows = kl_batch_order(plan.rows, micro_batch=plan.micro_batch,
                               step_rows=plan.micro_batch * plan.gradient_accumulation * plan.world_size)
-        return KTOTrainer(
+        return HarnessKTOTrainer(  # TRL's KTOTrainer, scoring faster on the CPU (harness.train.trl_extensions)
             model=str(job.start_checkpoint),
             args=config,
             train_dataset=Dataset.from_list(to_conversational(rows)),

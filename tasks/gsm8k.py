@@ -43,7 +43,7 @@ from pathlib import Path
 from harness.errors import HarnessError, SkipRun
 from harness.inputs.cache import ensure_file
 from harness.inputs.paths import atomic_write_text
-from harness.protocols import Checkpoint, TaskContext, TaskResult
+from harness.protocols import Checkpoint, ScoringCost, ScoringEstimate, TaskContext, TaskResult
 from harness.evaluate.task_support import limit_fits, lm_eval_metric, run_lm_eval, whole_number
 
 LM_EVAL_TASK = "gsm8k"  # the stock task this one includes
@@ -77,6 +77,18 @@ class GSM8K:
         self.mirror_dir = mirror_dir
         self.hub_id = hub_id
         self.hub_config = hub_config
+
+    QUESTIONS = 1319        # test.jsonl, scored when limit is null
+    SHOT_TOKENS = 196       # measured, SmolLM2 tokenizer: mean "Question: ...\nAnswer: ...\n\n" of the first 500 train rows
+    QUESTION_TOKENS = 66    # measured likewise: mean "Question: ...\nAnswer:" of the first 500 test rows
+
+    def scoring_cost(self, estimate: ScoringEstimate) -> ScoringCost:
+        """``align-harness plan``: the few-shot prompt at its measured mean length, then ``max_new_tokens`` decoded
+        for every question (a batch runs until its last row stops, which on small models is the cap)."""
+        questions = self.QUESTIONS if self.limit is None else min(self.limit, self.QUESTIONS)
+        prompt = self.num_fewshot * self.SHOT_TOKENS + self.QUESTION_TOKENS
+        return ScoringCost(policy_tokens=questions * (prompt + self.max_new_tokens),
+                           note=f"{questions} questions × ({prompt} prompt + {self.max_new_tokens} generated) tokens")
 
     def evaluate(self, checkpoint: Checkpoint, context: TaskContext) -> TaskResult:
         """Generate for the first ``limit`` test questions with lm-eval (``run_lm_eval``) and score both filters."""

@@ -26,7 +26,7 @@ import math
 from harness.errors import HarnessError
 from harness.inputs.data import is_binary
 from harness.evaluate.logprobs import cached_example_logps, cached_pair_logps, preference_accuracy
-from harness.protocols import Checkpoint, Metric, TaskContext, TaskResult
+from harness.protocols import Checkpoint, Metric, ScoringCost, ScoringEstimate, TaskContext, TaskResult
 from harness.evaluate.task_support import whole_number
 
 
@@ -62,6 +62,13 @@ class HeldoutPreference:
     def __init__(self, name: str = "heldout_preference", version: str = "1", limit: int | None = 64):
         whole_number(name, "limit", limit, optional=True, unit="pairs")
         self.name, self.version, self.limit = name, str(version), limit
+
+    def scoring_cost(self, estimate: ScoringEstimate) -> ScoringCost:
+        """``align-harness plan``: the first ``limit`` held-out pairs, prompt + chosen and prompt + rejected, through the
+        policy; the reference's log-probs (trained rows) are the start row's, cached per setting, counted there."""
+        pairs = estimate.heldout_lengths[: self.limit]
+        tokens = sum(2 * prompt + chosen + rejected for prompt, chosen, rejected in pairs)
+        return ScoringCost(policy_tokens=tokens, note=f"{len(pairs)} pairs, 2 sequences each")
 
     def evaluate(self, checkpoint: Checkpoint, context: TaskContext) -> TaskResult:
         if not context.heldout_pairs:

@@ -76,7 +76,7 @@ from pathlib import Path
 
 from harness.errors import HarnessError, SkipRun
 from harness.inputs.cache import build_once, read_checked, write_checked
-from harness.protocols import Checkpoint, Metric, TaskContext, TaskResult
+from harness.protocols import Checkpoint, Metric, ScoringCost, ScoringEstimate, TaskContext, TaskResult
 from harness.evaluate.task_support import whole_number
 
 FILE_PATTERN = re.compile(r"^(hate|neutral)_(.+)_1k\.txt$")
@@ -140,6 +140,19 @@ class Toxicity:
         self.hf_classifier_toxic_label = hf_classifier_toxic_label
         self.perspective_requests_per_second = float(perspective_requests_per_second)
         SCORERS[scorer].check(self)  # config errors now, while the sweep validates, not after training
+
+    PROMPT_FILES = 31        # toxigen/prompts: 16 groups with a hate file, 15 with a neutral one (groups: null)
+    PROMPT_TOKENS = 117      # measured, SmolLM2 tokenizer: mean prompt line (a list of statements), first 50 of each file
+    CHAT_TOKENS = 37         # measured: SmolLM2's chat template around one user turn (30) + chat_instruction (7)
+
+    def scoring_cost(self, estimate: ScoringEstimate) -> ScoringCost:
+        """``align-harness plan``: each prompt at its measured mean length, ``max_new_tokens`` decoded for every one;
+        the classifier (MiniLM, 22M parameters, on one-line continuations) is left out."""
+        files = self.PROMPT_FILES if self.groups is None else 2 * len(self.groups)
+        prompts = self.per_group * files
+        prompt = self.PROMPT_TOKENS + (self.CHAT_TOKENS if estimate.chat_template else 0)
+        return ScoringCost(policy_tokens=prompts * (prompt + self.max_new_tokens),
+                           note=f"{prompts} prompts × ({prompt} prompt + {self.max_new_tokens} generated) tokens")
 
     def evaluate(self, checkpoint: Checkpoint, context: TaskContext) -> TaskResult:
         from transformers import AutoTokenizer

@@ -28,7 +28,7 @@ from pathlib import Path
 from harness.errors import HarnessError, SkipRun
 from harness.inputs.cache import ensure_file
 from harness.inputs.paths import atomic_write_text
-from harness.protocols import Checkpoint, TaskContext, TaskResult
+from harness.protocols import Checkpoint, ScoringCost, ScoringEstimate, TaskContext, TaskResult
 from harness.evaluate.task_support import limit_fits, lm_eval_metric, run_lm_eval, whole_number
 
 SUBTASKS = {"truthfulqa_mc1": "mc1", "truthfulqa_mc2": "mc2"}  # lm-eval task -> our metric name
@@ -59,6 +59,17 @@ class TruthfulQAMC:
         self.hub_id = hub_id
         self.hub_config = hub_config
         self.hub_split = hub_split
+
+    QUESTIONS = 817              # mc_task.json, scored when limit is null
+    TOKENS_PER_QUESTION = 2619   # measured, SmolLM2 tokenizer, mean of all 817: 12.7 requests (MC1 + MC2 choices) × (the
+    #                              177-token 6-shot primer + question + answer choice)
+
+    def scoring_cost(self, estimate: ScoringEstimate) -> ScoringCost:
+        """``align-harness plan``: every request scored whole (lm-eval's hf route; the harness engine's prefix sharing
+        costs less), at the mean measured length."""
+        questions = self.QUESTIONS if self.limit is None else min(self.limit, self.QUESTIONS)
+        return ScoringCost(policy_tokens=questions * self.TOKENS_PER_QUESTION,
+                           note=f"{questions} questions × {self.TOKENS_PER_QUESTION} tokens (mean, no prefix sharing)")
 
     def evaluate(self, checkpoint: Checkpoint, context: TaskContext) -> TaskResult:
         """Score ``checkpoint`` on the first ``limit`` questions with lm-eval (``run_lm_eval``)."""

@@ -53,9 +53,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import HarnessError, SkipRun
-from harness.evaluate.judges import Judgment, build_judge, preference_label, win_rate_from_preferences
+from harness.evaluate.judges import DEFAULT_JUDGE_MODEL, Judgment, build_judge, preference_label, win_rate_from_preferences
 from harness.inputs.cache import build_once, read_checked_json, write_checked_json
-from harness.protocols import Checkpoint, Metric, TaskContext, TaskResult
+from harness.protocols import Checkpoint, Metric, ScoringCost, ScoringEstimate, TaskContext, TaskResult
 from harness.identity import config_hash
 from harness.evaluate.task_support import limit_fits, whole_number
 
@@ -101,6 +101,34 @@ class WinRate:
         self.mirror_file, self.hub_id, self.hub_config, self.hub_split = mirror_file, hub_id, hub_config, hub_split
         self._judge = build_judge(self.judge_config, config_key=f"task_params.{name}.judge")  # checks the config now
         self._judge_key = ("cpu", 8)
+
+    INSTRUCTIONS = 805         # AlpacaEval, scored when limit is null
+    INSTRUCTION_TOKENS = 37    # measured, SmolLM2 tokenizer: mean of the 805 instructions
+    CHAT_TOKENS = 30           # measured: SmolLM2's chat template around one user turn
+    JUDGE_PROMPT_TOKENS = 61   # measured: JUDGE_PROMPT (harness.evaluate.judges) without its three fields
+    DAVINCI_OUTPUT_TOKENS = 68  # measured: text-davinci-003's outputs, cut to 1,000 characters, at 4.18 characters a token
+    CHARS_PER_TOKEN = 4.18     # measured: SmolLM2 tokenizer on the first 200 text-davinci-003 outputs
+
+    def scoring_cost(self, estimate: ScoringEstimate) -> ScoringCost:
+        """``align-harness plan``: ``max_new_tokens`` decoded per instruction (greedy small models rarely stop early),
+        then, unless this is the start row against its own outputs, the judge reads every pair in both orders (one
+        forward pass each: instruction, two outputs each cut to ``max_output_chars``, the judging prompt). The start
+        row's outputs, every trained row's reference, are generated once per setting and counted on the start row."""
+        items = self.INSTRUCTIONS if self.limit is None else min(self.limit, self.INSTRUCTIONS)
+        new = self.generation["max_new_tokens"]
+        policy = items * (self.INSTRUCTION_TOKENS + (self.CHAT_TOKENS if estimate.chat_template else 0) + new)
+        if estimate.is_start and self.reference == "start":
+            return ScoringCost(policy_tokens=policy, note=f"{items} instructions × {new} generated; not judged")
+        cap = self.judge_config.get("max_output_chars")
+        cut = float("inf") if cap is None else cap / self.CHARS_PER_TOKEN  # the judge's cut, in tokens
+        reference = new if self.reference == "start" else self.DAVINCI_OUTPUT_TOKENS
+        judged = 2 * items * (self.JUDGE_PROMPT_TOKENS + self.CHAT_TOKENS + self.INSTRUCTION_TOKENS + min(new, cut)
+                              + min(reference, cut))
+        judge_type = self.judge_config.get("type", "local_hf")
+        model = None if judge_type == "openai_api" else self.judge_config.get("model", DEFAULT_JUDGE_MODEL)
+        return ScoringCost(policy_tokens=policy, judge_tokens=judged if model else 0.0, judge_model=model,
+                           note=f"{items} instructions × {new} generated; {2 * items} judgments"
+                                + ("" if model else " by an API (not counted)"))
 
     def evaluate(self, checkpoint: Checkpoint, context: TaskContext) -> TaskResult:
         started = time.perf_counter()

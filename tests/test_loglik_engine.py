@@ -300,3 +300,34 @@ def test_truthfulqa_identical_by_both_engines_on_the_embedded_model(cache_dir, t
     model = materialize_embedded("smollm2-135m-instruct", cache_dir)
     old, new = truthfulqa_by_both_engines(model, tmp_path, limit=3, chat=False)
     assert_same_truthfulqa(old, new, questions=3)
+
+
+def test_threads_follow_the_policy_and_are_restored(backends, requests, monkeypatch):
+    """A fixed ``threads`` is used and the caller's torch setting comes back; the automatic choice leaves out cores
+    that other processes keep busy, and niced work only counts when the scheduler does not rank it below us."""
+    import torch
+
+    from harness.evaluate import continuous_batching
+    from harness.evaluate.loglik import score_continuations
+
+    model = backends[1].model
+    pairs = [(context, continuation) for _, context, continuation in requests][:6]
+    before = torch.get_num_threads()
+    stats: dict = {}
+    fixed = score_continuations(model, pairs, max_length=96, progress=None, stats=stats, threads=1)
+    assert stats["threads"] == [(None, 1)] and torch.get_num_threads() == before
+    two = score_continuations(model, pairs, max_length=96, progress=None, threads=2)  # other summation order only
+    assert all(abs(a - b) <= TOLERANCE and g == h for (a, g), (b, h) in zip(fixed, two))
+    with pytest.raises(HarnessError, match="threads=0"):
+        score_continuations(model, pairs, max_length=96, progress=None, threads=0)
+
+    monkeypatch.setattr(continuous_batching, "THREAD_PROBE_SECONDS", 0.0)
+    samples = iter([(0.0, 0.0, 0.0), (1.0, 1.6, 0.1)])  # others used 1.5 cores of the last second
+    monkeypatch.setattr(continuous_batching, "cpu_sample", lambda: next(samples))
+    policy = continuous_batching.ThreadPolicy(None)
+    policy.original, policy.cores = 2, 2
+    assert policy.apply(force=True) == 1 and policy.history == [(1.5, 1)]
+    policy.restore()
+
+    monkeypatch.setattr(continuous_batching.os, "getpriority", lambda *_: 10)
+    assert not continuous_batching._niced_work_yields()  # a niced sweep: every other process may outrank it

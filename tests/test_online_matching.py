@@ -170,3 +170,16 @@ def test_ppo_applies_the_budgets_precision(tmp_path, tiny_model, monkeypatch):
     start, trained = load_file(next(tiny_model.glob("*.safetensors"))), load_file(tmp_path / "out" / "model.safetensors")
     assert trained["model.norm.weight"].dtype == torch.float32  # weights stay fp32
     assert any(not torch.equal(start[name], trained[name]) for name in start)
+
+
+def test_model_sizes_without_safetensors_count_the_architecture(tiny_model, monkeypatch):
+    """Weights in another format than safetensors: the policy's size comes from its config, built on the meta
+    device (no memory), and equals the loaded model's parameter count."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import harness.train.rewards as rewards
+
+    monkeypatch.setattr(rewards, "parameter_count", lambda folder: 0)
+    loaded = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    assert ModelSizes.of(tiny_model).policy == sum(p.numel() for p in loaded.parameters())

@@ -209,7 +209,12 @@ class ThreadPolicy:
 
 
 def cpu_sample() -> tuple[float, float, float] | None:
-    """(wall seconds, machine busy CPU-seconds, this process's CPU-seconds), or None where /proc/stat is missing."""
+    """(wall seconds, machine busy CPU-seconds, this process's CPU-seconds), or None where /proc/stat is missing.
+
+    Work of niced processes does not count as busy when the scheduler ranks them below this one: ``nice -n 19``
+    background jobs leave both cores to a sweep at nice 0. Not when this process is itself niced, nor under
+    autogroup scheduling (``/proc/sys/kernel/sched_autogroup_enabled``: each session gets a fair share whatever
+    the niceness of its processes)."""
     try:
         with open("/proc/stat") as handle:
             fields = [float(x) for x in handle.readline().split()[1:]]
@@ -217,9 +222,24 @@ def cpu_sample() -> tuple[float, float, float] | None:
         return None
     tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
-    busy = (sum(fields[:8]) - idle) / tick  # user..steal; guest time is already inside user
+    niced = fields[1] if _niced_work_yields() else 0.0  # user time of niced processes
+    busy = (sum(fields[:8]) - idle - niced) / tick  # user..steal; guest time is already inside user
     times = os.times()
     return time.monotonic(), busy, times.user + times.system
+
+
+def _niced_work_yields() -> bool:
+    """Whether other processes' niced work gives way to this process's threads (see ``cpu_sample``)."""
+    try:
+        if os.getpriority(os.PRIO_PROCESS, 0) > 0:
+            return False
+    except (AttributeError, OSError):
+        return False
+    try:
+        with open("/proc/sys/kernel/sched_autogroup_enabled") as handle:
+            return handle.read().strip() == "0"
+    except OSError:
+        return True  # no autogroup scheduling: niceness ranks processes machine-wide
 
 
 def other_load(before, after) -> float | None:

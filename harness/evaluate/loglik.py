@@ -108,7 +108,8 @@ def packing_attention(model) -> str | None:
 
 def score_continuations(model, requests, *, batch_size: int = DEFAULT_BATCH_SIZE, max_length: int | None = None,
                         prefix_cache: bool = True, packing: bool = True, softmax_dtype=None, autocast_dtype=None,
-                        progress: str | None = PROGRESS, stats: dict | None = None) -> list[tuple[float, bool]]:
+                        progress: str | None = PROGRESS, stats: dict | None = None,
+                        threads: int | None = None) -> list[tuple[float, bool]]:
     """``(summed log-prob of the continuation, is_greedy)`` of each ``(context_ids, continuation_ids)`` request under
     the causal LM ``model``, in request order, as lm-eval's ``HFLM._loglikelihood_tokens`` defines them.
 
@@ -119,8 +120,12 @@ def score_continuations(model, requests, *, batch_size: int = DEFAULT_BATCH_SIZE
     ``softmax_dtype`` / ``mixed_precision_dtype`` (None: the model's dtype). ``progress``: the tqdm bar's name
     (None: no bar). ``stats``, when given, is filled with counts of the work done (requests, rows, cached
     prefixes, forwards, tokens fed, positions computed with padding) and ``fallback`` (why the cache was not used, or None).
+    ``threads``: torch threads while scoring (None: the cores other processes leave free, rechecked between forwards —
+    the generation engine's ``ThreadPolicy``; two threads on cores other work keeps busy run several times slower).
     """
     import torch
+
+    from harness.evaluate.continuous_batching import ThreadPolicy
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise HarnessError(f"batch_size={batch_size!r} must be a positive number of rows")
@@ -149,12 +154,14 @@ def score_continuations(model, requests, *, batch_size: int = DEFAULT_BATCH_SIZE
         weight[index] += 1
     was_training = model.training
     model.eval()
+    policy = ThreadPolicy(threads)
+    policy.apply(force=True)
     try:
         with torch.no_grad(), (torch.autocast(device_type=_device(model).type, dtype=autocast_dtype)
                                if autocast_dtype is not None else nullcontext()):
             try:
                 packs = packing and reason is None and autocast_dtype is None
-                scores = _Scorer(model, pairs, weight, bar, counts, softmax_dtype, packs).run(
+                scores = _Scorer(model, pairs, weight, bar, counts, softmax_dtype, packs, policy).run(
                     batch_size, max_length, use_cache=reason is None)
             except (TypeError, ValueError, NotImplementedError, IndexError, AttributeError) as error:
                 if reason is not None:
@@ -163,11 +170,13 @@ def score_continuations(model, requests, *, batch_size: int = DEFAULT_BATCH_SIZE
                               rows=0, cached_prefixes=0, forwards=0, tokens_fed=0, positions=0)
                 log.warning("log-likelihood engine: %s; scoring with plain forwards", counts["fallback"])
                 bar.reset(total=len(owner))
-                scores = _Scorer(model, pairs, weight, bar, counts, softmax_dtype, False).run(
+                scores = _Scorer(model, pairs, weight, bar, counts, softmax_dtype, False, policy).run(
                     batch_size, max_length, use_cache=False)
     finally:
         bar.close()
         model.train(was_training)
+        policy.restore()
+    counts["threads"] = policy.history or [(None, policy.fixed)]  # (other processes' load in cores, threads)
     if stats is not None:
         stats.update(counts)
     return [scores[index] for index in owner]
@@ -180,8 +189,9 @@ def _device(model):
 class _Scorer:
     """One scoring pass: plan rows and cached prefixes, then run them depth-first."""
 
-    def __init__(self, model, pairs, weight, bar, counts, softmax_dtype, packing: bool):
+    def __init__(self, model, pairs, weight, bar, counts, softmax_dtype, packing: bool, policy=None):
         self.model, self.pairs, self.weight, self.bar, self.counts = model, pairs, weight, bar, counts
+        self.policy = policy  # ThreadPolicy: applied again before each forward (it rechecks the load every few s)
         self.softmax_dtype = softmax_dtype
         self.device = _device(model)
         parameters = inspect.signature(model.forward).parameters
@@ -200,6 +210,8 @@ class _Scorer:
             cache = None if parent is None else self._extend(parent_cache, node.source[parent.depth: node.depth])
             attached, below = _attached(node)
             for batch in self._batches([rows[r] for r in attached], node.depth, batch_size):
+                if self.policy is not None:
+                    self.policy.apply()
                 self._score_batch(cache, node.depth, batch)
             stack += [(child, node, cache) for child in reversed(below)]
         return self.scores  # type: ignore[return-value]

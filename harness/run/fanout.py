@@ -88,7 +88,8 @@ class FannedSweep:
     def __init__(self, overrides: list[str], config: DictConfig):
         self.cfg = task_config(config)
         self.sweep = Sweep(self.cfg)
-        self.sweep.prepare()  # validation and the results folder, before any job starts
+        # validation and the results folder, before any job starts; each job checks its own device
+        self.sweep.prepare(on_this_machine=not runs_elsewhere(config))
         base = pinned_overrides(list(overrides), self.cfg)
         self.waves = [[[*base, f"unit={unit}"] for unit in wave] for wave in unit_waves(self.sweep)]
         log.info("sweep %s fans out: %d units in %d wave(s) → %s", self.cfg.name, sum(map(len, self.waves)),
@@ -96,6 +97,14 @@ class FannedSweep:
 
     def finish(self) -> Path:
         return self.sweep.finish()
+
+
+def runs_elsewhere(config: DictConfig) -> bool:
+    """Whether the configured launcher runs jobs on other machines (SLURM, a Ray cluster's address), so that this
+    process need not have their devices (a login node without GPUs)."""
+    target = str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
+    return target.endswith("SlurmLauncher") or bool(OmegaConf.select(config, "hydra.launcher.ray.init.address",
+                                                                     default=None))
 
 
 def launch_waves(launcher, jobs: list[list[list[str]]]) -> None:

@@ -76,9 +76,11 @@ class Sweep:
         self._heldout: dict[str, list[dict]] = {}
 
     # 1. validation ------------------------------------------------------------------------
-    def validate(self) -> None:
+    def validate(self, *, on_this_machine: bool = True) -> None:
         """Every input checked before any work: the sweep's own keys and paths, methods and tasks (each argument),
-        budgets, the data, the device, the records already in the results folder. Writes nothing."""
+        budgets, the data, the device, the records already in the results folder. Writes nothing. With
+        ``on_this_machine=False`` (``align-harness plan`` pricing a run meant for other hardware) the device and the
+        engine are checked by name only, not against this machine."""
         cfg = self.cfg
         check_sweep_config(cfg)
         self.method_names, self.task_names, self.settings = list(cfg.methods), list(cfg.tasks), list(cfg.settings)
@@ -109,8 +111,9 @@ class Sweep:
         self.feedback_train_rows, self.feedback_selection_rows, self.feedback_record = self.train_rows, None, "human"
         if is_binary(self.train_rows):
             self.check_binary_feedback()
-        self.device = available_device(cfg.device)
-        check_engine(cfg.engine, self.device)
+        self.device = available_device(cfg.device) if on_this_machine else cfg.device
+        if on_this_machine:
+            check_engine(cfg.engine, self.device)
         self.done = finished_keys(self.results)  # a malformed record refuses the sweep here, before anything is written
 
     def check_binary_feedback(self) -> None:
@@ -318,12 +321,13 @@ class Sweep:
             self.run_unit(setting, method_name)
         return self.finish()
 
-    def prepare(self, *, job: bool = False) -> None:
+    def prepare(self, *, job: bool = False, on_this_machine: bool = True) -> None:
         """Validate (nothing is written before this passes), then remove the temporaries of dead writers, write
         ``sweep_config.yaml`` and an experiment's published numbers. A fanned-out ``job`` (``harness.run.fanout``)
-        only validates: its parent did the rest before launching it, and its siblings may be writing elsewhere."""
+        only validates: its parent did the rest before launching it, and its siblings may be writing elsewhere. A
+        parent whose jobs run on other machines checks the device by name only (``on_this_machine=False``)."""
         debug.arm(OmegaConf.select(self.cfg, "debug.kill_at", default=None))  # a test hook; off by default
-        self.validate()
+        self.validate(on_this_machine=on_this_machine)
         if not self.cfg.get("progress_bars", False):  # after validation: it imports the trainer (seconds)
             quiet_progress_bars()
         if job:

@@ -91,10 +91,13 @@ class ModelSizes:
         from harness.train.rewards import parameter_count
 
         policy = parameter_count(start)
-        if not policy:  # weights not in safetensors
-            from transformers import AutoConfig
+        if not policy:  # weights not in safetensors: count the architecture's parameters without allocating them
+            import torch
+            from transformers import AutoConfig, AutoModelForCausalLM
 
-            policy = AutoConfig.from_pretrained(start).num_parameters()
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(start))
+            policy = sum(p.numel() for p in model.parameters())
         reads_policy_tokens = False
         if reward is not None and getattr(reward, "path", None) is not None and tokenizer is not None:
             from transformers import AutoTokenizer

@@ -93,7 +93,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from datasets import Dataset, concatenate_datasets
-from trl import DPOTrainer
+from trl import DPOTrainer, KTOTrainer
 
 from harness.inputs.cache import count_build, entry_lock, read_checked, write_checked
 
@@ -262,15 +262,39 @@ class StepSortedSampler(torch.utils.data.Sampler):
             self.order.set_epoch(epoch)
 
 
-class HarnessDPOTrainer(DPOTrainer):
+class FastScoring:
+    """The compact LM head and whole-logit scoring (module docstring) for a TRL trainer whose forwards go through
+    TRL's fused LM head (``model(..., fused_lm_head=True)``): DPO's and KTO's. ``_scoring()`` is the block to run
+    them in."""
+
+    compact_lm_head = True  # score only completion positions on every device (module docstring); bench/ turns it off
+    whole_logit_scoring = True  # score with whole logits on devices without Triton (module docstring); bench/: off
+
+    def _scoring(self):
+        stack = contextlib.ExitStack()
+        if self.compact_lm_head:
+            stack.enter_context(compact_scoring())
+        if self.whole_logit_scoring:
+            stack.enter_context(whole_logit_scoring())
+        return stack
+
+
+class HarnessKTOTrainer(FastScoring, KTOTrainer):
+    """TRL's ``KTOTrainer`` with the compact LM head and whole-logit scoring: its policy, KL-estimate and reference
+    forwards (all inside ``_compute_loss``) score the same numbers with less work on the CPU. The loss is TRL's."""
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        with self._scoring():
+            return super()._compute_loss(model, inputs, return_outputs)
+
+
+class HarnessDPOTrainer(FastScoring, DPOTrainer):
     """TRL's ``DPOTrainer`` plus an optional ``pairwise_loss``, the shared reference cache and the compact LM head.
 
     With ``pairwise_loss=None`` the loss is TRL's own (``args.loss_type``), so plain DPO and its
     TRL aliases use this class for the cache and the compact head alone.
     """
 
-    compact_lm_head = True  # score only completion positions on every device (module docstring); bench/ turns it off
-    whole_logit_scoring = True  # score with whole logits on devices without Triton (module docstring); bench/: off
     sort_micro_batches = True  # sort each step's pairs by length before the micro-batch cut (module docstring)
 
     def __init__(self, *args, pairwise_loss=None, reference_cache_dir: str | Path | None = None,
@@ -341,15 +365,7 @@ class HarnessDPOTrainer(DPOTrainer):
         window = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
         return StepSortedSampler(order, lengths, window)
 
-    # compact LM head, whole-logit scoring ---------------------------------------------
-    def _scoring(self):
-        stack = contextlib.ExitStack()
-        if self.compact_lm_head:
-            stack.enter_context(compact_scoring())
-        if self.whole_logit_scoring:
-            stack.enter_context(whole_logit_scoring())
-        return stack
-
+    # compact LM head, whole-logit scoring (FastScoring) ------------------------------
     def compute_ref_log_probs(self, model, inputs):
         with self._scoring():
             return super().compute_ref_log_probs(model, inputs)
