@@ -61,6 +61,8 @@ from dataclasses import dataclass
 
 from harness.errors import HarnessError
 from harness.protocols import TrainingJob, TrainingOutcome
+from harness.train.processes import (barrier, broadcast_from_first, process_device, process_group, sum_gradients,
+                                     summed_stats)
 
 # ----------------------------------------------------------------------------------------------
 # the pieces: small pure functions, each with its paper equation
@@ -572,71 +574,6 @@ class PPO:
                 raise HarnessError("ppo: value_init=reward but the reward model's tokenizer differs from the policy's")
             return job.start_checkpoint
         return path
-
-
-# ----------------------------------------------------------------------------------------------
-# many processes (harness.run.launch): rank 0 samples, every process trains its share of each minibatch. Our own few
-# lines rather than DDP: the step must be the 1-process step exactly (the same micro-batches, their losses summed), and
-# DDP averages over processes that each run the same number of backward passes.
-
-
-def process_group() -> tuple[int, int]:
-    """(rank, processes) of this process in a multi-process run, (0, 1) otherwise."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def process_device() -> str:
-    """This process's device in a multi-process run (accelerate's: cuda:<local rank>, or cpu)."""
-    from accelerate import PartialState
-
-    return str(PartialState().device)
-
-
-def broadcast_from_first(value, world: int):
-    """``value`` as rank 0 has it, on every process."""
-    if world == 1:
-        return value
-    import torch.distributed as dist
-
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def sum_gradients(parameters: list, world: int) -> None:
-    """Each parameter's gradient summed over the processes (a process that ran no micro-batch adds zeros)."""
-    if world == 1:
-        return
-    import torch
-    import torch.distributed as dist
-
-    for parameter in parameters:
-        if parameter.grad is None:
-            parameter.grad = torch.zeros_like(parameter)
-        dist.all_reduce(parameter.grad, op=dist.ReduceOp.SUM)
-
-
-def summed_stats(stats: dict[str, list[float]], world: int) -> dict[str, tuple[float, int]]:
-    """(sum, count) of each logged statistic over every process's micro-batches."""
-    local = {key: (sum(values), len(values)) for key, values in stats.items()}
-    if world == 1:
-        return local
-    import torch.distributed as dist
-
-    parts = [None] * world
-    dist.all_gather_object(parts, local)
-    return {key: (sum(p[key][0] for p in parts), sum(p[key][1] for p in parts)) for key in local}
-
-
-def barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
 
 
 # ----------------------------------------------------------------------------------------------
