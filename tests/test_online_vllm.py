@@ -72,11 +72,10 @@ def test_trl_online_methods_sample_with_colocated_vllm(tmp_path, tiny_model, mon
 def test_round_methods_sample_through_the_vllm_engine(tmp_path, tiny_model, monkeypatch, name):
     import harness.train.rounds as rounds
 
-    class Sampler(rounds.Sampler):
-        def complete(self, path, prompts, *, seeds=None):
-            raise Captured(self.engine)
+    def complete(self, path, prompts, *, seeds=None):
+        raise Captured(self.engine)
 
-    monkeypatch.setattr(rounds, "Sampler", Sampler)
+    monkeypatch.setattr(rounds.Sampler, "complete", complete)  # the first sampling any of them does
     method, job = vllm_job(tmp_path, tiny_model, name, **({"rounds": 1} if name != "rso" else {}))
     with pytest.raises(Captured) as captured:
         method.train(job)
