@@ -120,13 +120,14 @@ TRL_KL_GATHER = "kl = self.accelerator.gather_for_metrics(kl).mean().clamp(min=0
 
 
 def local_kl_trainer(trainer_class):
-    """``trainer_class`` (TRL's ``KTOTrainer`` or a subclass) with z0 estimated from each process's own micro-batch, as a 1-process
-    run does, so a run's numbers do not depend on how many processes train it (``harness.run.launch``).
+    """``trainer_class`` (TRL's ``KTOTrainer`` or a subclass) with z0 estimated from each process's own micro-batch, as
+    a 1-process run does, so a run's numbers do not depend on how many processes train it (``harness.run.launch``).
 
     TRL averages the micro-batch KL estimates of all processes (one ``gather_for_metrics``, the first in
     ``_compute_loss``), so with N processes z0 comes from N micro-batches at once: a different estimate (tiny model,
-    lr 1e-3, second step: loss 0.4786 at 1 process, 0.4590 at 2 with TRL's gather; 0.4786 with this override). The override answers that one
-    gather with the local value; every other gather (the logged metrics) is TRL's. With one process nothing changes.
+    lr 1e-3, second step: loss 0.4786 at 1 process, 0.4590 at 2 with TRL's gather, 0.4786 with this override). The
+    override answers that one gather with the local value; every other gather (the logged metrics) is TRL's. With one
+    process nothing changes.
     """
     import inspect
 
