@@ -90,7 +90,8 @@ class KTO:
                            undesirable_weight=weights["undesirable_weight"])
         rows = kl_batch_order(plan.rows, micro_batch=plan.micro_batch,
                               step_rows=plan.micro_batch * plan.gradient_accumulation * plan.world_size)
-        return HarnessKTOTrainer(  # TRL's KTOTrainer, scoring faster on the CPU (harness.train.trl_extensions)
+        # TRL's KTOTrainer, scoring faster on the CPU (harness.train.trl_extensions), z0 per process (local_kl_trainer)
+        return local_kl_trainer(HarnessKTOTrainer)(
             model=str(job.start_checkpoint),
             args=config,
             train_dataset=Dataset.from_list(to_conversational(rows)),
@@ -112,6 +113,49 @@ class KTO:
         return finish(trainer, job, examples=round(passes * rows), pairs=passes * rows / 2,
                       policy_tokens=round(passes * trained), reference_tokens=round(passes * (trained + 2 * kl)),
                       extra={"class_weights": self.class_weights(job.plan.rows), "kl_pairs_sharing_prompt": shared})
+
+
+# The line of TRL's KTOTrainer._compute_loss (1.16) that averages z0 over the processes; local_kl_trainer keeps it local
+TRL_KL_GATHER = "kl = self.accelerator.gather_for_metrics(kl).mean().clamp(min=0)"
+
+
+def local_kl_trainer(trainer_class):
+    """``trainer_class`` (TRL's ``KTOTrainer`` or a subclass) with z0 estimated from each process's own micro-batch, as
+    a 1-process run does, so a run's numbers do not depend on how many processes train it (``harness.run.launch``).
+
+    TRL averages the micro-batch KL estimates of all processes (one ``gather_for_metrics``, the first in
+    ``_compute_loss``), so with N processes z0 comes from N micro-batches at once: a different estimate (tiny model,
+    lr 1e-3, second step: loss 0.4786 at 1 process, 0.4590 at 2 with TRL's gather, 0.4786 with this override). The
+    override answers that one gather with the local value; every other gather (the logged metrics) is TRL's. With one
+    process nothing changes.
+    """
+    import inspect
+
+    from trl import KTOTrainer
+
+    class LocalKLTrainer(trainer_class):
+        def _compute_loss(self, model, inputs, return_outputs):
+            if self.accelerator.num_processes == 1 or not self.calculate_KL:
+                return super()._compute_loss(model, inputs, return_outputs)
+            source = inspect.getsource(KTOTrainer._compute_loss)
+            first_gather = source.find("gather_for_metrics")
+            if TRL_KL_GATHER not in source or first_gather != source.index(TRL_KL_GATHER) + TRL_KL_GATHER.index("gather_"):
+                raise HarnessError("TRL's KTOTrainer no longer averages z0 with its first gather_for_metrics; revisit "
+                                   "methods/kto.py (local_kl_trainer)")
+            gather, calls = self.accelerator.gather_for_metrics, []
+
+            def local_first(value, *args, **kwargs):
+                calls.append(value)
+                return value if len(calls) == 1 else gather(value, *args, **kwargs)
+
+            self.accelerator.gather_for_metrics = local_first
+            try:
+                return super()._compute_loss(model, inputs, return_outputs)
+            finally:
+                del self.accelerator.gather_for_metrics  # the instance attribute: the class's method again
+
+    LocalKLTrainer.__name__ = f"LocalKL{trainer_class.__name__}"
+    return LocalKLTrainer
 
 
 def kl_batch_order(rows: list[dict], *, micro_batch: int, step_rows: int) -> list[dict]:

@@ -54,7 +54,7 @@ class OnlineDPO:
 
         from harness.train.rewards import reward_record, trl_reward_function
         from harness.evaluate.engines import trl_sampling_arguments
-        from harness.train.trl_support import finish, peft_config, trl_arguments
+        from harness.train.trl_support import finish, peft_config, summed_over_processes, trl_arguments
 
         if job.reward is None:
             raise HarnessError("online_dpo needs a reward: set reward=<name> (conf/reward/)")
@@ -72,9 +72,11 @@ class OnlineDPO:
                                    train_dataset=prompts, processing_class=tokenizer, peft_config=peft_config(job))
         before = job.reward.tokens_scored
         trainer.train()
-        usage = reward_function.usage
+        # each process generated and scored its own prompts (harness.run.launch): the run counts their sums
+        usage = summed_over_processes(trainer.accelerator, {**reward_function.usage,
+                                                            "reward_tokens": job.reward.tokens_scored - before})
         generated = usage["prompt_tokens"] + usage["completion_tokens"]
-        reward_tokens = job.reward.tokens_scored - before
+        reward_tokens = usage["reward_tokens"]
         parameters = sum(p.numel() for p in trainer.model.parameters())
         counts = {"generation_tokens": generated, "reference_forward_tokens": generated, "reward_tokens": reward_tokens,
                   "policy_trained_tokens": generated}

@@ -61,6 +61,8 @@ from dataclasses import dataclass
 
 from harness.errors import HarnessError
 from harness.protocols import TrainingJob, TrainingOutcome
+from harness.train.processes import (barrier, broadcast_from_first, process_device, process_group, sum_gradients,
+                                     summed_stats)
 
 # ----------------------------------------------------------------------------------------------
 # the pieces: small pure functions, each with its paper equation
@@ -319,6 +321,7 @@ class PPO:
     prompts_only = True        # samples its own responses: the data's responses and labels are unused
     reference_based = True
     needs_reward = True
+    data_parallel_only = True  # many processes (harness.run.launch): each holds the whole models; no FSDP / ZeRO-3
 
     def __init__(self, name: str = "ppo", learning_rate: float = 3e-6, kl_coef: float = 0.05,
                  adaptive_kl: bool = False, kl_target: float = 6.0, kl_horizon: float = 10000,
@@ -379,7 +382,8 @@ class PPO:
         reward, plan, budget = job.reward, job.plan, job.budget
         if reward is None:
             raise HarnessError("ppo needs a reward: set reward=<name> (conf/reward/)")
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        rank, world = process_group()
+        device = process_device() if world > 1 else "cuda" if torch.cuda.is_available() else "cpu"
         precision, autocast = mixed_precision(plan.precision, device)
         scaler = torch.amp.GradScaler(device, enabled=precision == "fp16")
         torch.manual_seed(job.seed)
@@ -404,6 +408,7 @@ class PPO:
         eos_ids = {tokenizer.eos_token_id}
         configured = policy.generation_config.eos_token_id
         eos_ids |= set(configured if isinstance(configured, list) else [configured] if configured is not None else [])
+        sampler = vllm_sampler(policy, tokenizer, job, temperature=self.temperature) if job.engine == "vllm" else None
 
         use_template = bool(getattr(tokenizer, "chat_template", None))
         prompts = [row["prompt"] for row in plan.rows]
@@ -427,15 +432,25 @@ class PPO:
             generator.shuffle(order)
             for start in range(0, len(order), batch):
                 rows = order[start: start + batch]
-                # 1. rollout: sample, score, and take log-probs, reference log-probs and values (no gradients)
-                with autocast():
-                    rollout = sample_rollout(policy, tokenizer, [prompts[i] for i in rows],
-                                             [prompt_ids[i] for i in rows], max_new_tokens=budget.max_completion_tokens,
-                                             temperature=self.temperature, batch_size=micro, eos_ids=eos_ids,
-                                             device=device)
-                before = reward.tokens_scored
-                scores = torch.tensor(reward.score(rollout.prompts, rollout.texts), dtype=torch.float32, device=device)
-                counts["reward_tokens"] += reward.tokens_scored - before
+                # 1. rollout: sample, score, and take log-probs, reference log-probs and values (no gradients).
+                # With many processes rank 0 samples and scores the whole batch and sends it to the others, so the
+                # samples are the 1-process run's whatever the number of processes (harness.run.launch)
+                rollout = scored = None
+                if rank == 0:
+                    batch_prompts, batch_ids = [prompts[i] for i in rows], [prompt_ids[i] for i in rows]
+                    if sampler is not None:  # engine=vllm: TRL's colocated vLLM engine, the policy's current weights
+                        rollout = vllm_rollout(sampler, tokenizer, batch_prompts, batch_ids, eos_ids=eos_ids)
+                    else:
+                        with autocast():
+                            rollout = sample_rollout(policy, tokenizer, batch_prompts, batch_ids,
+                                                     max_new_tokens=budget.max_completion_tokens,
+                                                     temperature=self.temperature, batch_size=micro, eos_ids=eos_ids,
+                                                     device=device)
+                    before = reward.tokens_scored
+                    scored = (reward.score(rollout.prompts, rollout.texts), reward.tokens_scored - before)
+                rollout, scored = broadcast_from_first((rollout, scored), world)
+                scores = torch.tensor(scored[0], dtype=torch.float32, device=device)
+                counts["reward_tokens"] += scored[1]
                 old_logps, ref_logps, old_values, entropies = [], [], [], []
                 policy.eval()
                 value_model.eval()
@@ -478,7 +493,9 @@ class PPO:
                     generator.shuffle(shuffled)
                     for minibatch in _split(shuffled, min(self.minibatches, len(rows))):
                         optimizer.zero_grad()
-                        for chunk in _chunks(minibatch, micro):
+                        # many processes: each takes every world-th micro-batch of the minibatch, the gradients are
+                        # summed over the processes (sum_gradients), so the step is the 1-process step
+                        for chunk in _chunks(minibatch, micro)[rank::world]:
                             part = rollout.select(chunk)
                             columns = part.mask.shape[1]
                             index = torch.as_tensor(chunk, device=device)
@@ -499,6 +516,7 @@ class PPO:
                                                ("clip_fraction", clip_fraction),
                                                ("value_clip_fraction", value_clip_fraction), ("approx_kl", approx_kl)):
                                 stats[key].append(float(value.detach()))
+                        sum_gradients(trainable, world)
                         scaler.unscale_(optimizer)
                         torch.nn.utils.clip_grad_norm_(trainable, budget.max_grad_norm)
                         scaler.step(optimizer)
@@ -516,15 +534,17 @@ class PPO:
                     "entropy": float(masked_mean(entropies.to(device), mask)),
                     "completion_tokens": float(rollout.mask.sum(1).float().mean()),
                     "learning_rate": scheduler.get_last_lr()[0],
-                    **{key: sum(values) / len(values) for key, values in stats.items()},
+                    **{key: total / count for key, (total, count) in summed_stats(stats, world).items()},
                 })
                 kl_control.update(sequence_kl, len(rows))
 
         if hasattr(policy, "merge_and_unload"):
             policy = policy.merge_and_unload()
-        policy.save_pretrained(job.output_dir)
-        tokenizer.save_pretrained(job.output_dir)
-        shutil.rmtree(job.scratch_dir, ignore_errors=True)
+        if rank == 0:  # every process holds the same weights (same summed gradients, same optimizer steps)
+            policy.save_pretrained(job.output_dir)
+            tokenizer.save_pretrained(job.output_dir)
+            shutil.rmtree(job.scratch_dir, ignore_errors=True)
+        barrier(world)
         n_policy = sum(p.numel() for p in policy.parameters())
         value_share, reward_share = n_value / n_policy, reward.parameters / n_policy
         policy_tokens = counts["policy_trained_tokens"] + counts["value_trained_tokens"] * value_share
@@ -554,6 +574,45 @@ class PPO:
                 raise HarnessError("ppo: value_init=reward but the reward model's tokenizer differs from the policy's")
             return job.start_checkpoint
         return path
+
+
+# ----------------------------------------------------------------------------------------------
+# sampling through vLLM (engine=vllm)
+
+
+def vllm_sampler_arguments(job: TrainingJob, temperature: float) -> dict:
+    """The arguments of TRL's ``VLLMGeneration`` for PPO's rollouts: colocated on the training GPU, as TRL's online
+    trainers run it (``harness.evaluate.engines.trl_sampling_arguments``), sampling like ``sample_rollout`` (the whole
+    vocabulary at ``temperature``, up to ``budget.max_completion_tokens``)."""
+    from harness.evaluate.engines import trl_sampling_arguments
+
+    trl = trl_sampling_arguments("vllm")
+    return {"mode": trl["vllm_mode"], "gpu_memory_utilization": trl["vllm_gpu_memory_utilization"],
+            "temperature": temperature, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
+            "max_completion_length": job.budget.max_completion_tokens, "logprobs": None,
+            "max_model_length": job.plan.max_length + job.budget.max_completion_tokens}
+
+
+def vllm_sampler(policy, tokenizer, job: TrainingJob, *, temperature: float):
+    """TRL's colocated vLLM engine (``trl.generation.vllm_generation.VLLMGeneration``) over the policy: the engine TRL's
+    online methods sample with under ``engine=vllm``; ``vllm_rollout`` pushes the policy's weights before each batch."""
+    from accelerate import Accelerator
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    return VLLMGeneration(policy, Accelerator(), tokenizer, **vllm_sampler_arguments(job, temperature))
+
+
+def vllm_rollout(sampler, tokenizer, prompts: list, prompt_ids: list[list[int]], *, eos_ids: set) -> Rollout:
+    """One completion per prompt from the policy's current weights through vLLM, laid out as ``sample_rollout``'s."""
+    sampler.sync_weights()
+    _, completion_ids, _, _ = sampler.generate(prompt_ids, None, 1)
+    completions = []
+    for row in completion_ids:
+        row = list(row)
+        cut = next((i + 1 for i, token in enumerate(row) if token in eos_ids), len(row))
+        completions.append(row[:cut])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return layout(prompts, prompt_ids, completions, tokenizer.batch_decode(completions, skip_special_tokens=True), pad)
 
 
 def mixed_precision(precision: str, device: str):

@@ -47,6 +47,7 @@ from typing import Callable
 
 from harness.errors import HarnessError
 from harness.protocols import TrainingJob, TrainingOutcome
+from harness.train.processes import broadcast_from_first, process_group
 from harness.train.pairwise import PairwiseRound
 
 LOSSES = ("hinge", "sigmoid")
@@ -156,13 +157,16 @@ class RSO:
         if not pairs:
             raise HarnessError(f"{self.name}: the accepted samples of every prompt tied under the reward or judge; no "
                                f"pair to train on (raise candidates or rejection_beta, or use another reward or judge)")
-        train = [{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in pairs]
+        # many processes (harness.run.launch): every process sampled; all train on rank 0's pairs, its counts are kept
+        train = broadcast_from_first([{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in pairs],
+                                     process_group()[1])
         sub_job = TrainingJob(start_checkpoint=job.start_checkpoint, output_dir=job.output_dir,
                               plan=job.plan.for_rows(train), seed=job.seed, scratch_dir=job.scratch_dir / "dpo",
                               reference_cache_dir=job.reference_cache_dir)
         outcome = PairwiseRound(beta=self.gamma, learning_rate=self.learning_rate,
                                 loss_type=self.loss_type).train(sub_job)
-        shutil.rmtree(job.scratch_dir, ignore_errors=True)
+        if process_group()[0] == 0:
+            shutil.rmtree(job.scratch_dir, ignore_errors=True)
 
         from transformers import AutoConfig
 

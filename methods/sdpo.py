@@ -36,7 +36,7 @@ import logging
 from dataclasses import replace
 
 from harness.protocols import TrainingJob, TrainingOutcome
-from harness.train.trl_support import finish
+from harness.train.trl_support import finish, save_gathered
 from harness.train.pairwise import pairwise_trainer, pairwise_usage
 
 log = logging.getLogger("harness")
@@ -57,6 +57,9 @@ def split_at_batches(rows: list, chunks: int, batch_pairs: int) -> list[list]:
 
 
 def save_policy(trainer, folder) -> None:
+    if trainer.accelerator.num_processes > 1:  # harness.run.launch: rank 0 saves the gathered weights, all wait
+        save_gathered(trainer, folder)
+        return
     model = trainer.model
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()

@@ -93,6 +93,11 @@ def earlier_sweep(tmp_path) -> Path:
     (["engine=fast"], ["engine='fast' is not an engine; write engine=harness (default), hf or vllm"]),
     (["engine=vllm"], ["engine=vllm runs on CUDA GPUs only and this sweep's device is cpu"]),
     (["eval_batch_size=2.5"], ["eval_batch_size=2.5 must be a whole number >= 1"]),
+    (["launch.processes=0"], ["launch.processes=0 must be a whole number >= 1"]),
+    (["launch.processes=2", "launch.accelerate_config=tpu"], ["launch.accelerate_config=tpu: no such config",
+                                                              "cpu, ddp, fsdp, zero3"]),
+    (["launch.processes=3"], ["launch.processes=3: budget.batch_pairs=4 is not a multiple of "
+                              "micro_batch_pairs×processes=6"]),
     (["tune.trials=-1"], ["tune.trials=-1 must be a whole number >= 0"]),
     (["include_start=maybe"], ["include_start='maybe' must be true or false"]),
     (["tasks=heldout_preference"], ["tasks=heldout_preference is not a list; write tasks=[heldout_preference]"]),

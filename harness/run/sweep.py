@@ -43,6 +43,7 @@ from harness.inputs.paths import atomic_write_text, temporary_path
 from harness.protocols import Checkpoint, RewardContext, TaskContext, TrainingJob
 from harness.identity import config_hash
 from harness.records import append_record, finished_keys, now, versions, write_samples
+from harness.run.launch import Launch, check_launch, launch_from_config, train_in_processes
 from harness.run.progress import Heartbeat, quiet_progress_bars
 from harness.run.spec import START, RunSpec, ScoreKey, differences, shipped_choices, variant_name
 
@@ -74,6 +75,7 @@ class Sweep:
         self.heartbeat = Heartbeat(cfg.get("heartbeat_seconds", 30))  # a line at least this often while a stage runs
         self._starts: dict[str, StartPoint] = {}
         self._heldout: dict[str, list[dict]] = {}
+        self.launch = Launch()  # validate reads the launch keys
 
     # 1. validation ------------------------------------------------------------------------
     def validate(self, *, on_this_machine: bool = True) -> None:
@@ -114,6 +116,10 @@ class Sweep:
         self.device = available_device(cfg.device) if on_this_machine else cfg.device
         if on_this_machine:
             check_engine(cfg.engine, self.device)
+        self.launch = launch_from_config(cfg)  # processes per training run (harness.run.launch); 1 = this process
+        if on_this_machine:  # DeepSpeed installed, among others: this machine's question
+            check_launch(self.launch, self.budget, self.methods)
+            check_launch(self.launch, self.stage_budget, {})
         self.done = finished_keys(self.results)  # a malformed record refuses the sweep here, before anything is written
 
     def check_binary_feedback(self) -> None:
@@ -236,13 +242,19 @@ class Sweep:
                 start_checkpoint=start, train_pairs=train_rows, heldout_pairs=self.heldout_rows,
                 budget=self.stage_budget, cache_dir=self.cache / "rewards", device=self.device, results_dir=self.results))
         sizes = ModelSizes.of(start, reward, tokenizer) if budget.match != "examples" else None  # online cost models
-        plan = plan_training(budget, method, train_rows, self.heldout_rows, tokenizer, sizes=sizes)  # once per run
+        launch = self.launch
+        plan = plan_training(budget, method, train_rows, self.heldout_rows, tokenizer, sizes=sizes,
+                             world=launch.processes if launch.distributed else None)  # once per run
         job = TrainingJob(start_checkpoint=start, output_dir=staging, reward=reward, plan=plan, seed=budget.seed,
                           scratch_dir=temporary_path(self.cache / "scratch" / run_id),
                           reference_cache_dir=self.cache / "reference_logprobs", cache_root=self.cache,
                           engine=self.cfg.engine)
-        with ResourceMeter() as meter:
-            outcome = method.train(job)
+        with ResourceMeter() as meter:  # with launch.processes > 1: wall time of the launch; memory of this process
+            if launch.distributed:
+                outcome = train_in_processes(launch, method, job, plugins=list(self.cfg.get("plugins") or []),
+                                             work_dir=temporary_path(self.cache / "launch" / run_id))
+            else:
+                outcome = method.train(job)
         parameters = _parameter_count(staging)
         consumed = {
             "optimizer_steps": outcome.optimizer_steps,
@@ -256,6 +268,7 @@ class Sweep:
             "peak_memory_mib": round(meter.peak_memory_mib, 1),
             **plan.matching,
             **plan.record(),
+            **launch.record(),  # processes (1 unless launch.processes says otherwise): not in the run id
             **outcome.extra,
         }
         consumed.update(match_quality(consumed))  # consumed / target under budget.match=tokens|flops

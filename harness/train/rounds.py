@@ -15,6 +15,7 @@ from typing import Callable
 
 from harness.errors import HarnessError
 from harness.protocols import TrainingJob, TrainingOutcome
+from harness.train.processes import barrier, on_first, process_device, process_group
 
 
 @dataclass
@@ -68,8 +69,10 @@ def train_in_rounds(job: TrainingJob, *, name: str, rounds: int, label: Callable
     if heldout_score is not None and not heldout:
         raise HarnessError(f"{name}: no held-out prompts for the stopping rule; set data.heldout_pairs > 0")
 
+    rank, world = process_group()  # many processes (harness.run.launch): rank 0 samples, labels and judges alone
+
     def yardstick(path) -> float | None:
-        return heldout_score(path, heldout) if heldout_score is not None else None
+        return on_first(lambda: heldout_score(path, heldout), world) if heldout_score is not None else None
 
     current = job.start_checkpoint
     history = [{"round": 0, "heldout_reward": yardstick(current)}]
@@ -77,7 +80,7 @@ def train_in_rounds(job: TrainingJob, *, name: str, rounds: int, label: Callable
     curves: list[dict] = []
     stopped_early = False
     for round_number, chunk in enumerate(chunks, start=1):
-        pairs, statistics = label(current, chunk, round_number)
+        pairs, statistics = on_first(lambda: label(current, chunk, round_number), world)
         if not pairs:  # every prompt's samples tied: nothing to learn from
             stopped_early = True
             break
@@ -103,8 +106,10 @@ def train_in_rounds(job: TrainingJob, *, name: str, rounds: int, label: Callable
     if not trained:
         raise HarnessError(f"{name}: the first round's samples tied on every prompt; no pair to train on")
     best = trained[-1] if heldout_score is None else max(trained, key=lambda h: h["heldout_reward"])
-    shutil.copytree(best["path"], job.output_dir, dirs_exist_ok=True)
-    shutil.rmtree(job.scratch_dir, ignore_errors=True)
+    if rank == 0:
+        shutil.copytree(best["path"], job.output_dir, dirs_exist_ok=True)
+        shutil.rmtree(job.scratch_dir, ignore_errors=True)
+    barrier(world)
 
     from transformers import AutoConfig
 
@@ -137,7 +142,7 @@ class Sampler:
         from harness.evaluate.engines import generator
         from harness.evaluate.generation import format_prompt
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = process_device() if process_group()[1] > 1 else "cuda" if torch.cuda.is_available() else "cpu"
         tokenizer = AutoTokenizer.from_pretrained(path)
         use_template = bool(getattr(tokenizer, "chat_template", None))
         texts = [format_prompt(tokenizer, p, use_template) for p in prompts]

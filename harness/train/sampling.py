@@ -38,7 +38,7 @@ def train_sampling_method(job: TrainingJob, config_class, trainer_class, *, lear
 
     from harness.train.rewards import reward_record, trl_reward_function
     from harness.evaluate.engines import trl_sampling_arguments
-    from harness.train.trl_support import finish, peft_config, trl_arguments
+    from harness.train.trl_support import finish, peft_config, summed_over_processes, trl_arguments
 
     if job.reward is None:
         raise HarnessError("this method needs a reward: set reward=<name> (conf/reward/)")
@@ -57,9 +57,11 @@ def train_sampling_method(job: TrainingJob, config_class, trainer_class, *, lear
                             train_dataset=prompts, processing_class=tokenizer, peft_config=peft_config(job))
     before = job.reward.tokens_scored
     trainer.train()
-    usage = reward_function.usage
+    # each process generated and scored its own prompts: the run's counts are their sums (TRL's token count is global)
+    usage = summed_over_processes(trainer.accelerator, {**reward_function.usage,
+                                                        "reward_tokens": job.reward.tokens_scored - before})
     generated = trainer.state.num_input_tokens_seen or (usage["prompt_tokens"] + usage["completion_tokens"])
-    reward_tokens = job.reward.tokens_scored - before
+    reward_tokens = usage["reward_tokens"]
     parameters = sum(p.numel() for p in trainer.model.parameters())
     beta = options.get("beta", 0.0)
     counts = {"generation_tokens": generated, "old_logprob_tokens": generated if old_logprob_pass else 0,

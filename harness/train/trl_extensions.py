@@ -321,6 +321,7 @@ class HarnessDPOTrainer(FastScoring, DPOTrainer):
 
     def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
         started = time.perf_counter()
+        dataset = self._shared_handoff(dataset)
         identity = reference_identity(self.reference_path) if self.reference_path and self.reference_cache_dir else None
         if identity is None:
             self.reference_cache_status[name] = "off"
@@ -346,6 +347,17 @@ class HarnessDPOTrainer(FastScoring, DPOTrainer):
                                            "rows": len(dataset)})
                     count_build(entry, "reference log-probs", time.perf_counter() - started)
         self.reference_seconds += time.perf_counter() - started
+        return dataset
+
+    def _shared_handoff(self, dataset: Dataset) -> Dataset:
+        """With many processes (``harness.run.launch``), TRL's precompute has rank 0 write the reference columns to
+        ``dataset._get_cache_file_path(...)`` and every rank read them back; an in-memory dataset names a file in each
+        process's own temporary folder, so the other ranks find nothing. The file goes to the trainer's output folder
+        instead, one path for every rank (TRL 1.16, ``DPOTrainer._precompute_ref_logps``)."""
+        if self.accelerator.num_processes > 1 and not dataset.cache_files:
+            folder = Path(self.args.output_dir) / "reference_logps"
+            folder.mkdir(parents=True, exist_ok=True)
+            dataset._get_cache_file_path = lambda fingerprint: str(folder / f"cache-{fingerprint}.arrow")
         return dataset
 
     # length-sorted micro-batches -------------------------------------------------------

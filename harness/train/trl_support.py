@@ -109,14 +109,20 @@ def count_tokens(dataset, columns: list[str], max_length: int | None = None, pro
 
 def finish(trainer, job: TrainingJob, *, examples: int, pairs: float, policy_tokens: int,
            reference_tokens: int, extra: dict | None = None) -> TrainingOutcome:
-    """Save the trained policy (merged when LoRA) and its tokenizer into ``job.output_dir``."""
-    model = trainer.model
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    model.save_pretrained(job.output_dir)
-    trainer.processing_class.save_pretrained(job.output_dir)
+    """Save the trained policy (merged when LoRA) and its tokenizer into ``job.output_dir``; in a run of many
+    processes (``harness.run.launch``) rank 0 saves the gathered weights and every process waits for it."""
+    accelerator = trainer.accelerator
+    if accelerator.num_processes > 1:
+        save_gathered(trainer, job.output_dir)
+    else:
+        model = trainer.model
+        if hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()
+        model.save_pretrained(job.output_dir)
+        trainer.processing_class.save_pretrained(job.output_dir)
     curves = [entry for entry in trainer.state.log_history if "loss" in entry or "train_loss" in entry]
-    shutil.rmtree(job.scratch_dir, ignore_errors=True)
+    if accelerator.is_main_process:
+        shutil.rmtree(job.scratch_dir, ignore_errors=True)
     return TrainingOutcome(
         optimizer_steps=trainer.state.global_step,
         examples=examples,
@@ -126,6 +132,33 @@ def finish(trainer, job: TrainingJob, *, examples: int, pairs: float, policy_tok
         curves=curves,
         extra=extra or {},
     )
+
+
+def save_gathered(trainer, output_dir: Path) -> None:
+    """Rank 0 saves the whole trained policy of a multi-process run: accelerate gathers the weights (a collective under
+    FSDP / ZeRO-3, where each process holds a shard; the unwrapped module under DDP), LoRA adapters are merged (DDP
+    only: ``harness.run.launch.check_launch`` refuses LoRA with sharded weights). Every process returns after the save."""
+    accelerator = trainer.accelerator
+    state_dict = accelerator.get_state_dict(trainer.model)
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(trainer.model)
+        if hasattr(model, "merge_and_unload"):
+            model.merge_and_unload().save_pretrained(output_dir)
+        else:
+            model.save_pretrained(output_dir, state_dict=state_dict)
+        trainer.processing_class.save_pretrained(output_dir)
+    accelerator.wait_for_everyone()
+
+
+def summed_over_processes(accelerator, counts: dict) -> dict:
+    """``counts`` summed over the processes of a multi-process run — what each counted of its own share of the work
+    (its prompts' completions, its reward calls) — so the outcome counts the run once; as given with one process."""
+    if accelerator.num_processes == 1:
+        return counts
+    from accelerate.utils import gather_object
+
+    gathered = gather_object([counts])
+    return {key: sum(part[key] for part in gathered) for key in counts}
 
 
 def epochs_fraction(trainer, job: TrainingJob) -> float:
