@@ -72,8 +72,10 @@ def generation_path(path: str, timer: Timer):
     from lm_eval.models.huggingface import HFLM
 
     from harness.evaluate import continuous_batching, generation
+    from harness.evaluate.lm_backend import HarnessLM
 
     saved = generation.generate, HFLM.generate_until
+    harness_until = HarnessLM.generate_until  # the tasks' lm-eval model: its own generate_until is the engine's
     engine_run = continuous_batching.run
 
     def run_with_stats(*args, **kwargs):
@@ -86,15 +88,16 @@ def generation_path(path: str, timer: Timer):
     continuous_batching.run = run_with_stats
     if path == "old":
         generation.generate = timer.wrap(batched_hf_generate)
-        HFLM.generate_until = timer.wrap(saved[1])
+        HFLM.generate_until = HarnessLM.generate_until = timer.wrap(saved[1])
     else:
         generation.generate = timer.wrap(saved[0])
-        HFLM.generate_until = timer.wrap(lambda lm, requests, disable_tqdm=False:
-                                         generation.generate_until(lm, requests, disable_tqdm))
+        HFLM.generate_until = HarnessLM.generate_until = timer.wrap(
+            lambda lm, requests, disable_tqdm=False: generation.generate_until(lm, requests, disable_tqdm))
     try:
         yield
     finally:
         generation.generate, HFLM.generate_until = saved
+        HarnessLM.generate_until = harness_until
         continuous_batching.run = engine_run
 
 
@@ -148,6 +151,9 @@ def run(gsm8k_limit: int = 32, model: str | Path | None = None, *, toxicity_per_
                         results[which] = task.evaluate(checkpoint, context)
                 finally:
                     torch.set_num_threads(default_threads)
+                if timer.seconds == 0.0:  # the swap missed the generation the task ran: its numbers would be lies
+                    raise RuntimeError(f"{name}: the {which} path's generation was not timed; "
+                                       "generation_path() did not reach the task's generation call")
                 seconds[which] = timer.seconds
                 if which == "new":
                     engine_stats = timer.engine_stats
