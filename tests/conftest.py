@@ -27,6 +27,22 @@ def cache_dir(tmp_path_factory) -> Path:
     return cache
 
 
+@pytest.fixture
+def own_cache(tmp_path_factory) -> Path:
+    """A cache of the test's own (``models/`` shared as in ``cache_dir``): for tests that must see a stage trained,
+    whatever other tests of the session left in ``cache_dir``."""
+    cache = tmp_path_factory.mktemp("own-cache")
+    MODELS_CACHE.mkdir(parents=True, exist_ok=True)
+    (cache / "models").symlink_to(MODELS_CACHE, target_is_directory=True)
+    return cache
+
+
+def cache_entries(folder: Path) -> list[Path]:
+    """A cache folder's entries without the bookkeeping of ``harness.inputs.cache.build_once`` (its lock files and
+    ``builds.jsonl``)."""
+    return [p for p in Path(folder).iterdir() if p.name != "builds.jsonl" and not p.name.endswith(".lock")]
+
+
 @pytest.fixture(scope="session")
 def tiny_model(cache_dir) -> Path:
     from harness.inputs.models import materialize_tiny_random

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import cache_entries, run_cli
 from harness import debug
 from harness.errors import HarnessError
 from harness.inputs import cache
@@ -217,8 +217,8 @@ def test_damaged_checkpoint_and_log_prob_caches_are_rebuilt_with_the_same_number
     weights = cache_root / "checkpoints" / dpo["run_id"] / "model.safetensors"
     size = weights.stat().st_size
     weights.write_bytes(weights.read_bytes()[: size // 2])  # (a) a truncated checkpoint
-    references = list((cache_root / "reference_logprobs").iterdir())
-    pairs = sorted((cache_root / "tasks" / "pair_logps").iterdir())
+    references = cache_entries(cache_root / "reference_logprobs")  # without build_once's locks and builds.jsonl
+    pairs = sorted(cache_entries(cache_root / "tasks" / "pair_logps"))
     assert len(references) == 1 and len(pairs) == 3
     for path in references + pairs:  # (c) one flipped byte near the end: a changed number
         raw = bytearray(path.read_bytes())

@@ -14,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import cache_entries, run_cli
 from harness.run import registry
 from harness.train.budget import Budget
 from harness.protocols import TrainingJob
@@ -102,7 +102,7 @@ def test_reference_cache_hit_returns_the_stored_logprobs(tiny_model, tmp_path):
     assert second.reference_cache_status == {"train": "hit"}
     for column in CACHE_COLUMNS:
         assert second.train_dataset[column] == first.train_dataset[column]  # identical, not merely close
-    entries = list(store.iterdir())
+    entries = cache_entries(store)  # without build_once's lock file and builds.jsonl
     assert len(entries) == 1 and entries[0].suffix == ".safetensors"  # one entry, no leftover temporary file
 
     uncached = pairwise_trainer(job_for(tiny_model, tmp_path, None), start=tiny_model, beta=0.1, learning_rate=1e-6)
@@ -113,7 +113,7 @@ def test_reference_cache_hit_returns_the_stored_logprobs(tiny_model, tmp_path):
     # other lengths are another key: a miss, and a second entry
     shorter = pairwise_trainer(job_for(tiny_model, tmp_path, store, max_completion_tokens=8), start=tiny_model,
                                beta=0.1, learning_rate=1e-6)
-    assert shorter.reference_cache_status == {"train": "miss"} and len(list(store.iterdir())) == 2
+    assert shorter.reference_cache_status == {"train": "miss"} and len(cache_entries(store)) == 2
 
 
 def test_cache_key_follows_reference_weights_tokens_and_lengths(tmp_path):

@@ -77,16 +77,16 @@ def test_plan_of_the_mistral_experiment_offline(cache_dir, tmp_path):
     assert_hours_exact(report)
 
 
-def test_plan_matches_what_a_tiny_sweep_consumes_and_reports_it_cached_and_done(tmp_path, cache_dir):
+def test_plan_matches_what_a_tiny_sweep_consumes_and_reports_it_cached_and_done(tmp_path, own_cache):
     arguments = [*TINY, f"paths.results={tmp_path}", "settings=[instruct]", "methods=[dpo,kto]"]
-    before = plan(cache_dir, *arguments, "plan.hardware=cpu-2core")
+    before = plan(own_cache, *arguments, "plan.hardware=cpu-2core")
     assert [(u["name"], u["checkpoint"], u["tasks_done"]) for u in units(before, "train")] == [
         ("dpo", "to train", []), ("kto", "to train", [])]
     assert before["totals"]["remaining_flops"] == before["totals"]["flops"] > 0
 
-    result = run_cli("sweep", *arguments, cache=cache_dir)
+    result = run_cli("sweep", *arguments, cache=own_cache)
     assert result.returncode == 0, result.stderr[-3000:]
-    after = plan(cache_dir, *arguments, "plan.hardware=cpu-2core")
+    after = plan(own_cache, *arguments, "plan.hardware=cpu-2core")
     consumed = {r["method"]: r["consumed"] for r in read_records(tmp_path / "t") if r["method"] != "start"}
     for unit in units(after, "train"):
         assert unit["checkpoint"] == "cached" and unit["tasks_done"] == ["truthfulqa_mc"] and unit["tasks_to_run"] == []

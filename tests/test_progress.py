@@ -30,10 +30,10 @@ def test_heartbeat_names_the_stage_its_progress_and_elapsed_time(caplog):
     assert format_seconds(75) == "1 min 15 s" and format_seconds(9.7) == "9 s"
 
 
-def test_sweep_output_has_heartbeats_and_no_library_bars(tmp_path, cache_dir):
+def test_sweep_output_has_heartbeats_and_no_library_bars(tmp_path, own_cache):
     result = run_cli("sweep", "model=tiny-random", "budget=micro", "budget@stage_budget=micro", "settings=[instruct]",
                      "methods=[dpo]", "tasks=[truthfulqa_mc]", "+task_params.truthfulqa_mc.limit=2",
-                     "heartbeat_seconds=1", f"paths.results={tmp_path}", "name=t", cache=cache_dir)
+                     "heartbeat_seconds=1", f"paths.results={tmp_path}", "name=t", cache=own_cache)
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
     beats = [line for line in output.splitlines() if " … " in line]

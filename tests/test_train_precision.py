@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 from omegaconf import OmegaConf
 
+from conftest import cache_entries
 from harness.errors import HarnessError
 from harness.protocols import TrainingJob
 from harness.train.budget import Budget
@@ -122,7 +123,7 @@ def test_bf16_autocast_training_moves_every_parameter(tmp_path, tiny_model):
                                         plan=plan_training(micro(pairs=4, batch_pairs=2, micro_batch_pairs=2),
                                                            PAIR_METHOD, ROWS, [], AutoTokenizer.from_pretrained(tiny_model))),
                             start=tiny_model, beta=0.1, learning_rate=1e-2)
-    assert fp32.reference_cache_status == {"train": "miss"} and len(list((tmp_path / "reference").iterdir())) == 2
+    assert fp32.reference_cache_status == {"train": "miss"} and len(cache_entries(tmp_path / "reference")) == 2
     assert trainer._reference_settings()["attention"] == "eager"  # short sequences on the CPU: in the cache key too
 
 

@@ -33,7 +33,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,10 +118,9 @@ def check_launch(launch: Launch, budget, methods: dict) -> None:
     installed for ZeRO-3."""
     if not launch.distributed:
         return
-    per_step = budget.micro_batch_pairs * launch.processes
-    if budget.batch_pairs % per_step:
-        raise HarnessError(f"launch.processes={launch.processes}: budget.batch_pairs={budget.batch_pairs} is not a "
-                           f"multiple of micro_batch_pairs×processes={per_step}; the global batch must split evenly")
+    from harness.train.plan import check_processes
+
+    check_processes(budget, launch.processes)
     kind = launch.distributed_type()
     if kind in SHARDED and budget.lora.enabled:
         raise HarnessError(f"launch.accelerate_config={launch.accelerate_config} shards the weights and "

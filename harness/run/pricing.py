@@ -47,7 +47,8 @@ from harness.records import finished_keys
 from harness.run import registry
 from harness.run.spec import START
 from harness.train.budget import Budget, training_flops
-from harness.train.matching import ModelSizes, forward_only_ratio, pair_lengths, pair_visit_cost, plan_visits, price
+from harness.train.matching import (ModelSizes, forward_only_ratio, pair_lengths, pair_visit_cost, plan_visits,
+                                    reward_model_flops)
 
 CHARS_PER_TOKEN = 4.0    # characters a token when no tokenizer is local (English BPE; SmolLM2's: 4.18 on AlpacaEval text)
 TOKENS_PER_TURN = 5      # a chat template's tokens around each message (role markers, end of turn), same case
@@ -283,16 +284,6 @@ def training_tokens(budget: Budget, method, lengths: list[tuple[int, int, int]],
     return trained, forward, visits
 
 
-def reward_model_flops(parameters: int, budget: Budget, lengths: list[tuple[int, int, int]], heldout: int,
-                       normalize_pairs: int = 256) -> float:
-    """A Bradley-Terry reward model (``harness.train.rewards``): trained on prompt + chosen and prompt + rejected of the
-    budget's pairs for its epochs, then scoring the chosen of up to ``normalize_pairs`` pairs and ``heldout`` pairs."""
-    trained = budget.epochs * sum(2 * p + c + r for p, c, r in lengths)
-    scored = sum(p + c for p, c, _ in lengths[:normalize_pairs]) + heldout * (
-        sum(2 * p + c + r for p, c, r in lengths) / len(lengths))
-    return training_flops(parameters, trained, scored)
-
-
 def scoring_flops(cost: ScoringCost, parameters: int, judge: int) -> float:
     """2·N per token through the scored checkpoint, 2·N_judge per token through the judge."""
     return 2.0 * parameters * cost.policy_tokens + 2.0 * judge * cost.judge_tokens
@@ -473,19 +464,8 @@ class Pricer:
 
     def trials(self, setting: str, name: str) -> list[str]:
         """Each tuning trial of ``name`` as a unit (training + selection scoring); returns their run ids."""
-        import itertools
-        import random
-
         tune = self.cfg.tune
-        grid = registry.group_config("method", name).get("tune_grid")
-        if not grid:
-            raise HarnessError(f"method {name!r} has no tune_grid in conf/method/{name}.yaml; add one or set tune.trials=0")
-        keys = sorted(grid)
-        combinations = [dict(zip(keys, values)) for values in itertools.product(*(list(grid[k]) for k in keys))]
-        if len(combinations) < tune.trials:
-            raise HarnessError(f"method {name!r}: tune_grid has {len(combinations)} combinations but tune.trials="
-                               f"{tune.trials}; every method gets the same number of trials, so lower tune.trials")
-        random.Random(tune.seed).shuffle(combinations)  # the draws Sweep.tune makes
+        combinations = self.sweep.tuning_draws(name)  # the draws Sweep.tune makes
         n = self.size(setting)
         selection = self.heldout_lengths(setting)[-tune.heldout_pairs:]
         selection_flops = 2.0 * n * sum(2 * p + c + r for p, c, r in selection)  # the trial's held-out log-probs

@@ -405,22 +405,11 @@ class Sweep:
         sweep's budget and scored by held-out preference accuracy of the method's implicit reward
         (log-ratio for reference-based methods, mean log-prob for reference-free ones) on the *last*
         ``tune.heldout_pairs`` held-out pairs — the ``heldout_preference`` task scores the first ones."""
-        import itertools
-        import random
-
         from harness.evaluate.logprobs import preference_accuracy
         from harness.evaluate.logprobs import cached_pair_logps
 
         tune = self.cfg.tune
-        grid = registry.group_config("method", name).get("tune_grid")
-        if not grid:
-            raise HarnessError(f"method {name!r} has no tune_grid in conf/method/{name}.yaml; add one or set tune.trials=0")
-        keys = sorted(grid)
-        combinations = [dict(zip(keys, values)) for values in itertools.product(*(list(grid[k]) for k in keys))]
-        if len(combinations) < tune.trials:
-            raise HarnessError(f"method {name!r}: tune_grid has {len(combinations)} combinations but tune.trials="
-                               f"{tune.trials}; every method gets the same number of trials, so lower tune.trials")
-        random.Random(tune.seed).shuffle(combinations)
+        combinations = self.tuning_draws(name)
         pairs = self.selection_pairs(start.path)
         reference = cached_pair_logps(start.path, pairs, self.cache / "tasks", batch_size=self.cfg.eval_batch_size,
                                       device=self.device)
@@ -451,6 +440,24 @@ class Sweep:
         log.info("  tune %s: chose %s (accuracy %.3f)", name, best[1]["params"], best[1]["accuracy"])
         return best[0], best[2], {"trials": trials, "chosen": best[1]["params"], "heldout_pairs": len(pairs),
                          "total_flops": sum(t.get("flops", 0) for t in trials)}
+
+    def tuning_draws(self, name: str) -> list[dict]:
+        """The ``tune.trials`` grid draws of method ``name`` (its ``tune_grid``, shuffled by ``tune.seed``), in the
+        order they are trained; one line when there is no grid or fewer combinations than trials."""
+        import itertools
+        import random
+
+        tune = self.cfg.tune
+        grid = registry.group_config("method", name).get("tune_grid")
+        if not grid:
+            raise HarnessError(f"method {name!r} has no tune_grid in conf/method/{name}.yaml; add one or set tune.trials=0")
+        keys = sorted(grid)
+        combinations = [dict(zip(keys, values)) for values in itertools.product(*(list(grid[k]) for k in keys))]
+        if len(combinations) < tune.trials:
+            raise HarnessError(f"method {name!r}: tune_grid has {len(combinations)} combinations but tune.trials="
+                               f"{tune.trials}; every method gets the same number of trials, so lower tune.trials")
+        random.Random(tune.seed).shuffle(combinations)
+        return combinations[: tune.trials]
 
     def run_spec(self, setting: str, method_name: str, start: StartPoint, method=None,
                  arguments: dict | None = None) -> RunSpec:

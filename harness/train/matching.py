@@ -63,7 +63,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.train.budget import Budget
+from harness.train.budget import Budget, training_flops
 from harness.inputs.data import budget_rows, is_binary
 from harness.errors import HarnessError
 from harness.evaluate.logprobs import render
@@ -231,3 +231,13 @@ def match_quality(consumed: dict) -> dict:
         return {}
     key = "flops" if consumed["match"] == "flops" else "policy_tokens"
     return {"match_ratio": round(consumed[key] / consumed["match_target"], 4)}
+
+
+def reward_model_flops(parameters: int, budget: Budget, lengths: list[tuple[int, int, int]], heldout: int,
+                       normalize_pairs: int = 256) -> float:
+    """The cost model of a Bradley-Terry reward model (``harness.train.rewards``): trained on prompt + chosen and prompt + rejected of the
+    budget's pairs for its epochs, then scoring the chosen of up to ``normalize_pairs`` pairs and ``heldout`` pairs."""
+    trained = budget.epochs * sum(2 * p + c + r for p, c, r in lengths)
+    scored = sum(p + c for p, c, _ in lengths[:normalize_pairs]) + heldout * (
+        sum(2 * p + c + r for p, c, r in lengths) / len(lengths))
+    return training_flops(parameters, trained, scored)

@@ -105,6 +105,15 @@ def examples_per_pair(method) -> int:
     return int(getattr(method, "examples_per_pair", default))
 
 
+def check_processes(budget: Budget, processes: int) -> None:
+    """A budget's global batch splits over ``processes`` (each takes whole micro-batches: micro-batch × processes ×
+    accumulation = ``batch_pairs``), or one line saying what to change."""
+    per_step = budget.micro_batch_pairs * processes
+    if budget.batch_pairs % per_step:
+        raise HarnessError(f"launch.processes={processes}: budget.batch_pairs={budget.batch_pairs} is not a "
+                           f"multiple of micro_batch_pairs×processes={per_step}; the global batch must split evenly")
+
+
 def plan_training(budget: Budget, method, train_rows: list[dict], heldout_rows: list[dict], tokenizer, *,
                   sizes=None, match: bool = True, world: int | None = None) -> TrainingPlan:
     """The plan of ``method`` trained under ``budget`` on the sweep's normalized train / held-out rows.
