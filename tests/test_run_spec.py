@@ -196,3 +196,22 @@ def test_ai_feedback_and_reward_choices_name_their_variant():
     online = tiny_sweep("reward=short-answers", methods="[rloo]")
     assert online.run_spec("instruct", "rloo", START_POINT).variant == "rloo[reward=short-answers]"
     assert tiny_sweep(methods="[rloo]").run_spec("instruct", "rloo", START_POINT).variant == "rloo"
+
+
+def test_a_budgets_learning_rates_set_each_methods_rate_under_method_params():
+    """budget.learning_rates: a method's own entry, else ``all``, replaces its YAML rate; the variant name leaves the
+    budget's rate out (the budget is in the run id), method_params still win and name themselves; bad values are one
+    line."""
+    sweep = tiny_sweep("+budget.learning_rates={all: 1.0e-4, kto: 3.0e-5}")
+    dpo = sweep.run_spec("instruct", "dpo", START_POINT)
+    kto = sweep.run_spec("instruct", "kto", START_POINT)
+    assert dpo.hyperparameters["learning_rate"] == 1e-4 and kto.hyperparameters["learning_rate"] == 3e-5
+    assert (dpo.variant, kto.variant) == ("dpo[learning_rate=0.0001]", "kto[learning_rate=3e-05]")  # not micro's
+    assert dpo.budget["learning_rates"] == {"all": 1e-4, "kto": 3e-5}
+    plain = tiny_sweep().run_spec("instruct", "dpo", START_POINT)
+    assert "learning_rates" not in plain.budget and plain.run_id != dpo.run_id  # shipped budgets keep their run ids
+    own = tiny_sweep("+budget.learning_rates={all: 1.0e-4}", "+method_params.dpo.learning_rate=2.0e-4")
+    spec = own.run_spec("instruct", "dpo", START_POINT)
+    assert spec.hyperparameters["learning_rate"] == 2e-4 and "learning_rate=0.0002" in spec.variant
+    with pytest.raises(HarnessError, match=r"budget.learning_rates.dpo"):
+        tiny_sweep("+budget.learning_rates={dpo: -1.0}")

@@ -309,7 +309,7 @@ class Pricer:
     # starting points --------------------------------------------------------------------------
     def start(self, setting: str):
         """(StartPoint without a path, base spec, folder or None, status text) of a setting, derived stages priced."""
-        from harness.run.sweep import StartPoint, _hyperparameters
+        from harness.run.sweep import StartPoint, _hyperparameters, method_overrides
 
         if setting in self._starts:
             return self._starts[setting]
@@ -317,7 +317,8 @@ class Pricer:
         if spec.startswith("derived:"):
             _, stage, base_setting = spec.split(":")
             base, base_spec, folder, _ = self.start(base_setting)
-            method, arguments = registry.build("method", stage, None, params_key="method_params")
+            method, arguments = registry.build("method", stage, method_overrides(self.sweep.stage_budget, None, stage),
+                                               params_key="method_params")
             identity = {"derived": stage, "from": base.identity, "budget": self.sweep.stage_budget.as_dict(),
                         "method": _hyperparameters(arguments), "data": self.sweep.data_identity}  # as Sweep._derived_start
             stage_id = config_hash(identity)
@@ -471,7 +472,7 @@ class Pricer:
         selection_flops = 2.0 * n * sum(2 * p + c + r for p, c, r in selection)  # the trial's held-out log-probs
         run_ids = []
         for index, params in enumerate(combinations[: tune.trials], start=1):
-            overrides = OmegaConf.merge(self.cfg.method_params.get(name) or {}, params)
+            overrides = OmegaConf.merge(method_overrides(self.sweep.budget, self.cfg.method_params.get(name), name), params)
             method, arguments = registry.build("method", name, overrides, params_key="method_params")
             unit = self.train_unit(setting, name, method, arguments, kind="trial")
             unit.name = f"{name} trial {index}/{tune.trials} {params}"

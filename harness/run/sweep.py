@@ -92,10 +92,6 @@ class Sweep:
             check_checkpoints(cfg, setting)
         if not self.method_names and not cfg.include_start:
             raise HarnessError("nothing to do: methods is empty and include_start=false")
-        self.methods, self.method_arguments = {}, {}
-        for name in self.method_names:
-            self.methods[name], self.method_arguments[name] = registry.build(
-                "method", name, cfg.method_params.get(name), params_key="method_params")
         self.tasks, self.task_arguments = {}, {}
         for name in self.task_names:
             self.tasks[name], self.task_arguments[name] = registry.build(
@@ -104,6 +100,10 @@ class Sweep:
                              for name in self.task_names}
         self.budget = Budget.from_config(cfg.budget)
         self.stage_budget = Budget.from_config(cfg.stage_budget, key="stage_budget")
+        self.methods, self.method_arguments = {}, {}
+        for name in self.method_names:
+            self.methods[name], self.method_arguments[name] = registry.build(
+                "method", name, method_overrides(self.budget, cfg.method_params.get(name), name), params_key="method_params")
         rows, self.data_provenance = load_preference_rows(cfg.data, self.mirror)
         self.train_rows, self.heldout_rows = split_data(rows, cfg.data)
         self.budget.check_fits(pair_count(self.train_rows), cfg.data.name)  # binary feedback: two examples a pair
@@ -197,7 +197,8 @@ class Sweep:
         except ValueError:
             raise HarnessError(f"model.checkpoints.{setting}={spec}: write derived:<stage method>:<base setting>") from None
         base = self.start_point(base_setting, chain + (setting,))
-        method, arguments = registry.build("method", stage, None, params_key="method_params")
+        method, arguments = registry.build("method", stage, method_overrides(self.stage_budget, None, stage),
+                                           params_key="method_params")
         identity = {"derived": stage, "from": base.identity, "budget": self.stage_budget.as_dict(),
                     "method": _hyperparameters(arguments), "data": self.data_identity}
         if base.path is None:
@@ -415,7 +416,7 @@ class Sweep:
                                       device=self.device)
         trials, best = [], None
         for index, params in enumerate(combinations[: tune.trials], start=1):
-            overrides = OmegaConf.merge(self.cfg.method_params.get(name) or {}, params)
+            overrides = OmegaConf.merge(method_overrides(self.budget, self.cfg.method_params.get(name), name), params)
             method, arguments = registry.build("method", name, overrides, params_key="method_params")
             kind = "logratio" if method.reference_based else "avg_logp"
             run_id = self.run_spec(start.setting, name, start, method, arguments).run_id
@@ -483,10 +484,14 @@ class Sweep:
     def variant(self, spec: RunSpec, *, uses_reward: bool) -> str:
         """``dpo[beta=0.05,pairs=64]``: the method plus what differs from its YAML, the named budget's YAML, the named
         data set's YAML, and conf/sweep.yaml's data / feedback / reward choices (the budget's name is the folder's)."""
-        defaults = _default_arguments(self.cfg, spec.method)
-        changed = differences(spec.hyperparameters, defaults)
         budget_defaults = _budget_defaults(self.budget.name)
-        for key, value in differences(spec.budget, budget_defaults).items():
+        shipped_budget = Budget.from_config(OmegaConf.create(budget_defaults)) if budget_defaults else None
+        # the method's arguments as the named budget ships them: a learning rate the budget sets names no variant,
+        # one set on the command line (method_params or budget.learning_rates) names itself as learning_rate=...
+        defaults = _default_arguments(self.cfg, spec.method, shipped_budget)
+        changed = differences(spec.hyperparameters, defaults)
+        for key, value in differences({k: v for k, v in spec.budget.items() if k != "learning_rates"},
+                                      {k: v for k, v in budget_defaults.items() if k != "learning_rates"}).items():
             changed[key if key not in changed else f"budget.{key}"] = value
         shipped = shipped_choices()
         data_name = self.cfg.data.name
@@ -667,8 +672,19 @@ def _hyperparameters(arguments: dict) -> dict:
     return {key: value for key, value in arguments.items() if key != "name"}
 
 
-def _default_arguments(cfg, method_name: str) -> dict:
-    return _hyperparameters(registry.bound_arguments("method", method_name, None, params_key="method_params")[1])
+def _default_arguments(cfg, method_name: str, budget: Budget | None = None) -> dict:
+    """A method's arguments as shipped under ``budget`` (its learning rate, when the budget sets one): what a variant's
+    name leaves out."""
+    overrides = budget.method_overrides(method_name) if budget is not None else None
+    return _hyperparameters(registry.bound_arguments("method", method_name, overrides or None, params_key="method_params")[1])
+
+
+def method_overrides(budget: Budget, params, method_name: str):
+    """The overrides a method is built with: the budget's (its learning rate) under ``method_params.<name>``."""
+    own = budget.method_overrides(method_name)
+    if not own:
+        return params
+    return OmegaConf.merge(OmegaConf.create(own), params or {})
 
 
 def _group_defaults(group: str, name: str) -> dict:

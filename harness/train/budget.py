@@ -55,6 +55,9 @@ class Budget:
     #                                        checkpointing, TRL trainers): ~1/3 more compute for far less activation
     #                                        memory. TRL's default; the small budgets turn it off
     lora: LoraSpec = field(default_factory=LoraSpec)
+    learning_rates: Mapping = field(default_factory=dict)  # method name (or ``all``) -> learning rate under this
+    #                                   budget, in place of the method YAML's (the papers' rates, set for 7B models);
+    #                                   method_params still win. {} = every method's own rate
 
     @classmethod
     def from_config(cls, cfg, key: str = "budget") -> "Budget":
@@ -76,6 +79,11 @@ class Budget:
             raise HarnessError(f"{key}.lora.{sorted(set(lora) - lora_fields)[0]} is not a LoRA field; known: "
                                f"{', '.join(sorted(lora_fields))}")
         values["lora"] = LoraSpec(**dict(lora))
+        rates = values.get("learning_rates") or {}
+        if not isinstance(rates, Mapping):
+            raise HarnessError(f"{key}.learning_rates={rates!r} must be a mapping of method name (or all) to a learning "
+                               f"rate, e.g. {{all: 1.0e-4, sft: 2.0e-5}}")
+        values["learning_rates"] = dict(rates)
         budget = cls(**values)
         budget.validate(key)
         return budget
@@ -101,6 +109,9 @@ class Budget:
                 isinstance(self.lora.target_modules, Sequence) and all(isinstance(m, str) for m in self.lora.target_modules)):
             raise HarnessError(f"{key}.lora.target_modules={self.lora.target_modules!r} must be all-linear or a list "
                                f"of module names, e.g. [q_proj,v_proj]")
+        for method, rate in self.learning_rates.items():
+            check_str(f"{key}.learning_rates (a method name)", method)
+            check_number(f"{key}.learning_rates.{method}", rate, Range(0, above=True))
         if self.batch_pairs % self.micro_batch_pairs:
             raise HarnessError(
                 f"{key}.batch_pairs={self.batch_pairs} is not a multiple of {key}.micro_batch_pairs={self.micro_batch_pairs}"
@@ -118,8 +129,22 @@ class Budget:
                 f"no full optimizer step fits"
             )
 
+    def learning_rate_for(self, method: str) -> float | None:
+        """This budget's learning rate for ``method`` (its own entry, else ``all``), or None: the method's own."""
+        rate = self.learning_rates.get(method, self.learning_rates.get("all"))
+        return None if rate is None else float(rate)
+
+    def method_overrides(self, method: str) -> dict:
+        """What this budget sets in ``method``'s arguments: ``{learning_rate: ...}`` or nothing. The sweep applies it
+        below ``method_params`` (the command line wins)."""
+        rate = self.learning_rate_for(method)
+        return {} if rate is None else {"learning_rate": rate}
+
     def as_dict(self) -> dict:
-        return asdict(self)
+        values = asdict(self)
+        if not values["learning_rates"]:  # budgets without it keep their run ids
+            del values["learning_rates"]
+        return values
 
 
 def training_flops(parameters: int, policy_tokens: int, reference_tokens: int) -> float:
