@@ -129,8 +129,32 @@ def normalize_binary_row(row: dict, *, where: str) -> dict:
     return {"prompt": prompt, "completion": completion, "label": label}
 
 
+def saferlhf_row(preference: str):
+    """PKU-SafeRLHF rows (Ji et al. 2024; the data set card's fields ``prompt``, ``response_0``, ``response_1``,
+    ``better_response_id``, ``safer_response_id``) → normalized pairs, the chosen side by ``preference``:
+    ``better_response_id`` (helpfulness) or ``safer_response_id`` (harmlessness). A row whose two responses are the
+    same text is not a preference and is dropped."""
+    def normalize(row: dict, *, where: str) -> dict | None:
+        prompt = prompt_messages(row, where=where)
+        responses = []
+        for field in ("response_0", "response_1"):
+            value = row.get(field)
+            if not isinstance(value, str) or not value.strip():
+                raise HarnessError(f"{where}: field {field!r} is missing or not a non-empty string; fix or remove the row")
+            responses.append(value)
+        choice = row.get(preference)
+        if isinstance(choice, bool) or choice not in (0, 1):
+            raise HarnessError(f"{where}: field {preference!r} must be 0 or 1 (got {choice!r}); fix or remove the row")
+        if responses[0] == responses[1]:
+            return None
+        return {"prompt": prompt, "chosen": responses[choice], "rejected": responses[1 - choice]}
+
+    return normalize
+
+
 FORMATS = {"hh": normalize_hh_row, "pairs": normalize_pair_row, "toy": normalize_pair_row,
-           "binary": normalize_binary_row, "toy-binary": normalize_binary_row}
+           "binary": normalize_binary_row, "toy-binary": normalize_binary_row,
+           "saferlhf-better": saferlhf_row("better_response_id"), "saferlhf-safer": saferlhf_row("safer_response_id")}
 BINARY_FORMATS = ("binary", "toy-binary")  # natively unpaired feedback: rows {prompt, completion, label}
 EXAMPLES_PER_PAIR = 2  # an unpaired example counts as half a preference pair (budgets, TrainingOutcome.pairs)
 
