@@ -26,6 +26,10 @@ half a pair as everywhere: ``budget.pairs`` = P trains on the first 2·P example
 (``budget_rows``), so KTO takes the same optimizer steps on P "pairs" of binary feedback as on P
 preference pairs. The held-out split is ``heldout_examples`` rows (``split_data``).
 
+**Converters** (``FORMATS``): ``hh`` (HH-RLHF transcripts), ``pairs`` (prompt + chosen / rejected, as text or
+messages: UltraFeedback binarized, the Tülu 3 mixture), ``saferlhf-better`` / ``saferlhf-safer`` (PKU-SafeRLHF's
+two responses and its helpfulness or harmlessness label), ``binary``.
+
 Data sets are declared in ``conf/data/<name>.yaml``. They load from their hub id by default and
 from a local mirror folder when ``data_mirror`` (or ``ALIGN_HARNESS_DATA``) is set.
 """
