@@ -123,3 +123,26 @@ def test_sweep_offline_refuses_in_one_line_where_the_data_is_needed(name, cache_
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("align-harness: error: data file ") and "does not exist" in lines[-1], result.stderr
     assert not (tmp_path / name).exists()  # nothing written
+
+
+def test_plan_stands_in_only_for_a_data_set_absent_here(tmp_path):
+    from types import SimpleNamespace
+
+    from harness.inputs.data import DataUnavailable, load_preference_rows
+    from harness.run.pricing import TOKENS_PER_TURN, estimated_lengths, longest_pairs
+
+    data = {"name": "x", "format": "pairs", "hub_id": "a/b", "mirror_file": "x.jsonl", "heldout_pairs": 2,
+            "split_seed": 0}
+    with pytest.raises(DataUnavailable):
+        load_preference_rows(OmegaConf.create(data), tmp_path)
+    (tmp_path / "x.jsonl").write_text('{"prompt": "p", "chosen": "", "rejected": "r"}\n')
+    with pytest.raises(HarnessError) as error:  # a bad row is refused, not priced as if absent
+        load_preference_rows(OmegaConf.create(data), tmp_path)
+    assert not isinstance(error.value, DataUnavailable)
+
+    budget = {"pairs": 8, "max_prompt_tokens": 16, "max_completion_tokens": 32}
+    cfg = OmegaConf.create({"data": data, "budget": budget, "stage_budget": {**budget, "pairs": 4}})
+    rows, provenance = longest_pairs(cfg)
+    assert len(rows) == provenance["rows"] == 8 + 2 + 1
+    lengths = estimated_lengths(rows, SimpleNamespace(max_prompt_tokens=16, max_completion_tokens=32))
+    assert set(lengths) == {(16 + TOKENS_PER_TURN, 33, 33)}  # every pair at the budget's longest

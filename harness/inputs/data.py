@@ -48,6 +48,11 @@ from harness.checks import check_choice, check_int, check_str
 from harness.errors import HarnessError
 
 VIEWS = ("pairs", "unpaired", "sft")
+
+
+class DataUnavailable(HarnessError):
+    """The data set's rows cannot be read on this machine (no mirror file, the hub unreachable) — not bad rows."""
+
 _TURN = re.compile(r"\n\n(Human|Assistant): ")
 
 
@@ -198,7 +203,7 @@ def read_json_lines(path: Path) -> Iterable[tuple[int, dict]]:
     try:
         handle = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
     except FileNotFoundError:
-        raise HarnessError(f"data file {path} does not exist; set data_mirror=<folder> (or ALIGN_HARNESS_DATA)") from None
+        raise DataUnavailable(f"data file {path} does not exist; set data_mirror=<folder> (or ALIGN_HARNESS_DATA)") from None
     except OSError as error:
         raise HarnessError(f"data file {path} cannot be opened ({error.strerror}); check data_mirror and "
                            f"data.mirror_file") from None
@@ -285,7 +290,7 @@ def _hub_rows(data_cfg) -> Iterable[tuple[int, dict]]:
     try:
         dataset = load_dataset(data_cfg.hub_id, split=data_cfg.hub_split, **(data_cfg.get("hub_kwargs") or {}))
     except Exception as error:
-        raise HarnessError(
+        raise DataUnavailable(
             f"data set {data_cfg.hub_id} could not be loaded ({type(error).__name__}); offline, set "
             f"data_mirror=<folder holding {data_cfg.mirror_file}> or ALIGN_HARNESS_DATA"
         ) from None

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from harness.checks import POSITIVE, check_bool, check_int, check_names, check_number, check_str, check_writable_folder
 from harness.run import registry
 from harness.train.budget import Budget, ResourceMeter, training_flops
-from harness.inputs.data import is_binary, load_preference_rows, pair_count, split_data
+from harness.inputs.data import DataUnavailable, is_binary, load_preference_rows, pair_count, split_data
 from harness.errors import HarnessError, SkipRun
 from harness.evaluate.engines import check_engine
 from harness.train.feedback import feedback_from_config
@@ -84,7 +84,8 @@ class Sweep:
         budgets, the data, the device, the records already in the results folder. Writes nothing. With
         ``on_this_machine=False`` (``align-harness plan`` pricing a run meant for other hardware) the device and the
         engine are checked by name only, not against this machine. ``stand_in_rows(error)`` (the plan's, for a data
-        set not readable here) returns (rows, provenance) to use instead of refusing with ``error``."""
+        set not found here: ``harness.inputs.data.DataUnavailable``) returns (rows, provenance) to use instead of
+        refusing with ``error``; malformed rows are refused either way."""
         cfg = self.cfg
         check_sweep_config(cfg)
         check_published(OmegaConf.to_container(cfg.published) if cfg.get("published") else None, "published")
@@ -109,7 +110,7 @@ class Sweep:
         self.stage_budget = Budget.from_config(cfg.stage_budget, key="stage_budget")
         try:
             rows, self.data_provenance = load_preference_rows(cfg.data, self.mirror)
-        except HarnessError as error:
+        except DataUnavailable as error:  # not found here; bad rows are refused whatever the caller
             if stand_in_rows is None:
                 raise
             rows, self.data_provenance = stand_in_rows(error)
