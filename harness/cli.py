@@ -357,7 +357,10 @@ def write_published(folder: str, experiment: str) -> None:
 
     if experiment not in available("experiment"):
         raise HarnessError(f"unknown experiment {experiment!r}; available: {', '.join(available('experiment'))}")
-    published = OmegaConf.to_container(group_config("experiment", experiment)).get("published") or []
+    from harness.report.published import check_published
+
+    published = check_published(OmegaConf.to_container(group_config("experiment", experiment)).get("published"),
+                                f"conf/experiment/{experiment}.yaml")
     if not Path(folder).is_dir():
         raise HarnessError(f"{folder} is not a folder; pass a results folder, e.g. results/<sweep>")
     atomic_write_text(Path(folder) / "published.json", json.dumps(published, indent=1))

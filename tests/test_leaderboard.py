@@ -162,6 +162,16 @@ def test_published_rows_come_from_an_experiment_config(board_folder, cache_dir):
     assert "Published reference numbers" in text and "Meng et al. 2024 (SimPO)" in text
 
 
+def test_published_rows_without_a_number_show_as_missing(board_folder, cache_dir):
+    result = run_cli("leaderboard", str(board_folder), "--experiment", "dpo-vs-ppo", cache=cache_dir)
+    assert result.returncode == 0, result.stderr
+    text = (board_folder / "leaderboard.md").read_text()
+    assert "| Xu et al. 2024 | not located | Llama-2-7B + SFT | sft | ppo | hh-rlhf | openassistant_reward | missing [1] |" in text
+    assert "- [1] missing: the paper's result tables (arXiv:2404.10719) could not be read" in text
+    page = (board_folder / "leaderboard.html").read_text()
+    assert '"missing": "the paper' in page and 'textContent = "missing"' in page
+
+
 def test_plots_are_written_as_png_and_svg(board_folder):
     build_leaderboard(board_folder)
     for name in ("tasks", "heatmap", "curves"):

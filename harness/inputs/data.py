@@ -26,6 +26,10 @@ half a pair as everywhere: ``budget.pairs`` = P trains on the first 2·P example
 (``budget_rows``), so KTO takes the same optimizer steps on P "pairs" of binary feedback as on P
 preference pairs. The held-out split is ``heldout_examples`` rows (``split_data``).
 
+**Converters** (``FORMATS``): ``hh`` (HH-RLHF transcripts), ``pairs`` (prompt + chosen / rejected, as text or
+messages: UltraFeedback binarized, the Tülu 3 mixture), ``saferlhf-better`` / ``saferlhf-safer`` (PKU-SafeRLHF's
+two responses and its helpfulness or harmlessness label), ``binary``.
+
 Data sets are declared in ``conf/data/<name>.yaml``. They load from their hub id by default and
 from a local mirror folder when ``data_mirror`` (or ``ALIGN_HARNESS_DATA``) is set.
 """
@@ -44,6 +48,11 @@ from harness.checks import check_choice, check_int, check_str
 from harness.errors import HarnessError
 
 VIEWS = ("pairs", "unpaired", "sft")
+
+
+class DataUnavailable(HarnessError):
+    """The data set's rows cannot be read on this machine (no mirror file, the hub unreachable) — not bad rows."""
+
 _TURN = re.compile(r"\n\n(Human|Assistant): ")
 
 
@@ -129,8 +138,32 @@ def normalize_binary_row(row: dict, *, where: str) -> dict:
     return {"prompt": prompt, "completion": completion, "label": label}
 
 
+def saferlhf_row(preference: str):
+    """PKU-SafeRLHF rows (Ji et al. 2024; the data set card's fields ``prompt``, ``response_0``, ``response_1``,
+    ``better_response_id``, ``safer_response_id``) → normalized pairs, the chosen side by ``preference``:
+    ``better_response_id`` (helpfulness) or ``safer_response_id`` (harmlessness). A row whose two responses are the
+    same text is not a preference and is dropped."""
+    def normalize(row: dict, *, where: str) -> dict | None:
+        prompt = prompt_messages(row, where=where)
+        responses = []
+        for field in ("response_0", "response_1"):
+            value = row.get(field)
+            if not isinstance(value, str) or not value.strip():
+                raise HarnessError(f"{where}: field {field!r} is missing or not a non-empty string; fix or remove the row")
+            responses.append(value)
+        choice = row.get(preference)
+        if isinstance(choice, bool) or choice not in (0, 1):
+            raise HarnessError(f"{where}: field {preference!r} must be 0 or 1 (got {choice!r}); fix or remove the row")
+        if responses[0] == responses[1]:
+            return None
+        return {"prompt": prompt, "chosen": responses[choice], "rejected": responses[1 - choice]}
+
+    return normalize
+
+
 FORMATS = {"hh": normalize_hh_row, "pairs": normalize_pair_row, "toy": normalize_pair_row,
-           "binary": normalize_binary_row, "toy-binary": normalize_binary_row}
+           "binary": normalize_binary_row, "toy-binary": normalize_binary_row,
+           "saferlhf-better": saferlhf_row("better_response_id"), "saferlhf-safer": saferlhf_row("safer_response_id")}
 BINARY_FORMATS = ("binary", "toy-binary")  # natively unpaired feedback: rows {prompt, completion, label}
 EXAMPLES_PER_PAIR = 2  # an unpaired example counts as half a preference pair (budgets, TrainingOutcome.pairs)
 
@@ -170,7 +203,7 @@ def read_json_lines(path: Path) -> Iterable[tuple[int, dict]]:
     try:
         handle = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
     except FileNotFoundError:
-        raise HarnessError(f"data file {path} does not exist; set data_mirror=<folder> (or ALIGN_HARNESS_DATA)") from None
+        raise DataUnavailable(f"data file {path} does not exist; set data_mirror=<folder> (or ALIGN_HARNESS_DATA)") from None
     except OSError as error:
         raise HarnessError(f"data file {path} cannot be opened ({error.strerror}); check data_mirror and "
                            f"data.mirror_file") from None
@@ -257,7 +290,7 @@ def _hub_rows(data_cfg) -> Iterable[tuple[int, dict]]:
     try:
         dataset = load_dataset(data_cfg.hub_id, split=data_cfg.hub_split, **(data_cfg.get("hub_kwargs") or {}))
     except Exception as error:
-        raise HarnessError(
+        raise DataUnavailable(
             f"data set {data_cfg.hub_id} could not be loaded ({type(error).__name__}); offline, set "
             f"data_mirror=<folder holding {data_cfg.mirror_file}> or ALIGN_HARNESS_DATA"
         ) from None

@@ -53,6 +53,7 @@ from pathlib import Path
 
 from harness.errors import HarnessError
 from harness.records import latest_records, read_records
+from harness.report.published import check_published
 
 BOOTSTRAP_SAMPLES = 1000   # resamples of the items for paired intervals
 BOOTSTRAP_SEED = 0
@@ -141,8 +142,17 @@ def row_labels(records: list[dict]) -> dict[str, tuple[str, str]]:
 
 
 def read_published(folder: Path) -> list[dict]:
+    """The published reference rows beside the records (``published.json``, written from an experiment config),
+    checked as the config's were (``harness.report.published``)."""
     path = Path(folder) / "published.json"
-    return json.loads(path.read_text()) if path.exists() else []
+    if not path.exists():
+        return []
+    try:
+        rows = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise HarnessError(f"{path}: not valid JSON ({error.msg}); rewrite it with align-harness leaderboard "
+                           f"<folder> --experiment <name>") from None
+    return check_published(rows, str(path))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ PAGE = """<!doctype html>
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
 table{border-collapse:collapse;font-size:13px}th,td{border:1px solid #ccc;padding:3px 6px;text-align:right}
 th{background:#f3f3f3;cursor:pointer;position:sticky;top:0}td.text{text-align:left}
+td.missing{color:#a33;font-style:italic}
 tr.start td{background:#f7f7f7}figure{display:inline-block;margin:0.5em}img{max-width:640px}
 #viewer pre{white-space:pre-wrap;background:#fafafa;border:1px solid #ddd;padding:6px;max-height:22em;overflow:auto}
 .controls label{margin-right:1em}
@@ -130,7 +131,15 @@ function renderPublished() {
   const keys = ["paper", "table", "model", "setting", "method", "task", "metric", "value"];
   const headerRow = published.tHead.insertRow();
   for (const key of keys) { const th = document.createElement("th"); th.textContent = key; headerRow.appendChild(th); }
-  for (const row of data.published) { const tr = published.tBodies[0].insertRow(); for (const key of keys) { const td = tr.insertCell(); td.textContent = row[key] === undefined ? "" : String(row[key]); td.className = "text"; } }
+  for (const row of data.published) {
+    const tr = published.tBodies[0].insertRow();
+    for (const key of keys) {
+      const td = tr.insertCell(); td.className = "text";
+      if (key === "value" && row.value === null) { td.textContent = "missing"; td.title = row.missing; td.className = "text missing"; }
+      else { td.textContent = row[key] === undefined ? "" : String(row[key]); }
+      if (key === "value" && row.note) { td.title = row.note; }
+    }
+  }
   if (!data.published.length) { const tr = published.tBodies[0].insertRow(); const td = tr.insertCell(); td.textContent = "none for this sweep"; }
 }
 function renderSamples() {

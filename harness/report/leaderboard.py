@@ -29,6 +29,7 @@ from harness.report.board import (BOOTSTRAP_SAMPLES, CONSUMED_COLUMNS, TIE_TOLER
                                   paired_bootstrap, table_rows)
 from harness.report.html import html_page
 from harness.report.plots import write_plots
+from harness.report.published import published_markdown
 
 # Board, compare and paired_bootstrap live in harness.report.board; importers may take them from here too
 __all__ = ["Board", "build_leaderboard", "compare", "compare_text", "csv_text", "latex", "markdown", "paired_bootstrap"]
@@ -160,15 +161,6 @@ def matrix_markdown(board: Board) -> list[str]:
     for label in labels:
         values = [cells.get((label, s)) for s in settings]
         out.append(f"| {label} | " + " | ".join("—" if v is None else f"{v:.4f}" for v in values) + " |")
-    return out + [""]
-
-
-def published_markdown(published: list[dict]) -> list[str]:
-    out = ["## Published reference numbers (not measured here)", "",
-           "| source | table | model | setting | method | task | metric | value |", "|---|---|---|---|---|---|---|---|"]
-    for row in published:
-        out.append("| " + " | ".join(str(row.get(k, "")) for k in
-                                      ("paper", "table", "model", "setting", "method", "task", "metric", "value")) + " |")
     return out + [""]
 
 

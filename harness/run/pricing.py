@@ -41,7 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 from harness.errors import HarnessError
 from harness.identity import config_hash
 from harness.inputs.cache import MANIFEST
-from harness.inputs.data import budget_rows, is_binary
+from harness.inputs.data import BINARY_FORMATS, budget_rows, is_binary
 from harness.protocols import ScoringCost, ScoringEstimate
 from harness.records import finished_keys
 from harness.run import registry
@@ -547,6 +547,25 @@ APPROXIMATIONS = [
 ]
 
 
+def longest_pairs(cfg: DictConfig) -> tuple[list[dict], dict]:
+    """Stand-in pairs for a data set this machine cannot read (a hub id offline, no mirror file): enough rows for
+    the budgets and the held-out split, each at the budgets' longest prompt and completions, so the plan's lengths
+    are an upper bound (``estimated_lengths`` cuts them to the budget). Binary-feedback data sets are not stood in."""
+    if cfg.data.get("format") in BINARY_FORMATS:
+        raise HarnessError(f"data set {cfg.data.name} is binary feedback and not readable here; align-harness plan "
+                           f"needs its rows: set data_mirror=<folder holding {cfg.data.get('mirror_file')}>")
+    budgets = [cfg.budget, cfg.stage_budget]
+    longest = {key: max(int(b[key]) for b in budgets) for key in ("max_prompt_tokens", "max_completion_tokens")}
+    # " x" is a token of its own to BPE tokenizers: at least `tokens` of them, and of estimated tokens, before the cut
+    text = {key: " x" * math.ceil(tokens * CHARS_PER_TOKEN / 2) for key, tokens in longest.items()}
+    size = max(int(b.pairs) for b in budgets) + int(cfg.data.get("heldout_pairs") or 0) + 1
+    rows = [{"prompt": [{"role": "user", "content": text["max_prompt_tokens"]}],
+             "chosen": text["max_completion_tokens"], "rejected": text["max_completion_tokens"], "source_row": number}
+            for number in range(1, size + 1)]
+    return rows, {"source": f"stand-in: {size} pairs at the budgets' longest", "rows": size,
+                  "dropped_mismatched_prompts": 0}
+
+
 def price_sweep(cfg: DictConfig) -> StudyPlan:
     """The plan of the sweep ``cfg`` composes: validated as the sweep validates it, nothing written or loaded."""
     from harness.run.sweep import Sweep
@@ -561,13 +580,18 @@ def price_sweep(cfg: DictConfig) -> StudyPlan:
     if fallback is not None:
         configured_parameters(fallback, "model.parameters")
     sweep = Sweep(cfg)
-    sweep.validate(on_this_machine=False)  # the study may be meant for GPUs this machine lacks
+    unread: list[str] = []
+    sweep.validate(on_this_machine=False,  # the study may be meant for GPUs this machine lacks
+                   stand_in_rows=lambda error: (unread.append(str(error)), longest_pairs(cfg))[1])
     pricer = Pricer(sweep, hardware)
     units = pricer.price()
     approximations = list(APPROXIMATIONS)
     if any(pricer.start(s)[2] is None for s in sweep.settings):
         approximations.append(f"token lengths without a local tokenizer: {CHARS_PER_TOKEN} characters a token, "
                               f"{TOKENS_PER_TURN} template tokens a turn")
+    if unread:
+        approximations.append(f"data set {cfg.data.name} not readable here ({unread[0]}): every pair priced at the "
+                              f"budget's longest (max_prompt_tokens + 2 × max_completion_tokens), an upper bound")
     return StudyPlan(sweep=cfg.name, results=str(sweep.results), hardware=hardware, units=units,
                      parameters={s: {"parameters": n, "from": where} for s, (n, where) in pricer.parameters.items()},
                      approximations=approximations)

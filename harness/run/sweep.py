@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from harness.checks import POSITIVE, check_bool, check_int, check_names, check_number, check_str, check_writable_folder
 from harness.run import registry
 from harness.train.budget import Budget, ResourceMeter, training_flops
-from harness.inputs.data import is_binary, load_preference_rows, pair_count, split_data
+from harness.inputs.data import DataUnavailable, is_binary, load_preference_rows, pair_count, split_data
 from harness.errors import HarnessError, SkipRun
 from harness.evaluate.engines import check_engine
 from harness.train.feedback import feedback_from_config
@@ -45,6 +45,7 @@ from harness.identity import config_hash
 from harness.records import append_record, finished_keys, now, versions, write_samples
 from harness.run.launch import Launch, check_launch, launch_from_config, train_in_processes
 from harness.run.progress import Heartbeat, quiet_progress_bars
+from harness.report.published import check_published
 from harness.run.spec import START, RunSpec, ScoreKey, differences, shipped_choices, variant_name
 
 log = logging.getLogger("harness")
@@ -78,13 +79,16 @@ class Sweep:
         self.launch = Launch()  # validate reads the launch keys
 
     # 1. validation ------------------------------------------------------------------------
-    def validate(self, *, on_this_machine: bool = True) -> None:
+    def validate(self, *, on_this_machine: bool = True, stand_in_rows=None) -> None:
         """Every input checked before any work: the sweep's own keys and paths, methods and tasks (each argument),
         budgets, the data, the device, the records already in the results folder. Writes nothing. With
         ``on_this_machine=False`` (``align-harness plan`` pricing a run meant for other hardware) the device and the
-        engine are checked by name only, not against this machine."""
+        engine are checked by name only, not against this machine. ``stand_in_rows(error)`` (the plan's, for a data
+        set not found here: ``harness.inputs.data.DataUnavailable``) returns (rows, provenance) to use instead of
+        refusing with ``error``; malformed rows are refused either way."""
         cfg = self.cfg
         check_sweep_config(cfg)
+        check_published(OmegaConf.to_container(cfg.published) if cfg.get("published") else None, "published")
         self.method_names, self.task_names, self.settings = list(cfg.methods), list(cfg.tasks), list(cfg.settings)
         for setting in self.settings:
             if setting not in SETTINGS:
@@ -104,7 +108,12 @@ class Sweep:
         for name in self.method_names:
             self.methods[name], self.method_arguments[name] = registry.build(
                 "method", name, method_overrides(self.budget, cfg.method_params.get(name), name), params_key="method_params")
-        rows, self.data_provenance = load_preference_rows(cfg.data, self.mirror)
+        try:
+            rows, self.data_provenance = load_preference_rows(cfg.data, self.mirror)
+        except DataUnavailable as error:  # not found here; bad rows are refused whatever the caller
+            if stand_in_rows is None:
+                raise
+            rows, self.data_provenance = stand_in_rows(error)
         self.train_rows, self.heldout_rows = split_data(rows, cfg.data)
         self.budget.check_fits(pair_count(self.train_rows), cfg.data.name)  # binary feedback: two examples a pair
         self.stage_budget.check_fits(pair_count(self.train_rows), cfg.data.name)
