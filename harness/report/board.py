@@ -619,9 +619,12 @@ def compare(board: Board, *names: str) -> list[dict]:
 # what the tables show
 def table_rows(board: Board) -> list[dict]:
     """Everything the tables show, one dict per (family, setting, variant), unrounded. A difference from the
-    start row that is not comparable has no numbers and its reason in ``<column> note``."""
+    start row that is not comparable has no numbers and its reason in ``<column> note``. When some row folds
+    several seeds (``Board.several_seeds``) each row also has ``seeds`` (how many), ``<metric> sd`` (SD over
+    seeds) and ``<delta column> seeds`` / ``seed_sd``; a one-seed board has none of these columns."""
     ranks = board.ranks()
     bounded_metrics = board.bounded_metric_names()
+    several = board.several_seeds
     rows = []
     for key in board.keys:
         family, setting, label = key
@@ -629,17 +632,23 @@ def table_rows(board: Board) -> list[dict]:
         status, reason = board.status(key)
         row = {"family": family, "setting": setting, "method": board.methods[key], "variant": label,
                "unified_score": unified, "rank": ranks.get(key), "tasks_scored": tasks_scored}
+        if several:
+            row["seeds"] = board.seeds(key)
         for column in board.metric_names():
             metric = board.metric(key, column)
             row[column] = metric.get("value") if metric else None
             row[column + " stderr"] = metric.get("stderr") if metric else None
+            if several:
+                row[column + " sd"] = metric.get("seed_sd") if metric else None
         start = board.start_key(key)
         compared = start is not None and start != key
         for task in board.tasks:
-            add_difference(row, f"delta {task}", board.paired_difference(key, start, task) if compared else None)
+            add_difference(row, f"delta {task}", board.paired_difference(key, start, task) if compared else None,
+                           seeds=several)
         for column in bounded_metrics:
             task, name = column.split("/", 1)
-            add_difference(row, f"delta {column}", board.paired_difference(key, start, task, name) if compared else None)
+            add_difference(row, f"delta {column}", board.paired_difference(key, start, task, name) if compared else None,
+                           seeds=several)
         consumed = board.consumed(key)
         for name, _ in CONSUMED_COLUMNS:
             row[name] = consumed.get(name)
@@ -648,10 +657,10 @@ def table_rows(board: Board) -> list[dict]:
     return rows
 
 
-def add_difference(row: dict, column: str, difference: dict | None) -> None:
+def add_difference(row: dict, column: str, difference: dict | None, *, seeds: bool = False) -> None:
     difference = difference or {}
     row[column] = difference.get("difference")
-    for part in ("low", "high", "items", "note"):
+    for part in ("low", "high", "items", "note") + (("seeds", "seed_sd") if seeds else ()):
         row[f"{column} {part}"] = difference.get(part)
 
 

@@ -605,6 +605,7 @@ def check_sweep_config(cfg: DictConfig) -> None:
     check_names("plugins", plain("plugins") or [], "../my-plugin")
     check_bool("include_start", plain("include_start"))
     check_bool("fanout", plain("fanout"))
+    check_int("budget.seed", plain("budget.seed"), minimum=0)  # first: seeds defaults to [budget.seed]
     seeds = check_seeds(plain("seeds"))
     unit = plain("unit")
     if unit is not None:
