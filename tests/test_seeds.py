@@ -68,11 +68,11 @@ def test_plan_prices_every_seed(tmp_path, cache_dir):
     ("seeds=[]", "seeds=[] must be a non-empty list"),
     ("seeds=[0,0]", "seeds=[0, 0] names a seed twice"),
     ("seeds=[-1]", "seeds=-1 must be a whole number >= 0"),
-    ("unit=instruct:dpo:7", "unit=instruct:dpo:7 names no unit of this sweep"),
+    ("fanout=true unit=instruct:dpo:7", "unit=instruct:dpo:7 names no unit of this sweep"),
 ])
 def test_bad_seeds_are_one_line(tmp_path, cache_dir, override, message):
     result = run_cli_forked("sweep", *TINY, f"paths.results={tmp_path}", "settings=[instruct]", "methods=[dpo]",
-                            override, cache=cache_dir)
+                            *override.split(), cache=cache_dir)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert message in result.stderr and not (tmp_path / "t").exists()
 

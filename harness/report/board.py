@@ -11,10 +11,20 @@ import this module; it imports none of them.
   equal keys were measured the same way. Without it: ``task_key`` (older records' task-config hash), so an
   older record never counts as measured like a newer one.
 
-**Rows.** One row per (family, setting, variant). Two different ``run_id``\\ s under one variant label in one
-(family, setting) are two rows, labelled ``<variant>#<first 6 characters of run_id>`` (more characters if
-those collide). Of several records of one row and task, the newest counts: the later ``finished_at``, then
-the later in file order (a record without ``finished_at`` counts as older than one with it).
+**Rows.** One row per (family, setting, variant). Runs that differ only by their seed (``seeds=[0,1,2]``: equal
+``run_config`` once ``seed`` and ``budget.seed`` are left out, ``replicate_of``) are the seeds of one row. Two
+different runs under one variant label in one (family, setting) that are not seeds of each other are two rows,
+labelled ``<variant>#<first 6 characters of run_id>`` (of the seedless config hash for a run with seeds; more
+characters if those collide); records without ``run_config`` (older, hand-made) are never folded. Of several
+records of one row, seed and task, the newest counts: the later ``finished_at``, then the later in file order (a
+record without ``finished_at`` counts as older than one with it).
+
+**Seeds.** A row's seeds' ``ok`` records of a task measured one way become one record (``seed_aggregate``): each
+metric's **mean over seeds**, its ``seed_sd`` (sample SD over seeds) and ``seeds`` (how many), and a standard error
+sqrt(mean over seeds of stderr² + seed_sd² / seeds) — item noise and seed noise; the item part is conservative, as
+the seeds share their items. Unified score and rank use these means. A failed or skipped seed is left out of the
+means and named in the row's status. Rows with different numbers of seeds are still one row each and say how many
+(``Board.seeds``; the tables add a ``seeds`` column and ``(sd …)`` beside each value when any row has several).
 
 **Comparable.** Two rows' records of a task are compared — a Δ, a paired bootstrap, ``--compare``, a rank —
 only when their ``measurement_key``\\ s are equal and their samples hold the same item ids; otherwise the
@@ -42,6 +52,12 @@ intervals and ``--compare`` answer.
 from the per-item values of its samples). Differences — task score, every metric in [0, 1], the unified
 score — are means of per-item paired differences with a percentile bootstrap 95% interval
 (``BOOTSTRAP_SAMPLES`` resamples of the items; for the unified score, items resampled within each task).
+With seeds the bootstrap has two levels (``hierarchical_bootstrap``; the hierarchical bootstrap of Davison &
+Hinkley 1997, *Bootstrap Methods and their Application*, ch. 3): each resample draws each row's seeds with
+replacement (one draw for all tasks), then the items with replacement (the same item ids for both rows: paired), and the statistic is the mean over the
+drawn seeds of the mean item difference — so the interval widens with between-seed spread as well as item noise.
+A difference then also carries ``seeds`` (the row's count) and ``seed_sd`` (SD over its seeds of their difference).
+With one seed on both sides it is the item bootstrap exactly, the same numbers as before seeds existed.
 """
 
 from __future__ import annotations
