@@ -54,8 +54,9 @@ score — are means of per-item paired differences with a percentile bootstrap 9
 (``BOOTSTRAP_SAMPLES`` resamples of the items; for the unified score, items resampled within each task).
 With seeds the bootstrap has two levels (``hierarchical_bootstrap``; the hierarchical bootstrap of Davison &
 Hinkley 1997, *Bootstrap Methods and their Application*, ch. 3): each resample draws each row's seeds with
-replacement (one draw for all tasks), then the items with replacement (the same item ids for both rows: paired), and the statistic is the mean over the
-drawn seeds of the mean item difference — so the interval widens with between-seed spread as well as item noise.
+replacement (one draw for all tasks), then the items with replacement (the same item ids for both rows: paired),
+and the statistic is the mean over the drawn seeds of the mean item difference — so the interval widens with
+between-seed spread as well as item noise.
 A difference then also carries ``seeds`` (the row's count) and ``seed_sd`` (SD over its seeds of their difference).
 With one seed on both sides it is the item bootstrap exactly, the same numbers as before seeds existed.
 """

@@ -494,10 +494,11 @@ class Sweep:
             from harness.train.rewards import run_identity
 
             reward = run_identity(cfg.reward, self.stage_budget)
+        budget = self.seed_budget(seed)
         spec = RunSpec(family=cfg.model.family, setting=setting, start=start.identity, method=method_name,
                        method_class=type(method).__module__ + "." + type(method).__qualname__,
-                       hyperparameters=hyperparameters, budget=self.seed_budget(seed).as_dict(),
-                       data=self.data_identity, seed=self.seed_budget(seed).seed, reward=reward, feedback=self.feedback.identity(),
+                       hyperparameters=hyperparameters, budget=budget.as_dict(), data=self.data_identity,
+                       seed=budget.seed, reward=reward, feedback=self.feedback.identity(),
                        sampler="vllm" if reward is not None and cfg.engine == "vllm" else None)
         return RunSpec(**{**spec.__dict__, "variant": self.variant(spec, uses_reward=reward is not None)})
 
