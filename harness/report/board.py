@@ -11,10 +11,20 @@ import this module; it imports none of them.
   equal keys were measured the same way. Without it: ``task_key`` (older records' task-config hash), so an
   older record never counts as measured like a newer one.
 
-**Rows.** One row per (family, setting, variant). Two different ``run_id``\\ s under one variant label in one
-(family, setting) are two rows, labelled ``<variant>#<first 6 characters of run_id>`` (more characters if
-those collide). Of several records of one row and task, the newest counts: the later ``finished_at``, then
-the later in file order (a record without ``finished_at`` counts as older than one with it).
+**Rows.** One row per (family, setting, variant). Runs that differ only by their seed (``seeds=[0,1,2]``: equal
+``run_config`` once ``seed`` and ``budget.seed`` are left out, ``replicate_of``) are the seeds of one row. Two
+different runs under one variant label in one (family, setting) that are not seeds of each other are two rows,
+labelled ``<variant>#<first 6 characters of run_id>`` (of the seedless config hash for a run with seeds; more
+characters if those collide); records without ``run_config`` (older, hand-made) are never folded. Of several
+records of one row, seed and task, the newest counts: the later ``finished_at``, then the later in file order (a
+record without ``finished_at`` counts as older than one with it).
+
+**Seeds.** A row's seeds' ``ok`` records of a task measured one way become one record (``seed_aggregate``): each
+metric's **mean over seeds**, its ``seed_sd`` (sample SD over seeds) and ``seeds`` (how many), and a standard error
+sqrt(mean over seeds of stderr² + seed_sd² / seeds) — item noise and seed noise; the item part is conservative, as
+the seeds share their items. Unified score and rank use these means. A failed or skipped seed is left out of the
+means and named in the row's status. Rows with different numbers of seeds are still one row each and say how many
+(``Board.seeds``; the tables add a ``seeds`` column and ``(sd …)`` beside each value when any row has several).
 
 **Comparable.** Two rows' records of a task are compared — a Δ, a paired bootstrap, ``--compare``, a rank —
 only when their ``measurement_key``\\ s are equal and their samples hold the same item ids; otherwise the
@@ -42,6 +52,13 @@ intervals and ``--compare`` answer.
 from the per-item values of its samples). Differences — task score, every metric in [0, 1], the unified
 score — are means of per-item paired differences with a percentile bootstrap 95% interval
 (``BOOTSTRAP_SAMPLES`` resamples of the items; for the unified score, items resampled within each task).
+With seeds the bootstrap has two levels (``hierarchical_bootstrap``; the hierarchical bootstrap of Davison &
+Hinkley 1997, *Bootstrap Methods and their Application*, ch. 3): each resample draws each row's seeds with
+replacement (one draw for all tasks), then the items with replacement (the same item ids for both rows: paired),
+and the statistic is the mean over the drawn seeds of the mean item difference — so the interval widens with
+between-seed spread as well as item noise.
+A difference then also carries ``seeds`` (the row's count) and ``seed_sd`` (SD over its seeds of their difference).
+With one seed on both sides it is the item bootstrap exactly, the same numbers as before seeds existed.
 """
 
 from __future__ import annotations
@@ -52,6 +69,7 @@ import math
 from pathlib import Path
 
 from harness.errors import HarnessError
+from harness.identity import config_hash
 from harness.records import latest_records, read_records
 from harness.report.published import check_published
 
@@ -119,26 +137,78 @@ def newer_first_order(records: list[dict]) -> list[dict]:
     return [r for _, r in sorted(enumerate(records), key=lambda pair: (str(pair[1].get("finished_at") or ""), pair[0]))]
 
 
+def replicate_of(record: dict) -> str:
+    """What a record's run is a seed of: the hash of its ``run_config`` without the seed (``seed`` and
+    ``budget.seed``), so that runs differing only by seed share it. Records without ``run_config`` (older ones,
+    hand-made ones) and starting rows: their own ``run_id``."""
+    config = record.get("run_config")
+    if not isinstance(config, dict) or record.get("method") == START or "seed" not in config:
+        return record["run_id"]
+    seedless = {k: v for k, v in config.items() if k != "seed"}
+    if isinstance(seedless.get("budget"), dict):
+        seedless["budget"] = {k: v for k, v in seedless["budget"].items() if k != "seed"}
+    return config_hash(seedless)
+
+
+def seed_label(record: dict) -> str:
+    """The record's seed as a label (its ``run_id`` when it has none: a starting row, an older record)."""
+    return str(record["seed"]) if record.get("seed") is not None else record["run_id"]
+
+
 def row_labels(records: list[dict]) -> dict[str, tuple[str, str]]:
     """run_id → (variant, row label). The variant is that of the run's newest record; the label is the variant,
-    with ``#<run_id prefix>`` when one (family, setting, variant) holds several run_ids (two runs under one label
-    never merge into one row)."""
+    with ``#<prefix>`` when one (family, setting, variant) holds several runs that are not seeds of one run
+    (``replicate_of``; the prefix is of the run_id, or of the seedless config hash for seeds): two runs under one
+    label never merge into one row, the seeds of one run always do."""
     variants = {r["run_id"]: variant_of(r) for r in newer_first_order(records)}
+    replicates = {r["run_id"]: replicate_of(r) for r in records}
     runs: dict[tuple, list[str]] = {}
     for record in records:
         group = runs.setdefault((record.get("family"), record["setting"], variants[record["run_id"]]), [])
-        if record["run_id"] not in group:
-            group.append(record["run_id"])
-    labels = {}
-    for (_, _, variant), run_ids in runs.items():
-        if len(run_ids) == 1:
-            labels[run_ids[0]] = (variant, variant)
+        if replicates[record["run_id"]] not in group:
+            group.append(replicates[record["run_id"]])
+    labels: dict[tuple, str] = {}
+    for (family, setting, variant), replicate_ids in runs.items():
+        if len(replicate_ids) == 1:
+            labels[(family, setting, variant, replicate_ids[0])] = variant
             continue
         length = RUN_ID_CHARS
-        while len({run_id[:length] for run_id in run_ids}) < len(run_ids):
+        while len({replicate[:length] for replicate in replicate_ids}) < len(replicate_ids):
             length += 1
-        labels.update({run_id: (variant, f"{variant}#{run_id[:length]}") for run_id in run_ids})
-    return labels
+        labels.update({(family, setting, variant, replicate): f"{variant}#{replicate[:length]}"
+                       for replicate in replicate_ids})
+    return {r["run_id"]: (variants[r["run_id"]], labels[(r.get("family"), r["setting"], variants[r["run_id"]],
+                                                          replicates[r["run_id"]])]) for r in records}
+
+
+def seed_aggregate(members: list[dict]) -> dict:
+    """One row's records of one task measured one way, one per seed, as one record: each metric's mean over the
+    seeds' ``ok`` records with ``seed_sd`` (sample SD over seeds), ``seeds`` (how many) and ``stderr`` =
+    sqrt(mean over seeds of stderr² + seed_sd² / seeds) (item and seed variance; the item part is conservative:
+    the seeds share their items). ``seed_members`` holds the seeds' records (per-item scores, ``--compare``). A
+    single record is returned as it is."""
+    if len(members) == 1:
+        return members[0]
+    ok = sorted((m for m in members if m["status"] == "ok"), key=lambda m: (m.get("seed") is None, m.get("seed") or 0,
+                                                                           m["run_id"]))
+    if len(ok) < 2:
+        return ok[0] if ok else newer_first_order(members)[-1]
+    metrics = {}
+    for name in dict.fromkeys(n for m in ok for n in (m.get("metrics") or {})):
+        parts = [m["metrics"][name] for m in ok if name in (m.get("metrics") or {})]
+        values = [float(p["value"]) for p in parts if p.get("value") is not None]
+        n = len(values)
+        mean = sum(values) / n if n else None
+        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n >= 2 else None
+        errors = [float(p["stderr"]) for p in parts if p.get("value") is not None and p.get("stderr") is not None]
+        stderr = None
+        if n and len(errors) == n:
+            stderr = math.sqrt(sum(e * e for e in errors) / n + (sd ** 2 / n if sd is not None else 0.0))
+        metrics[name] = {"value": mean, "stderr": stderr, "higher_is_better": parts[0]["higher_is_better"],
+                         "seed_sd": sd, "seeds": n}
+    newest = newer_first_order(ok)[-1]
+    return {**newest, "metrics": metrics, "seed": None, "seeds": [m.get("seed") for m in ok],
+            "run_ids": [m["run_id"] for m in ok], "seed_members": ok}
 
 
 def read_published(folder: Path) -> list[dict]:
@@ -167,15 +237,26 @@ class Board:
         self.records = latest_records(all_records)           # newest per (run_id, task_key)
         self.published = published if published is not None else read_published(self.folder)
         labels = row_labels(self.records)
-        self.rows: dict[tuple, dict[str, dict]] = {}           # key → task → the newest record
+        self.rows: dict[tuple, dict[str, dict]] = {}           # key → task → the newest record (seeds: aggregated)
         self.measured: dict[tuple, dict[str, dict]] = {}       # (key, task) → measurement key → its newest record
+        self.run_records: dict[tuple, list[dict]] = {}          # key → every seed's newest record of each task
         first_seen: dict[tuple, int] = {}
         for index, record in enumerate(self.records):
             first_seen.setdefault(self.key_of(record, labels), index)
+        per_run: dict[tuple, dict[str, dict[str, dict]]] = {}  # (key, task) → run_id → measurement key → newest
+        newest: dict[tuple, dict] = {}
         for record in newer_first_order(self.records):
             key = self.key_of(record, labels)
-            self.rows.setdefault(key, {})[record["task"]] = record
-            self.measured.setdefault((key, record["task"]), {})[measurement_key_of(record)] = record
+            per_run.setdefault((key, record["task"]), {}).setdefault(record["run_id"], {})[measurement_key_of(record)] = record
+            newest[(key, record["task"])] = record
+            self.rows.setdefault(key, {})
+        for (key, task), runs in per_run.items():  # a row's seeds of one task and measurement: one record
+            measurements = dict.fromkeys(m for measured in runs.values() for m in measured)
+            self.measured[(key, task)] = {m: seed_aggregate([measured[m] for measured in runs.values() if m in measured])
+                                          for m in measurements}
+            self.rows[key][task] = self.measured[(key, task)][measurement_key_of(newest[(key, task)])]
+            self.run_records.setdefault(key, []).extend(newer_first_order(list(measured.values()))[-1]
+                                                        for measured in runs.values())
         self.variants = {self.key_of(r, labels): labels[r["run_id"]][0] for r in self.records}
         self.methods = {self.key_of(r, labels): r["method"] for r in self.records}
         self.keys = sorted(self.rows, key=lambda k: (str(k[0]), SETTING_ORDER.get(k[1], 9), k[1],
@@ -231,8 +312,21 @@ class Board:
         return out
 
     def status(self, key: tuple) -> tuple[str, str]:
+        """The row's first failure or skip (of any seed), or ok."""
         bad = [r for r in self.by_key(key) if r["status"] != "ok"]
+        bad += [r for r in self.run_records.get(key, []) if r["status"] != "ok" and r not in bad]
+        if bad and self.seeds(key) > 1:  # which seed, when several
+            return bad[0]["status"], f"seed {seed_label(bad[0])}: {bad[0].get('reason') or ''}"
         return (bad[0]["status"], bad[0].get("reason") or "") if bad else ("ok", "")
+
+    def seeds(self, key: tuple) -> int:
+        """How many runs (seeds) of the row have an ``ok`` record: 1 for a starting row, 0 when none is ok."""
+        return len({r["run_id"] for r in self.run_records.get(key, []) if r["status"] == "ok"})
+
+    @property
+    def several_seeds(self) -> bool:
+        """Whether any row folds several seeds (the tables then show seed counts and spreads)."""
+        return any(self.seeds(key) > 1 for key in self.keys)
 
     def metric(self, key: tuple, column: str, *, fill: bool = True) -> dict | None:
         """``{value, stderr, higher_is_better}``; a metric in [0, 1] without a standard error gets one from the
@@ -243,6 +337,8 @@ class Board:
         if fill and metric and metric.get("stderr") is None and bounded(metric.get("value")):
             stderr = standard_error(list(self.item_scores(key, task, name).values()))
             if stderr is not None:
+                spread = metric.get("seed_sd")  # several seeds: the seed-averaged items' error and the seeds'
+                stderr = stderr if spread is None else math.sqrt(stderr ** 2 + spread ** 2 / metric["seeds"])
                 metric = {**metric, "stderr": stderr}
         return metric
 
@@ -295,33 +391,52 @@ class Board:
 
     # per-item scores and paired differences -------------------------------------------------
     def samples(self, key: tuple, task: str, like: str | None = None) -> list[dict]:
-        """The samples of the row's record of ``task`` (``record``'s ``like``), those with an ``item_id``."""
+        """The samples of the row's record of ``task`` (``record``'s ``like``; of several seeds, the newest's), those
+        with an ``item_id``."""
         record = self.record(key, task, like=like)
-        cache_key = (key, task, record.get("task_key") if record else None)
+        return self.record_samples(record) if record else []
+
+    def record_samples(self, record: dict) -> list[dict]:
+        """A record's samples that have an ``item_id`` (read once)."""
+        cache_key = (record["run_id"], record.get("task_key"))
         if cache_key not in self._samples:
-            path = self.folder / (record.get("samples_file") or "") if record else None
+            path = self.folder / (record.get("samples_file") or "")
             samples = []
-            if record and record.get("samples_file") and path.exists():
+            if record.get("samples_file") and path.exists():
                 samples = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
             self._samples[cache_key] = [s for s in samples if "item_id" in s]
         return self._samples[cache_key]
 
-    def item_scores(self, key: tuple, task: str, metric: str | None = None, like: str | None = None) -> dict[str, float]:
-        """Per item: ``metric``'s value, or (no ``metric``) the mean of the task's mapped primary metrics."""
+    def seed_item_scores(self, key: tuple, task: str, metric: str | None = None,
+                         like: str | None = None) -> dict[str, dict[str, float]]:
+        """Per seed of the row (``seed_label``): its per-item scores as ``item_scores`` gives them for one record."""
         record = self.record(key, task, like=like)
         if not record:
             return {}
-        if metric is not None:
-            return {str(s["item_id"]): float(s["scores"][metric]) for s in self.samples(key, task, like)
-                    if (s.get("scores") or {}).get(metric) is not None}
         wanted = {n: record["metrics"][n]["higher_is_better"] for n in primary_metrics(record)}
         out = {}
-        for sample in self.samples(key, task, like):
-            values = [mapped(float(v), wanted[n]) for n, v in (sample.get("scores") or {}).items()
-                      if n in wanted and v is not None]
-            if values:
-                out[str(sample["item_id"])] = sum(values) / len(values)
+        for member in record.get("seed_members") or [record]:
+            scores = {}
+            for sample in self.record_samples(member):
+                values = (sample.get("scores") or {})
+                if metric is not None:
+                    if values.get(metric) is not None:
+                        scores[str(sample["item_id"])] = float(values[metric])
+                    continue
+                mapped_values = [mapped(float(v), wanted[n]) for n, v in values.items() if n in wanted and v is not None]
+                if mapped_values:
+                    scores[str(sample["item_id"])] = sum(mapped_values) / len(mapped_values)
+            out[seed_label(member)] = scores
         return out
+
+    def item_scores(self, key: tuple, task: str, metric: str | None = None, like: str | None = None) -> dict[str, float]:
+        """Per item: ``metric``'s value, or (no ``metric``) the mean of the task's mapped primary metrics; of several
+        seeds, the mean over the seeds (items every seed has)."""
+        per_seed = list(self.seed_item_scores(key, task, metric, like).values())
+        if len(per_seed) <= 1:
+            return per_seed[0] if per_seed else {}
+        items = [item for item in per_seed[0] if all(item in scores for scores in per_seed)]
+        return {item: sum(scores[item] for scores in per_seed) / len(per_seed) for item in items}
 
     def same_measurement(self, key: tuple, other: tuple | None, task: str) -> bool:
         """Whether the two rows' *newest* records of ``task`` were measured the same way (what ranks need: one
@@ -356,7 +471,8 @@ class Board:
         reason = self.incomparability(key, other, task, metric)
         if reason:
             return {"note": f"not comparable: {reason}"}
-        return paired_bootstrap(self.item_scores(key, task, metric), self.item_scores(other, task, metric, like))
+        return hierarchical_bootstrap(self.seed_item_scores(key, task, metric),
+                                      self.seed_item_scores(other, task, metric, like))
 
     def unified_difference(self, key: tuple, other: tuple) -> dict | None:
         """``key − other`` on the unified score: per task the paired item differences, items resampled within
@@ -368,11 +484,11 @@ class Board:
             reason = self.incomparability(key, other, task)
             if reason:
                 return {"note": f"not comparable: {task} {reason}"}
-        strata = [(self.item_scores(key, t), self.item_scores(other, t, like=measurement_key_of(self.record(key, t))))
-                  for t in tasks]
-        if not strata or not all(a and b for a, b in strata):
+        strata = [(self.seed_item_scores(key, t),
+                   self.seed_item_scores(other, t, like=measurement_key_of(self.record(key, t)))) for t in tasks]
+        if not strata or not all(a and b and all(a.values()) and all(b.values()) for a, b in strata):
             return None
-        return paired_bootstrap(*itertools.chain.from_iterable(strata))
+        return hierarchical_bootstrap(*itertools.chain.from_iterable(strata))
 
     def pair_differences(self, key: tuple, other: tuple) -> list[dict]:
         """Every difference ``key − other``: the unified score, each task's score, each metric (breakdowns
@@ -431,6 +547,75 @@ def paired_bootstrap(*strata: dict[str, float], samples: int = BOOTSTRAP_SAMPLES
     return {"difference": mean, "low": float(low), "high": float(high), "items": sum(len(v) for v in differences)}
 
 
+def hierarchical_bootstrap(*strata: dict[str, dict[str, float]], samples: int = BOOTSTRAP_SAMPLES,
+                           seed: int = BOOTSTRAP_SEED) -> dict | None:
+    """``paired_bootstrap`` over seeds and items: each of a and b is {seed label: {item: score}} (one entry for a
+    starting row or a one-seed row). The statistic is the mean over a's seeds of the mean item score minus the same
+    for b, on the items every seed of both has; each resample draws a's seeds and b's seeds with replacement, then
+    the items with replacement (the same items for a and b: paired), and with several pairs (tasks) averages their
+    statistics, the seeds drawn once for all tasks when each side has the same seeds on every task. With one seed on
+    each side it is ``paired_bootstrap`` exactly (the item draws come from the same generator either way; the seed
+    draws from one of their own). Adds ``seeds`` (a's) and ``seed_sd`` (SD over a's seeds of their difference from
+    b's seed mean; None for one seed) to ``paired_bootstrap``'s dict."""
+    import numpy as np
+
+    pairs = list(zip(strata[0::2], strata[1::2]))
+    if not pairs or not all(a and b for a, b in pairs):
+        return None
+    if all(len(a) == 1 and len(b) == 1 for a, b in pairs):
+        result = paired_bootstrap(*(next(iter(side.values())) for side in strata), samples=samples, seed=seed)
+        return None if result is None else {**result, "seeds": 1, "seed_sd": None}
+    arrays, labels_a, labels_b = [], [], []
+    for a, b in pairs:
+        runs = [*a.values(), *b.values()]
+        items = sorted(set(runs[0]).intersection(*runs[1:]))
+        if not items:
+            return None
+        labels_a.append(tuple(sorted(a)))
+        labels_b.append(tuple(sorted(b)))
+        arrays.append((np.array([[a[label][i] for i in items] for label in labels_a[-1]], dtype=float),
+                       np.array([[b[label][i] for i in items] for label in labels_b[-1]], dtype=float)))
+    item_generator = np.random.default_rng(seed)        # the stream paired_bootstrap draws its items from
+    seed_generator = np.random.default_rng([seed, 1])   # seeds from their own stream
+
+    def seed_weights(labels: list[tuple]) -> list:
+        """Per task: a (samples × seeds) matrix of resampled-seed weights (draw counts / seeds); one for all tasks
+        when they have the same seeds."""
+        drawn: dict = {}
+        shared = len(set(labels)) == 1
+        out = []
+        for index, names in enumerate(labels):
+            slot = names if shared else index
+            if slot not in drawn:
+                count = len(names)
+                draws = seed_generator.integers(0, count, size=(samples, count))
+                weights = np.zeros((samples, count))
+                np.add.at(weights, (np.arange(samples)[:, None], draws), 1.0 / count)
+                drawn[slot] = weights
+            out.append(drawn[slot])
+        return out
+
+    weights_a, weights_b = seed_weights(labels_a), seed_weights(labels_b)
+    means = np.zeros(samples)
+    for (a, b), wa, wb in zip(arrays, weights_a, weights_b):
+        n = a.shape[1]
+        for first in range(0, samples, BOOTSTRAP_CHUNK):
+            count = min(BOOTSTRAP_CHUNK, samples - first)
+            items = item_generator.integers(0, n, size=(count, n))
+            per_item = wa[first:first + count] @ a - wb[first:first + count] @ b   # resampled seeds' means, per item
+            means[first:first + count] += np.take_along_axis(per_item, items, axis=1).mean(axis=1)
+    means = np.sort(means / len(arrays))
+    low, high = means[int(0.025 * samples)], means[min(samples - 1, int(math.ceil(0.975 * samples)) - 1)]
+    difference = sum(float((a.mean(axis=0) - b.mean(axis=0)).mean()) for a, b in arrays) / len(arrays)
+    seeds = max(len(names) for names in labels_a)
+    seed_sd = None
+    if seeds > 1 and len(set(labels_a)) == 1:
+        per_seed = sum((a - b.mean(axis=0)).mean(axis=1) for a, b in arrays) / len(arrays)
+        seed_sd = float(np.std(per_seed, ddof=1))
+    return {"difference": difference, "low": float(low), "high": float(high),
+            "items": sum(a.shape[1] for a, _ in arrays), "seeds": seeds, "seed_sd": seed_sd}
+
+
 # ---------------------------------------------------------------------------------------------
 # comparisons between named rows (``align-harness leaderboard --compare``)
 def compare(board: Board, *names: str) -> list[dict]:
@@ -461,9 +646,12 @@ def compare(board: Board, *names: str) -> list[dict]:
 # what the tables show
 def table_rows(board: Board) -> list[dict]:
     """Everything the tables show, one dict per (family, setting, variant), unrounded. A difference from the
-    start row that is not comparable has no numbers and its reason in ``<column> note``."""
+    start row that is not comparable has no numbers and its reason in ``<column> note``. When some row folds
+    several seeds (``Board.several_seeds``) each row also has ``seeds`` (how many), ``<metric> sd`` (SD over
+    seeds) and ``<delta column> seeds`` / ``seed_sd``; a one-seed board has none of these columns."""
     ranks = board.ranks()
     bounded_metrics = board.bounded_metric_names()
+    several = board.several_seeds
     rows = []
     for key in board.keys:
         family, setting, label = key
@@ -471,17 +659,23 @@ def table_rows(board: Board) -> list[dict]:
         status, reason = board.status(key)
         row = {"family": family, "setting": setting, "method": board.methods[key], "variant": label,
                "unified_score": unified, "rank": ranks.get(key), "tasks_scored": tasks_scored}
+        if several:
+            row["seeds"] = board.seeds(key)
         for column in board.metric_names():
             metric = board.metric(key, column)
             row[column] = metric.get("value") if metric else None
             row[column + " stderr"] = metric.get("stderr") if metric else None
+            if several:
+                row[column + " sd"] = metric.get("seed_sd") if metric else None
         start = board.start_key(key)
         compared = start is not None and start != key
         for task in board.tasks:
-            add_difference(row, f"delta {task}", board.paired_difference(key, start, task) if compared else None)
+            add_difference(row, f"delta {task}", board.paired_difference(key, start, task) if compared else None,
+                           seeds=several)
         for column in bounded_metrics:
             task, name = column.split("/", 1)
-            add_difference(row, f"delta {column}", board.paired_difference(key, start, task, name) if compared else None)
+            add_difference(row, f"delta {column}", board.paired_difference(key, start, task, name) if compared else None,
+                           seeds=several)
         consumed = board.consumed(key)
         for name, _ in CONSUMED_COLUMNS:
             row[name] = consumed.get(name)
@@ -490,10 +684,10 @@ def table_rows(board: Board) -> list[dict]:
     return rows
 
 
-def add_difference(row: dict, column: str, difference: dict | None) -> None:
+def add_difference(row: dict, column: str, difference: dict | None, *, seeds: bool = False) -> None:
     difference = difference or {}
     row[column] = difference.get("difference")
-    for part in ("low", "high", "items", "note"):
+    for part in ("low", "high", "items", "note") + (("seeds", "seed_sd") if seeds else ()):
         row[f"{column} {part}"] = difference.get(part)
 
 

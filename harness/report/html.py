@@ -38,7 +38,7 @@ def _samples(board) -> list[dict]:
 def html_page(board, plots: dict[str, Path]) -> str:
     rows = table_rows(board)
     metrics = board.metric_names()
-    columns = ["family", "setting", "variant", "unified_score", "rank", *metrics,
+    columns = ["family", "setting", "variant", "unified_score", "rank", *(["seeds"] if board.several_seeds else []), *metrics,
                *[f"delta {t}" for t in board.tasks], "optimizer_steps", "policy_tokens", "flops", "wall_seconds", "status"]
     images = "".join(
         f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,'
@@ -89,7 +89,8 @@ function cell(row, column) {
   if (value === null || value === undefined) return row[column + " note"] || "—";
   if (typeof value === "number") {
     const error = row[column + " stderr"], low = row[column + " low"], high = row[column + " high"];
-    if (error !== undefined && error !== null) return value.toFixed(4) + " ± " + error.toFixed(4);
+    const spread = row[column + " sd"] !== undefined && row[column + " sd"] !== null ? " (sd " + row[column + " sd"].toFixed(4) + ")" : "";
+    if (error !== undefined && error !== null) return value.toFixed(4) + " ± " + error.toFixed(4) + spread;
     if (low !== undefined && low !== null) return signed(value) + " [" + signed(low) + ", " + signed(high) + "]";
     return Math.abs(value) >= 1e6 ? value.toExponential(2) : (Number.isInteger(value) ? String(value) : value.toFixed(4));
   }

@@ -38,11 +38,13 @@ __all__ = ["Board", "build_leaderboard", "compare", "compare_text", "csv_text", 
 # ---------------------------------------------------------------------------------------------
 # formatting
 def fmt_value(metric: dict | None) -> str:
+    """``0.5000 ± 0.0100``; a mean over seeds adds its spread: ``0.5000 ± 0.0100 (sd 0.0200)``."""
     if not metric or metric.get("value") is None:
         return "—"
+    spread = f" (sd {metric['seed_sd']:.4f})" if metric.get("seed_sd") is not None else ""
     if metric.get("stderr") is None:
-        return f"{metric['value']:.4f}"
-    return f"{metric['value']:.4f} ± {metric['stderr']:.4f}"
+        return f"{metric['value']:.4f}{spread}"
+    return f"{metric['value']:.4f} ± {metric['stderr']:.4f}{spread}"
 
 
 def fmt_number(value) -> str:
@@ -99,12 +101,19 @@ def markdown(board: Board) -> str:
            "2·N·reference tokens; online methods count generation, reward- and value-model tokens in policy-"
            "parameter equivalents; gen tokens = tokens they sampled; match ratio = consumed over what the pair "
            "methods consume under budget.match=tokens or flops: policy tokens under tokens).", ""]
+    if board.several_seeds:
+        out[-1] += (" **Seeds**: a row folds the seeds of one variant (`seeds` column): a metric is the mean over "
+                    "seeds ± its standard error (items and seeds) with the SD over seeds (sd); a Δ is the mean over "
+                    "seeds of the paired item difference, its interval from resampling seeds, then items "
+                    "(harness.report.board).")
+        out.append("")
     # budget columns no run filled (e.g. gen tokens in a sweep without online methods) are left out; the CSV keeps all
     budget_columns = [(name, title) for name, title in CONSUMED_COLUMNS
                       if any(board.consumed(key).get(name) is not None for key in board.keys)]
     for (family, setting), keys in board.groups().items():
         out += [f"## {family} · {setting}", ""]
-        header = ["variant", "unified", "rank", *metrics, *[f"Δ {t}" for t in board.tasks],
+        seeds = ["seeds"] if board.several_seeds else []
+        header = ["variant", "unified", "rank", *seeds, *metrics, *[f"Δ {t}" for t in board.tasks],
                   *[title for _, title in budget_columns], "status"]
         out += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
         start = board.start_key(keys[0])
@@ -112,6 +121,7 @@ def markdown(board: Board) -> str:
             unified, _ = board.unified(key)
             status, reason = board.status(key)
             cells = [key[2], "—" if unified is None else f"{unified:.4f}", str(ranks.get(key) or "—")]
+            cells += [str(board.seeds(key))] if seeds else []
             cells += [fmt_value(board.metric(key, m)) for m in metrics]
             cells += [fmt_difference(board.paired_difference(key, start, t)) if start not in (None, key) else "—"
                       for t in board.tasks]
@@ -223,7 +233,8 @@ def csv_text(board: Board) -> str:
 def compare_text(rows: list[dict]) -> str:
     """The rows of ``compare`` as one table per (family, setting, pair)."""
     lines = [f"A − B: mean paired difference over the same items, percentile-bootstrap 95% interval ({BOOTSTRAP_SAMPLES} "
-             "resamples). metric 'score': the task score (primary metrics mapped to [0, 1], higher better); 'unified': "
+             "resamples; a row of several seeds: the mean over its seeds, seeds resampled, then items). metric "
+             "'score': the task score (primary metrics mapped to [0, 1], higher better); 'unified': "
              "the mean over tasks; other metrics raw."]
     pairs: dict[tuple, list[dict]] = {}
     for row in rows:
@@ -241,7 +252,9 @@ def compare_text(rows: list[dict]) -> str:
                 lines.append(prefix + f"{'—':>10}  {row.get('note', '')}")
                 continue
             interval = f"[{signed(row['low'], 4)}, {signed(row['high'], 4)}]"
-            lines.append(prefix + f"{signed(row['difference'], 4):>10}  {interval:>18}  {row['items']:>5}")
+            spread = "" if (row.get("seeds") or 1) == 1 else (
+                f"  {row['seeds']} seeds" + (f", sd {row['seed_sd']:.4f}" if row.get("seed_sd") is not None else ""))
+            lines.append(prefix + f"{signed(row['difference'], 4):>10}  {interval:>18}  {row['items']:>5}{spread}")
     return "\n".join(lines)
 
 

@@ -5,7 +5,8 @@ whose sweeper is ``hydra_plugins.harness_fanout.UnitSweeper``; for each sweep it
 the user's own ``-m`` lists) the parent process here
 
 1. validates everything and prepares the results folder (``Sweep.prepare``: nothing is launched on bad input);
-2. lists the units (``Sweep.units``) as jobs ``unit=<setting>:<method>`` with the paths pinned absolute (a job may run
+2. lists the units (``Sweep.units``) as jobs ``unit=<setting>:<method>`` (``:<seed>`` added when ``seeds`` lists
+   several: one job per seed) with the paths pinned absolute (a job may run
    in another folder or on another machine, where ``~`` and ``$ALIGN_HARNESS_*`` differ), in two waves: the starting
    rows of derived settings first (their stage, e.g. the SFT that makes ``sft``, trains once, in that job), then
    every other unit at once;
@@ -32,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from harness.errors import HarnessError
 from harness.run.spec import START
-from harness.run.sweep import Sweep
+from harness.run.sweep import Sweep, parse_unit
 
 log = logging.getLogger("harness")
 
@@ -52,7 +53,10 @@ def unit_waves(sweep: Sweep) -> list[list[str]]:
     trains there, once), then the rest. A derived setting gets its wave-one job even without ``include_start``."""
     derived = [s for s in sweep.settings if str(sweep.cfg.model.checkpoints.get(s, "")).startswith("derived:")]
     first = [f"{setting}:{START}" for setting in derived]
-    rest = [f"{setting}:{method}" for setting, method in sweep.units() if f"{setting}:{method}" not in first]
+    several = len(sweep.seeds) > 1  # one seed: the job key stays <setting>:<method>
+    rest = [f"{setting}:{method}" + (f":{seed}" if several and seed is not None else "")
+            for setting, method, seed in sweep.units()]
+    rest = [unit for unit in rest if unit not in first]
     return [wave for wave in (first, rest) if wave]
 
 
@@ -73,13 +77,15 @@ def _quoted(value: str) -> str:
 
 def run_unit_job(sweep: Sweep) -> None:
     """One fanned-out job: validate, label AI feedback when a method needs it (cached: one job labels), run the unit."""
-    setting, _, method = str(sweep.cfg.unit).partition(":")
+    setting, method, seed = parse_unit(sweep.cfg.unit)
     sweep.prepare(job=True)
-    log.info("unit %s · %s (sweep %s → %s)", setting, method, sweep.cfg.name, sweep.results)
+    log.info("unit %s · %s%s (sweep %s → %s)", setting, method, "" if seed is None else f" · seed {seed}",
+             sweep.cfg.name, sweep.results)
     if method != START:
         with sweep.heartbeat.stage("labelling training pairs (AI feedback)"):
             sweep.label_feedback()
-    sweep.run_unit(setting, method)
+    for each in [None] if method == START else [seed] if seed is not None else sweep.seeds:  # no seed: every seed
+        sweep.run_unit(setting, method, each)
 
 
 class FannedSweep:

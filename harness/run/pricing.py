@@ -1,6 +1,7 @@
 """``align-harness plan``: price a sweep before it runs — every unit, its cache status, its FLOPs and device-hours.
 
-The units are the sweep's own, enumerated as ``Sweep.run`` does (each setting × ``start`` + every method), plus what
+The units are the sweep's own, enumerated as ``Sweep.run`` does (each setting × ``start`` + every method × every
+seed of ``seeds``), plus what
 they need built first: a derived setting's **stage** (``derived:sft:instruct``, under ``stage_budget``), the setting's
 Bradley-Terry **reward** model when an online method needs one, each tuning **trial** when ``tune.trials`` > 0, and
 the AI **feedback** labelling of the training pairs when ``feedback`` names a judge.
@@ -99,6 +100,7 @@ class Unit:
     name: str                       # the variant (dpo, dpo[beta=0.05]), or what the stage / reward / trial is
     run_id: str | None              # the checkpoint's key in <cache>/checkpoints/ (None: known only after tuning)
     checkpoint: str                 # cached | to train | start: <where> | chosen by tuning
+    seed: int | None = None         # the training seed (``seeds``); None for start rows, stages, reward models
     tasks_done: list[str] = field(default_factory=list)
     tasks_to_run: list[str] = field(default_factory=list)
     train_flops: float = 0.0        # the unit's own training (0 for start rows and checkpoints trained elsewhere)
@@ -404,9 +406,10 @@ class Pricer:
                 unit.tasks_to_run.append(name)
                 unit.remaining_flops += flops
 
-    def train_unit(self, setting: str, method_name: str, method, arguments, *, kind: str = "train") -> Unit:
+    def train_unit(self, setting: str, method_name: str, method, arguments, *, kind: str = "train",
+                   seed: int | None = None) -> Unit:
         point, _, _, _ = self.start(setting)
-        spec = self.sweep.run_spec(setting, method_name, point, method, arguments)
+        spec = self.sweep.run_spec(setting, method_name, point, method, arguments, seed)
         n = self.size(setting)
         sizes = ModelSizes(policy=n)
         if getattr(method, "needs_reward", False):
@@ -418,7 +421,7 @@ class Pricer:
         flops = training_flops(n, trained, forward)
         cached = looks_whole(self.cache / "checkpoints" / spec.run_id)
         unit = Unit(kind=kind, setting=setting, name=spec.variant, run_id=spec.run_id,
-                    checkpoint="cached" if cached else "to train", train_flops=flops,
+                    checkpoint="cached" if cached else "to train", seed=spec.seed, train_flops=flops,
                     remaining_flops=0.0 if cached else flops,
                     notes=[f"{visits} visits, {trained:.3g} trained + {forward:.3g} forward-only tokens"])
         return unit
@@ -522,17 +525,26 @@ class Pricer:
                 self.add(unit)
             if online and cfg.reward.get("kind") == "bradley-terry":
                 self.reward_unit(setting)
+            several = len(sweep.seeds) > 1
             for name in sweep.method_names:
-                if cfg.tune.trials:
-                    run_ids = self.trials(setting, name)
-                    unit = Unit(kind="train", setting=setting, name=f"{name} (best of {cfg.tune.trials} trials)",
-                                run_id=None, checkpoint="chosen by tuning",
-                                notes=["trained as a trial above; scored once chosen"])
-                    self.score(unit, setting, is_start=False, run_ids=run_ids)
-                else:
-                    unit = self.train_unit(setting, name, sweep.methods[name], sweep.method_arguments[name])
-                    self.score(unit, setting, is_start=False, run_ids=[unit.run_id])
-                self.add(unit)
+                run_ids = self.trials(setting, name) if cfg.tune.trials else []
+                for seed in sweep.seeds:
+                    if cfg.tune.trials and seed == sweep.seeds[0]:  # the trials train under the first seed
+                        unit = Unit(kind="train", setting=setting, name=f"{name} (best of {cfg.tune.trials} trials)",
+                                    run_id=None, checkpoint="chosen by tuning", seed=seed,
+                                    notes=["trained as a trial above; scored once chosen"])
+                        self.score(unit, setting, is_start=False, run_ids=run_ids)
+                    else:
+                        unit = self.train_unit(setting, name, sweep.methods[name], sweep.method_arguments[name],
+                                               seed=seed)
+                        if cfg.tune.trials:  # the chosen hyperparameters, known once tuned: run id unknown here
+                            unit.name, unit.run_id, unit.checkpoint = f"{name} (tuned)", None, "chosen by tuning"
+                            unit.notes.append("the chosen trial's hyperparameters under this seed; priced at the "
+                                              "method's defaults")
+                        self.score(unit, setting, is_start=False, run_ids=[unit.run_id] if unit.run_id else [])
+                    if several:
+                        unit.name += f" · seed {seed}"
+                    self.add(unit)
         return self.units
 
 

@@ -7,13 +7,21 @@ Reads as a checklist (``run_sweep``):
 2. label the training pairs when ``feedback`` names a judge (AI feedback, ``harness.train.feedback``; cached);
    for each starting setting, resolve its checkpoint (a hub id offline → ``skipped`` records;
    a derived setting runs its stage, cached);
-3. score the untouched starting checkpoint (the reference row, method ``start``);
-4. for each method: train (cached by run id) and score on every task; a failure is recorded and
-   the sweep goes on;
+3. score the untouched starting checkpoint (the reference row, method ``start``; once, whatever the seeds);
+4. for each method and each of ``seeds``: train (cached by run id) and score on every task; a failure is recorded
+   and the sweep goes on;
 5. rebuild the leaderboard from the records.
 
 Re-running the same command skips every (run, task) that already has an ``ok`` record; cached checkpoints are
 reused only when they match their manifest.
+
+**Seeds.** ``seeds`` (conf/sweep.yaml, default ``[${budget.seed}]``: one seed) lists the training seeds; each method
+trains once per seed. A seed takes the place of ``budget.seed`` in that run's budget (TrainingJob seed, TRL's
+``seed``/``data_seed``: initialisation, data order, sampling of online methods) and in its run spec, so seed 0 of
+``seeds=[0,1,2]`` is the very run (same run id, same cached checkpoint) a one-seed sweep trains. Untouched starting
+rows are seed-independent (scored once); derived stages and reward models train once under ``stage_budget``'s seed;
+tuning trials train under the first seed and the chosen hyperparameters train under every seed. The leaderboard
+folds the seeds of a variant into one row (``harness.report.board``).
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import json
 import logging
 import re
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -76,6 +84,7 @@ class Sweep:
         self.heartbeat = Heartbeat(cfg.get("heartbeat_seconds", 30))  # a line at least this often while a stage runs
         self._starts: dict[str, StartPoint] = {}
         self._heldout: dict[str, list[dict]] = {}
+        self._tuned: dict[tuple, tuple] = {}  # (setting, method) -> tune()'s choice, made once for every seed
         self.launch = Launch()  # validate reads the launch keys
 
     # 1. validation ------------------------------------------------------------------------
@@ -102,7 +111,8 @@ class Sweep:
                 "task", name, cfg.task_params.get(name), params_key="task_params")
         self.task_configs = {name: OmegaConf.to_container(registry.group_config("task", name, cfg.task_params.get(name)))
                              for name in self.task_names}
-        self.budget = Budget.from_config(cfg.budget)
+        self.seeds = [int(seed) for seed in cfg.seeds]  # checked by check_sweep_config
+        self.budget = replace(Budget.from_config(cfg.budget), seed=self.seeds[0])  # the first seed's; seed_budget(s)
         self.stage_budget = Budget.from_config(cfg.stage_budget, key="stage_budget")
         self.methods, self.method_arguments = {}, {}
         for name in self.method_names:
@@ -147,6 +157,10 @@ class Sweep:
                                    f"set {key}.match=examples")
         if not self.feedback.is_human:
             raise HarnessError(f"{why}; feedback={self.feedback.name} relabels pairs: set feedback=human")
+
+    def seed_budget(self, seed: int | None) -> Budget:
+        """The budget a run of ``seed`` trains under (None: the first seed's): ``budget`` with that seed."""
+        return self.budget if seed is None else replace(self.budget, seed=seed)
 
     # 2. feedback --------------------------------------------------------------------------
     def label_feedback(self) -> None:
@@ -327,10 +341,12 @@ class Sweep:
                      f" (+{len(record['metrics']) - len(shown)} breakdowns)" if len(shown) < len(record["metrics"]) else "")
 
     # the whole sweep -------------------------------------------------------------------
-    def units(self) -> list[tuple[str, str]]:
-        """The sweep's units of work in run order: (setting, method) for every setting, its starting row first
-        (method ``start``, when ``include_start``), then each method."""
-        return [(s, m) for s in self.settings for m in ([START] if self.cfg.include_start else []) + self.method_names]
+    def units(self) -> list[tuple[str, str, int | None]]:
+        """The sweep's units of work in run order: (setting, method, seed) for every setting, its starting row first
+        (method ``start``, seed None: scored once, when ``include_start``), then each method once per seed."""
+        starts = [(START, None)] if self.cfg.include_start else []
+        return [(setting, method, seed) for setting in self.settings
+                for method, seed in starts + [(m, seed) for m in self.method_names for seed in self.seeds]]
 
     def run(self) -> Path:
         """The whole sweep in this process: every unit in turn, then the leaderboard."""
@@ -339,9 +355,10 @@ class Sweep:
             self.label_feedback()
         units = self.units()
         log.info("sweep %s: %d runs × %d tasks → %s", self.cfg.name, len(units), len(self.tasks), self.results)
-        for index, (setting, method_name) in enumerate(units, start=1):
-            log.info("[%d/%d] %s · %s", index, len(units), setting, method_name)
-            self.run_unit(setting, method_name)
+        for index, (setting, method_name, seed) in enumerate(units, start=1):
+            log.info("[%d/%d] %s · %s%s", index, len(units), setting, method_name,
+                     "" if seed is None or len(self.seeds) == 1 else f" · seed {seed}")
+            self.run_unit(setting, method_name, seed)
         return self.finish()
 
     def prepare(self, *, job: bool = False, on_this_machine: bool = True) -> None:
@@ -363,9 +380,10 @@ class Sweep:
             atomic_write_text(self.results / "published.json",
                               json.dumps(OmegaConf.to_container(self.cfg.published), indent=1))
 
-    def run_unit(self, setting: str, method_name: str) -> None:
-        """One unit of work: a setting's starting row (``start``) or one method trained from it, scored on every task;
-        a task already ``ok`` in the records is skipped. A failure is recorded and the caller goes on."""
+    def run_unit(self, setting: str, method_name: str, seed: int | None = None) -> None:
+        """One unit of work: a setting's starting row (``start``) or one method trained from it under ``seed`` (None:
+        the first of ``seeds``), scored on every task; a task already ``ok`` in the records is skipped. A failure is
+        recorded and the caller goes on."""
         done = self.done
         with self.heartbeat.stage(f"preparing the {setting} starting checkpoint"):
             start = self.start_point(setting)
@@ -373,8 +391,10 @@ class Sweep:
             return
         method, arguments, tuning = self.methods.get(method_name), self.method_arguments.get(method_name), None
         if method_name != START and self.cfg.tune.trials and start.path is not None:
-            method, arguments, tuning = self.tune(method_name, start)
-        unit = self._unit(setting, method_name, start, method, arguments)
+            if (setting, method_name) not in self._tuned:  # once for all seeds: trials under the first seed
+                self._tuned[(setting, method_name)] = self.tune(method_name, start)
+            method, arguments, tuning = self._tuned[(setting, method_name)]
+        unit = self._unit(setting, method_name, start, method, arguments, seed)
         if tuning:
             unit["tuning"] = tuning
         if all((unit["run_id"], self.score_key(t, unit["run_id"]).task_key) in done for t in self.tasks):
@@ -388,7 +408,7 @@ class Sweep:
             return
         try:
             with self.heartbeat.stage(f"training {unit['variant']}"):
-                path, consumed = self.train_once(method, start.path, self.budget, unit["run_id"])
+                path, consumed = self.train_once(method, start.path, self.seed_budget(seed), unit["run_id"])
         except HarnessError:
             raise
         except Exception as error:
@@ -470,9 +490,10 @@ class Sweep:
         return combinations[: tune.trials]
 
     def run_spec(self, setting: str, method_name: str, start: StartPoint, method=None,
-                 arguments: dict | None = None) -> RunSpec:
+                 arguments: dict | None = None, seed: int | None = None) -> RunSpec:
         """The one spec of a unit of work: every hyperparameter (``arguments``, bound by the registry), the budget,
-        data, seed, reward and feedback; its ``variant`` names what differs from the shipped defaults."""
+        data, seed (None: the first of ``seeds``), reward and feedback; its ``variant`` names what differs from the
+        shipped defaults (never the seed: a variant's seeds share its leaderboard row)."""
         cfg = self.cfg
         if method_name == START:
             return RunSpec(family=cfg.model.family, setting=setting, start=start.identity, method=START, variant=START)
@@ -483,10 +504,11 @@ class Sweep:
             from harness.train.rewards import run_identity
 
             reward = run_identity(cfg.reward, self.stage_budget)
+        budget = self.seed_budget(seed)
         spec = RunSpec(family=cfg.model.family, setting=setting, start=start.identity, method=method_name,
                        method_class=type(method).__module__ + "." + type(method).__qualname__,
-                       hyperparameters=hyperparameters, budget=self.budget.as_dict(), data=self.data_identity,
-                       seed=self.budget.seed, reward=reward, feedback=self.feedback.identity(),
+                       hyperparameters=hyperparameters, budget=budget.as_dict(), data=self.data_identity,
+                       seed=budget.seed, reward=reward, feedback=self.feedback.identity(),
                        sampler="vllm" if reward is not None and cfg.engine == "vllm" else None)
         return RunSpec(**{**spec.__dict__, "variant": self.variant(spec, uses_reward=reward is not None)})
 
@@ -501,6 +523,8 @@ class Sweep:
         changed = differences(spec.hyperparameters, defaults)
         for key, value in differences({k: v for k, v in spec.budget.items() if k != "learning_rates"},
                                       {k: v for k, v in budget_defaults.items() if k != "learning_rates"}).items():
+            if key == "seed":  # the seed is a replicate of the variant, not another variant (the record's ``seed``)
+                continue
             changed[key if key not in changed else f"budget.{key}"] = value
         shipped = shipped_choices()
         data_name = self.cfg.data.name
@@ -530,13 +554,15 @@ class Sweep:
         return ScoreKey(task=task_name, version=str(task.version), config=_hyperparameters(self.task_arguments[task_name]),
                         evaluation=evaluation, run_id=run_id)
 
-    def _unit(self, setting: str, method_name: str, start: StartPoint, method=None, arguments: dict | None = None) -> dict:
-        """The part of a record that identifies the run: its spec (``run_config``), run id and variant."""
-        spec = self.run_spec(setting, method_name, start, method, arguments)
+    def _unit(self, setting: str, method_name: str, start: StartPoint, method=None, arguments: dict | None = None,
+              seed: int | None = None) -> dict:
+        """The part of a record that identifies the run: its spec (``run_config``), run id, variant and seed (None for
+        an untouched starting checkpoint: no seed moves it)."""
+        spec = self.run_spec(setting, method_name, start, method, arguments, seed)
         unit = {"run_id": spec.run_id, "run_config": spec.identity, "variant": spec.variant, "sweep": self.cfg.name,
                 "family": self.cfg.model.family, "setting": setting, "method": method_name,
-                "budget": None if method_name == START else self.budget.as_dict(),
-                "seed": self.budget.seed, "versions": self._versions, "data": self.data_provenance,
+                "budget": None if method_name == START else spec.budget,
+                "seed": spec.seed, "versions": self._versions, "data": self.data_provenance,
                 "chat_template": None}
         if method_name != START:
             unit["feedback"] = self.feedback_record  # "human", or the judge and its agreement with the human labels
@@ -594,13 +620,16 @@ def check_sweep_config(cfg: DictConfig) -> None:
     check_names("plugins", plain("plugins") or [], "../my-plugin")
     check_bool("include_start", plain("include_start"))
     check_bool("fanout", plain("fanout"))
+    check_int("budget.seed", plain("budget.seed"), minimum=0)  # first: seeds defaults to [budget.seed]
+    seeds = check_seeds(plain("seeds"))
     unit = plain("unit")
     if unit is not None:
-        setting, _, method = str(unit).partition(":")
-        if setting not in settings or method not in [START, *(plain("methods") or [])]:
-            raise HarnessError(f"unit={unit} names no unit of this sweep; write unit=<setting>:<method> with a setting "
-                               f"of settings={settings} and start or a method of methods (or leave unit unset: "
-                               f"fanout=true sets it for each job)")
+        setting, method, seed = parse_unit(unit)
+        if (setting not in settings or method not in [START, *(plain("methods") or [])]
+                or (seed is not None and (method == START or seed not in seeds))):
+            raise HarnessError(f"unit={unit} names no unit of this sweep; write unit=<setting>:<method>[:<seed>] with a "
+                               f"setting of settings={settings}, start or a method of methods, and a seed of "
+                               f"seeds={seeds} (none for start) (or leave unit unset: fanout=true sets it for each job)")
     for group in ("method", "task"):
         params = plain(f"{group}_params")
         if params is None:
@@ -634,6 +663,27 @@ def check_sweep_config(cfg: DictConfig) -> None:
     check_str("paths.cache", plain("paths.cache"))
     check_writable_folder("paths.results", Path(plain("paths.results")) / plain("name"))
     check_writable_folder("paths.cache", Path(plain("paths.cache")))
+
+
+def check_seeds(seeds) -> list[int]:
+    """``seeds``: a non-empty list of distinct whole numbers >= 0, refused in one line otherwise."""
+    if not isinstance(seeds, list) or not seeds:
+        raise HarnessError(f"seeds={seeds!r} must be a non-empty list of training seeds, e.g. seeds=[0] or seeds=[0,1,2]")
+    for seed in seeds:
+        check_int("seeds", seed, minimum=0)
+    if len(set(seeds)) < len(seeds):
+        raise HarnessError(f"seeds={seeds} names a seed twice; list each seed once, e.g. seeds=[0,1,2]")
+    return seeds
+
+
+def parse_unit(unit) -> tuple[str, str, int | None]:
+    """``<setting>:<method>[:<seed>]`` (fanout's job key) as (setting, method, seed or None: every seed in turn)."""
+    setting, _, rest = str(unit).partition(":")
+    method, _, seed = rest.partition(":")
+    if seed and not seed.isdigit():
+        raise HarnessError(f"unit={unit}: the seed after the second ':' must be a whole number, e.g. unit={setting}:"
+                           f"{method}:0")
+    return setting, method, int(seed) if seed else None
 
 
 def check_checkpoints(cfg: DictConfig, setting: str, chain: tuple = ()) -> None:
