@@ -20,7 +20,7 @@ import pytest
 
 from harness.records import append_record, write_samples
 from harness.report.board import START, Board
-from harness.report.headline import (DIFFERENCE_MIN_SPAN, LEGEND, MARK, SCORE_SCALE, difference_colour,
+from harness.report.headline import (DIFFERENCE_MIN_SPAN, LEGEND, LEGEND_TEXT, MARK, SCORE_SCALE, difference_colour,
                                      difference_span, forest_rows, headline_metric, significant)
 from harness.report.labels import Labels, prettify
 from harness.report.leaderboard import build_leaderboard, csv_text, latex, markdown
@@ -213,7 +213,7 @@ def test_forest_rows_hold_each_rows_paired_differences(realistic_folder):
 def test_marks_labels_and_legend_in_markdown_csv_and_latex(realistic_folder):
     board = Board(realistic_folder)
     text = markdown(board)
-    assert LEGEND in text
+    assert f"`{MARK}` = {LEGEND_TEXT}" in text
     header = next(line for line in text.splitlines() if line.startswith("| variant |"))
     assert "Held-out pref. acc. (avg log-p)" in header and "heldout_preference/avg_logp_accuracy" not in header
     simpo = next(line for line in text.split("## smollm2-135m · sft")[1].splitlines() if line.startswith("| simpo |"))
@@ -239,7 +239,7 @@ def test_empty_sections_are_left_out(realistic_folder, tmp_path):
     # a board of one start row: no forest plot, no Δ sections
     realistic_records(tmp_path, settings=("sft",), families=("smollm2-135m",), methods=())
     outputs = build_leaderboard(tmp_path)
-    assert "plot forest" not in outputs and "Δ" not in outputs["markdown"].read_text().split(LEGEND)[-1]
+    assert "plot forest" not in outputs and "Δ" not in outputs["markdown"].read_text().split(LEGEND_TEXT)[-1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,6 +277,11 @@ def test_page_reads_at_a_glance_at_1400_px(realistic_folder):
         empty = page.evaluate("""[...document.querySelectorAll('section')].filter(s => s.innerText.trim().split('\\n').length < 2).length""")
         assert empty == 0
         # details are there, collapsed
-        assert page.locator("details#all-metrics").count() == 1 and not page.locator("details#all-metrics").get_attribute("open")
-        assert page.locator("details#all-metrics th[title='toxicity/toxic_share/group=women']").count() == 1
+        details = page.locator("details#all-metrics")
+        assert details.count() == 1 and details.get_attribute("open") is None
+        assert page.locator("#details-table th[title='toxicity/mean_score']").inner_text() == "Mean toxicity score"
+        page.locator("details#all-metrics summary").click()
+        page.locator("#show-breakdowns").check()
+        assert page.locator("#details-table th[title='toxicity/toxic_share/group=women']").inner_text() == "Toxic share · women"
+        assert page.evaluate("document.scrollingElement.scrollWidth") <= 1400   # the wide details table scrolls in its box
         browser.close()

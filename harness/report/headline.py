@@ -16,8 +16,9 @@ from __future__ import annotations
 from harness.report.board import START, Board, primary_metrics
 
 MARK = "*"
-LEGEND = (f"{MARK} = the 95 % paired bootstrap interval of the difference from the start row excludes 0 "
-          "(significant at the 5 % level).")
+LEGEND_TEXT = ("the 95 % paired bootstrap interval of the difference from the start row excludes 0 "
+               "(significant at the 5 % level).")
+LEGEND = f"{MARK} = {LEGEND_TEXT}"
 SCORE_SCALE = (0.0, 1.0)       # colour scale of scores in [0, 1] (unified score, accuracies, shares)
 DIFFERENCE_MIN_SPAN = 0.1      # a difference scale spans at least ±0.1 (10 points of a [0, 1] score)
 UNIFIED = "unified"            # the forest plot's task name for the unified score

@@ -202,7 +202,7 @@ th{background:#f3f3f3;cursor:pointer;position:sticky;top:0;font-weight:600}th[da
 td.significant{font-weight:600}td.significant .sub{color:#111}
 tr.start td{background:#f7f7f7}tr.first td{border-top:2px solid #888}
 figure{display:inline-block;margin:0.5em}img{max-width:100%}#forest img{max-width:1300px}
-summary h2{display:inline;font-size:1.2em}details{margin:0.8em 0}.scroll{overflow-x:auto;max-width:100%}
+#details-table td,#details-table th{white-space:nowrap}summary h2{display:inline;font-size:1.2em}details{margin:0.8em 0}.scroll{overflow-x:auto;max-width:100%}
 #viewer pre{white-space:pre-wrap;background:#fafafa;border:1px solid #ddd;padding:6px;max-height:22em;overflow:auto}
 .controls label{margin-right:1em}#legend{max-width:1300px}
 </style></head><body>

@@ -27,7 +27,7 @@ from harness.inputs.paths import atomic_write_text
 from harness.records import read_records
 from harness.report.board import (BOOTSTRAP_SAMPLES, CONSUMED_COLUMNS, TIE_TOLERANCE, Board, compare, matrix,
                                   paired_bootstrap, table_rows)
-from harness.report.headline import LEGEND, MARK, headline_metric, significant
+from harness.report.headline import LEGEND, LEGEND_TEXT, MARK, headline_metric, significant
 from harness.report.html import html_page
 from harness.report.labels import Labels
 from harness.report.plots import write_plots
@@ -106,7 +106,8 @@ def markdown(board: Board, plots: dict[str, Path] | None = None) -> str:
            f"the start row; scores less than {TIE_TOLERANCE:g} apart share a rank. **Δ task**: difference of the "
            "task score (primary metrics mapped to [0, 1], higher better) from the start row on the same items, with a "
            f"paired-bootstrap 95% interval ({BOOTSTRAP_SAMPLES} resamples); *not comparable* where the two were "
-           "measured differently (task config, evaluation settings, judge) or on other items.", "", LEGEND, ""]
+           "measured differently (task config, evaluation settings, judge) or on other items.", "",
+           f"`{MARK}` = {LEGEND_TEXT}", ""]   # in backticks: a bare * opening a line would start a list
     if "forest" in plots:
         out += ["![Difference of each row from its start row per task, 95% intervals](plots/forest.png)", ""]
     shown_headline = [f"{task}/{name}" for task, name in headline.items() if name]
