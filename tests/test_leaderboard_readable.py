@@ -279,9 +279,23 @@ def test_page_reads_at_a_glance_at_1400_px(realistic_folder):
         # details are there, collapsed
         details = page.locator("details#all-metrics")
         assert details.count() == 1 and details.get_attribute("open") is None
-        assert page.locator("#details-table th[title='toxicity/mean_score']").inner_text() == "Mean toxicity score"
+        assert page.locator("#details-table th[title='toxicity/mean_score']").text_content() == "Mean toxicity score"
         page.locator("details#all-metrics summary").click()
         page.locator("#show-breakdowns").check()
         assert page.locator("#details-table th[title='toxicity/toxic_share/group=women']").inner_text() == "Toxic share · women"
         assert page.evaluate("document.scrollingElement.scrollWidth") <= 1400   # the wide details table scrolls in its box
         browser.close()
+
+
+def test_a_cell_reads_the_differences_keys_multi_seed_ones_included():
+    """The page shows the board's interval as given (a multi-seed row's dict adds ``seeds`` and ``seed_sd``), marks it
+    when significant and tints it on the fixed scale; a note stands for itself."""
+    from harness.report.html import difference_cell
+
+    difference = {"difference": 0.25, "low": 0.05, "high": 0.45, "items": 64, "seeds": 3, "seed_sd": 0.02}
+    cell = difference_cell({**difference, "significant": significant(difference)})
+    assert cell["sub"] == f"Δ +0.250 [+0.050, +0.450] {MARK}" and cell["cls"] == "significant"
+    assert cell["subtitle"] == "64 items, 3 seeds" and cell["colour"] == difference_colour(0.25)
+    tied = difference_cell({"difference": 0.0, "low": -0.01, "high": 0.01, "items": 64, "significant": False})
+    assert tied["sub"] == "Δ +0.000 [-0.010, +0.010]" and "cls" not in tied and "colour" not in tied
+    assert difference_cell({"note": "not comparable: measured differently"})["sub"] == "not comparable: measured differently"
