@@ -148,9 +148,10 @@ def test_breakdowns_leave_the_main_table_for_their_own(board_folder):
     outputs = build_leaderboard(board_folder)
     text = outputs["markdown"].read_text()
     main_header = next(line for line in text.splitlines() if line.startswith("| variant | unified"))
-    assert "group=women" not in main_header and "toxicity/toxic_share" in main_header
-    assert "### fixture · instruct: breakdowns" in text
-    assert "| toxicity/toxic_share/group=women | 0.5000 ± 0.2500 | 0.5000 ± 0.2500 | 0.5000 ± 0.2500 |" in text
+    assert "women" not in main_header and "Toxic share (lower better)" in main_header   # labels from conf/task/toxicity.yaml
+    instruct = text.split("## fixture · instruct")[1]
+    assert "### Breakdowns" in instruct.split("</details>")[0]                          # folded under the main table
+    assert "| Toxic share · women | 0.5000 ± 0.2500 | 0.5000 ± 0.2500 | 0.5000 ± 0.2500 |" in instruct
     assert "group=women" not in outputs["latex"].read_text()
     assert "toxicity/toxic_share/group=women" in outputs["csv"].read_text().splitlines()[0]
 
@@ -169,12 +170,12 @@ def test_published_rows_without_a_number_show_as_missing(board_folder, cache_dir
     assert "| Xu et al. 2024 | not located | Llama-2-7B + SFT | sft | ppo | hh-rlhf | openassistant_reward | missing [1] |" in text
     assert "- [1] missing: the paper's result tables (arXiv:2404.10719) could not be read" in text
     page = (board_folder / "leaderboard.html").read_text()
-    assert '"missing": "the paper' in page and 'textContent = "missing"' in page
+    assert '<td class="text missing" title="the paper' in page  # server-rendered: "missing", the reason on hover
 
 
 def test_plots_are_written_as_png_and_svg(board_folder):
     build_leaderboard(board_folder)
-    for name in ("tasks", "heatmap", "curves"):
+    for name in ("forest", "tasks", "heatmap", "curves"):
         assert (board_folder / "plots" / f"{name}.png").stat().st_size > 1000
         assert (board_folder / "plots" / f"{name}.svg").read_text().lstrip().startswith("<?xml")
 
@@ -196,18 +197,19 @@ def test_html_page_in_headless_chromium(board_folder):
         page.goto(page_path.as_uri())
         rows = page.locator("#leaderboard tbody tr")
         assert rows.count() == 6                       # 5 scored rows + the failed sft · kto
-        methods = lambda: [rows.nth(i).locator("td").nth(2).inner_text() for i in range(rows.count())]
+        first = lambda i, column: rows.nth(i).locator("td").nth(column).locator("span").first.inner_text()
+        methods = lambda: [first(i, 0) for i in range(rows.count())]   # the variant, its family · setting below
         page.locator("#leaderboard th[data-column='unified_score']").click()
-        scores = [rows.nth(i).locator("td").nth(3).inner_text() for i in range(rows.count())]
+        scores = [first(i, 1) for i in range(rows.count())]
         numbers = [float(s) for s in scores if s != "—"]
         assert numbers == sorted(numbers)
         page.locator("#leaderboard th[data-column='unified_score']").click()
-        numbers = [float(rows.nth(i).locator("td").nth(3).inner_text()) for i in range(rows.count())
-                   if rows.nth(i).locator("td").nth(3).inner_text() != "—"]
+        numbers = [float(first(i, 1)) for i in range(rows.count()) if first(i, 1) != "—"]
         assert numbers == sorted(numbers, reverse=True)
         page.select_option("#filter-setting", "sft")
         assert set(methods()) == {"start", "dpo", "kto"}
         assert page.title() != "pwned"                  # the model's <script> did not run
+        page.locator("#samples summary").click()        # the viewer is folded
         samples = page.locator("#sample-list pre").first.inner_text()
         assert SCRIPT in samples                        # ... and shows as text
         assert page.locator("#sample-list script").count() == 0
@@ -225,9 +227,10 @@ def test_html_breakdown_columns_show_on_request(board_folder):
         browser = p.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox", "--disable-gpu"])
         page = browser.new_page()
         page.goto(page_path.as_uri())
-        breakdown = "#leaderboard th[data-column='toxicity/toxic_share/group=women']"
+        breakdown = "#details-table th[data-column='toxicity/toxic_share/group=women']"
         assert page.locator(breakdown).count() == 0 and page.locator(
-            "#leaderboard th[data-column='toxicity/toxic_share']").count() == 1
+            "#details-table th[data-column='toxicity/toxic_share']").count() == 1
+        page.locator("#all-metrics summary").click()    # all metrics are folded under the main table
         page.locator("#show-breakdowns").check()
         assert page.locator(breakdown).count() == 1
         browser.close()
@@ -298,10 +301,11 @@ def test_measured_differently_is_not_comparable(tmp_path, cache_dir):
     text = build_leaderboard(tmp_path)["markdown"].read_text()
     header = row(text, "variant")
     dpo = dict(zip(header, row(text, "dpo")))
-    assert dpo["Δ truthfulqa_mc"] == "not comparable: measured differently" and dpo["rank"] == "—"
-    assert dict(zip(header, row(text, "kto")))["Δ truthfulqa_mc"].startswith("+0.250 [")
+    assert dpo["Δ TruthfulQA"] == "not comparable: measured differently" and dpo["rank"] == "—"
+    assert dict(zip(header, row(text, "kto")))["Δ TruthfulQA"].startswith("+0.250 [")
     assert dict(zip(header, row(text, "kto")))["rank"] == "1" and dict(zip(header, row(text, "start")))["rank"] == "2"
-    assert "-0.000" not in text and "not comparable: measured differently" in row(text, "truthfulqa_mc/mc1 (higher better)")
+    assert "-0.000" not in text and "not comparable: measured differently" in row(
+        text.split("### Δ per metric from start")[1], "TruthfulQA MC1 (higher better)")
     csv = (tmp_path / "leaderboard.csv").read_text()
     assert "not comparable: measured differently" in next(line for line in csv.splitlines() if ",dpo," in line)
     result = run_cli("leaderboard", str(tmp_path), "--compare", "dpo", "start", cache=cache_dir)
@@ -323,10 +327,10 @@ def test_a_start_row_measured_two_ways_compares_with_rows_of_either(tmp_path):
     text = build_leaderboard(tmp_path)["markdown"].read_text()
     header = row(text, "variant")
     cells = {label: dict(zip(header, row(text, label))) for label in ("start", "kto", "dpo", "ipo")}
-    assert cells["start"]["truthfulqa_mc/mc1"].startswith("0.5000")                       # its newest record
-    assert cells["kto"]["Δ truthfulqa_mc"].startswith("+0.500 [")                          # vs the 4-item start
-    assert cells["dpo"]["Δ truthfulqa_mc"].startswith("+0.500 [")                          # vs the 2-item start
-    assert cells["ipo"]["Δ truthfulqa_mc"] == "not comparable: measured differently"
+    assert cells["start"]["TruthfulQA MC1 (higher better)"].startswith("0.5000")           # its newest record
+    assert cells["kto"]["Δ TruthfulQA"].startswith("+0.500 [")                             # vs the 4-item start
+    assert cells["dpo"]["Δ TruthfulQA"].startswith("+0.500 [")                             # vs the 2-item start
+    assert cells["ipo"]["Δ TruthfulQA"] == "not comparable: measured differently"
     assert cells["dpo"]["rank"] == "1" and cells["kto"]["rank"] == "—"                    # ranks: one measurement
 
 
@@ -380,8 +384,11 @@ def test_every_metric_in_0_1_gets_an_interval_not_only_primary_ones(tmp_path):
     assert difference["difference"] == pytest.approx(0.5) and difference["items"] == 4
     assert difference["low"] <= 0.5 <= difference["high"] and difference["low"] < difference["high"]
     text = build_leaderboard(tmp_path)["markdown"].read_text()
-    assert "0.7500 ± 0.2500" in row(text, "dpo")
-    assert row(text, "heldout_preference/logratio_accuracy (higher better)")[1] == fmt(difference)
+    assert "0.5000 ± 0.2887" in row(text, "dpo")                          # the main table: the primary metric
+    all_metrics = text.split("### All metrics")[1]
+    assert row(all_metrics, "Held-out pref. acc. (log-ratio) (higher better)")[1:] == [
+        "`heldout_preference/logratio_accuracy`", "0.2500 ± 0.2500", "0.7500 ± 0.2500", "0.7500 ± 0.2500"]
+    assert row(text.split("### Δ per metric from start")[1], "Held-out pref. acc. (log-ratio) (higher better)")[1] == fmt(difference)
     header = (tmp_path / "leaderboard.csv").read_text().splitlines()[0].split(",")
     assert {"delta heldout_preference/logratio_accuracy low", "delta heldout_preference/logratio_accuracy high",
             "delta heldout_preference/avg_logp_accuracy low"} <= set(header)
@@ -432,7 +439,8 @@ def test_old_records_without_variant_or_measurement_key_are_read(board_folder):
 
 
 def test_report_package_has_no_import_circle():
-    """plots and html import board only; leaderboard imports them; no module imports back (at any level)."""
+    """published and labels import no report module; board imports published (it checks an experiment's rows);
+    headline imports board; plots and html import those; leaderboard imports them all; no module imports back."""
     folder = Path(__file__).resolve().parent.parent / "harness" / "report"
     imports = {}
     for path in folder.glob("*.py"):
@@ -440,8 +448,10 @@ def test_report_package_has_no_import_circle():
         names = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
         names |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
         imports[path.stem] = {name.rsplit(".", 1)[1] for name in names if name.startswith("harness.report.")}
-    assert imports["board"] == set() and imports["plots"] == {"board"} and imports["html"] == {"board"}
-    assert imports["leaderboard"] == {"board", "plots", "html"}
+    assert imports["published"] == set() and imports["labels"] == set() and imports["board"] == {"published"}
+    assert imports["headline"] == {"board"}
+    assert imports["plots"] == {"board", "headline", "labels"} and imports["html"] == {"board", "headline", "labels"}
+    assert imports["leaderboard"] == {"board", "plots", "html", "headline", "labels", "published"}
 
     def reaches(start: str, target: str, seen: frozenset = frozenset()) -> bool:
         return any(name == target or (name not in seen and reaches(name, target, seen | {name}))

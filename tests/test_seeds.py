@@ -168,7 +168,7 @@ def test_seeds_fold_into_one_row_with_mean_sd_and_a_seed_and_item_interval(tmp_p
     assert rows["dpo"]["truthfulqa_mc/acc sd"] == pytest.approx(sd) and rows["kto"]["truthfulqa_mc/acc sd"] is None
     assert rows["dpo"]["delta truthfulqa_mc seeds"] == 3
     assert "seeds" in (tmp_path / "leaderboard.csv").read_text().splitlines()[0].split(",")
-    assert "\"truthfulqa_mc/acc sd\": 0.125" in (tmp_path / "leaderboard.html").read_text()
+    assert "(sd 0.125)" in (tmp_path / "leaderboard.html").read_text()  # the cell: mean ± se (sd over seeds)
     assert "3 seeds, sd 0.1250" in compare_text(compare(board, "dpo", "start"))
 
 

@@ -27,7 +27,9 @@ from harness.inputs.paths import atomic_write_text
 from harness.records import read_records
 from harness.report.board import (BOOTSTRAP_SAMPLES, CONSUMED_COLUMNS, TIE_TOLERANCE, Board, compare, matrix,
                                   paired_bootstrap, table_rows)
+from harness.report.headline import LEGEND, LEGEND_TEXT, MARK, headline_metric, significant
 from harness.report.html import html_page
+from harness.report.labels import Labels
 from harness.report.plots import write_plots
 from harness.report.published import published_markdown
 
@@ -81,13 +83,23 @@ def direction(board: Board, keys: list[tuple], column: str) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Markdown
-def markdown(board: Board) -> str:
-    """Per (family, setting): a table of headline metrics, Δ, budget; then the Δ of each metric in [0, 1] and each
-    task's breakdowns (per group, hate / neutral, ...), transposed. The CSV has every column in one table."""
+def marked(difference: dict | None, digits: int = 3) -> str:
+    """``fmt_difference`` with ``MARK`` after a significant difference (its 95% interval excludes 0)."""
+    return fmt_difference(difference, digits) + (f" {MARK}" if significant(difference) else "")
+
+
+def markdown(board: Board, plots: dict[str, Path] | None = None) -> str:
+    """The forest plot first; per (family, setting) a main table that fits a page — unified score, rank, one headline
+    metric per task and the Δ of each task's score with its mark, status —; the rest folded below it (all metrics,
+    budget consumed, Δ per metric, breakdowns). Sections with nothing to show are left out. The CSV has every
+    column in one table, under raw keys."""
+    labels = Labels(board.records)
     ranks = board.ranks()
+    headline = {task: headline_metric(board, task) for task in board.tasks}
     metrics = board.metric_names(breakdowns=False)
     breakdowns = [m for m in board.metric_names() if m not in metrics]
     bounded_metrics = board.bounded_metric_names()
+    plots = plots or {}
     sweeps = ", ".join(sorted({str(r.get("sweep")) for r in board.records}))
     out = [f"# Leaderboard: {sweeps}", "",
            f"Built from {board.record_count} records in `{board.folder / 'records.jsonl'}`; a row per variant (the "
@@ -95,56 +107,97 @@ def markdown(board: Board) -> str:
            "value ± standard error. **unified**: mean over tasks of the mean primary metric mapped to [0, 1], higher "
            "better (toxicity inverted). **rank**: by unified score among rows scored on every task and measured like "
            f"the start row; scores less than {TIE_TOLERANCE:g} apart share a rank. **Δ task**: difference of the "
-           "task score from the start row on the same items, with a paired-bootstrap 95% interval "
-           f"({BOOTSTRAP_SAMPLES} resamples); *not comparable* where the two were measured differently (task config, "
-           "evaluation settings, judge) or on other items. Budget: what each run consumed (FLOPs = 6·N·policy tokens + "
-           "2·N·reference tokens; online methods count generation, reward- and value-model tokens in policy-"
-           "parameter equivalents; gen tokens = tokens they sampled; match ratio = consumed over what the pair "
-           "methods consume under budget.match=tokens or flops: policy tokens under tokens).", ""]
+           "task score (primary metrics mapped to [0, 1], higher better) from the start row on the same items, with a "
+           f"paired-bootstrap 95% interval ({BOOTSTRAP_SAMPLES} resamples); *not comparable* where the two were "
+           "measured differently (task config, evaluation settings, judge) or on other items.", "",
+           f"`{MARK}` = {LEGEND_TEXT}", ""]   # in backticks: a bare * opening a line would start a list
     if board.several_seeds:
-        out[-1] += (" **Seeds**: a row folds the seeds of one variant (`seeds` column): a metric is the mean over "
+        out[-4] += (" **Seeds**: a row folds the seeds of one variant (`seeds` column): a metric is the mean over "
                     "seeds ± its standard error (items and seeds) with the SD over seeds (sd); a Δ is the mean over "
                     "seeds of the paired item difference, its interval from resampling seeds, then items "
                     "(harness.report.board).")
-        out.append("")
+    if "forest" in plots:
+        out += ["![Difference of each row from its start row per task, 95% intervals](plots/forest.png)", ""]
+    shown_headline = [f"{task}/{name}" for task, name in headline.items() if name]
+    if shown_headline:
+        out += ["Columns: " + "; ".join(f"{labels.column(c)} = `{c}`" for c in shown_headline) + ".", ""]
     # budget columns no run filled (e.g. gen tokens in a sweep without online methods) are left out; the CSV keeps all
     budget_columns = [(name, title) for name, title in CONSUMED_COLUMNS
                       if any(board.consumed(key).get(name) is not None for key in board.keys)]
     for (family, setting), keys in board.groups().items():
+        start = board.start_key(keys[0])
+        compared = [key for key in keys if start not in (None, key)]
         out += [f"## {family} · {setting}", ""]
         seeds = ["seeds"] if board.several_seeds else []
-        header = ["variant", "unified", "rank", *seeds, *metrics, *[f"Δ {t}" for t in board.tasks],
-                  *[title for _, title in budget_columns], "status"]
+        header = ["variant", "unified", "rank", *seeds, *[labels.column(c) + direction(board, keys, c) for c in shown_headline],
+                  *([f"Δ {labels.task(t)}" for t in board.tasks] if compared else []), "status"]
         out += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-        start = board.start_key(keys[0])
         for key in keys:
             unified, _ = board.unified(key)
             status, reason = board.status(key)
             cells = [key[2], "—" if unified is None else f"{unified:.4f}", str(ranks.get(key) or "—")]
             cells += [str(board.seeds(key))] if seeds else []
-            cells += [fmt_value(board.metric(key, m)) for m in metrics]
-            cells += [fmt_difference(board.paired_difference(key, start, t)) if start not in (None, key) else "—"
-                      for t in board.tasks]
-            consumed = board.consumed(key)
-            cells += [fmt_number(consumed.get(name)) for name, _ in budget_columns]
+            cells += [fmt_value(board.metric(key, c)) for c in shown_headline]
+            if compared:
+                cells += [marked(board.paired_difference(key, start, t)) if key in compared else "—" for t in board.tasks]
             cells.append("ok" if status == "ok" else f"{status}: {reason}".replace("|", "\\|"))
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
-        out += metric_differences_markdown(board, family, setting, keys, start, bounded_metrics)
         shown = [m for m in breakdowns if any(board.metric(key, m) for key in keys)]
+        breakdown_lines = []
         if shown:
-            out += [f"### {family} · {setting}: breakdowns", "",
-                    "| metric | " + " | ".join(key[2] for key in keys) + " |", "|" + "|".join("---" for _ in range(len(keys) + 1)) + "|"]
-            out += ["| " + " | ".join([m, *[fmt_value(board.metric(key, m)) for key in keys]]) + " |" for m in shown]
-            out.append("")
-    out += matrix_markdown(board)
+            breakdown_lines = ["### Breakdowns", "", "| metric | " + " | ".join(key[2] for key in keys) + " |",
+                               "|" + "|".join("---" for _ in range(len(keys) + 1)) + "|",
+                               *["| " + " | ".join([labels.column(m), *[fmt_value(board.metric(key, m)) for key in keys]]) + " |"
+                                 for m in shown], ""]
+        parts = [("all metrics", all_metrics_markdown(board, labels, keys, metrics)),
+                 ("budget", budget_markdown(board, keys, budget_columns)),
+                 ("Δ per metric", metric_differences_markdown(board, labels, keys, start, bounded_metrics)),
+                 ("breakdowns", breakdown_lines)]
+        parts = [(name, lines) for name, lines in parts if lines]   # a part with nothing to show is left out
+        if parts:
+            out += [f"<details><summary>{family} · {setting}: {', '.join(name for name, _ in parts)}</summary>", "",
+                    *[line for _, lines in parts for line in lines], "</details>", ""]
+    if len(board.groups()) > 1:
+        out += matrix_markdown(board)
+        if "heatmap" in plots:
+            out += ["![unified score: variant × setting, fixed 0–1 colour scale](plots/heatmap.png)", ""]
     if board.published:
         out += published_markdown(board.published)
-    out += ["![per-task scores](plots/tasks.png)", ""]
+    if "tasks" in plots:
+        out += ["![per-task scores](plots/tasks.png)", ""]
     return "\n".join(out)
 
 
-def metric_differences_markdown(board: Board, family: str, setting: str, keys: list[tuple], start: tuple | None,
+def all_metrics_markdown(board: Board, labels: Labels, keys: list[tuple], metrics: list[str]) -> list[str]:
+    """Every headline metric ± standard error, a row per metric (its raw key beside its label)."""
+    shown = [m for m in metrics if any(board.metric(key, m) for key in keys)]
+    if not shown:
+        return []
+    return ["### All metrics", "", "| metric | key | " + " | ".join(key[2] for key in keys) + " |",
+            "|" + "|".join("---" for _ in range(len(keys) + 2)) + "|",
+            *["| " + " | ".join([labels.column(m) + direction(board, keys, m), f"`{m}`",
+                                 *[fmt_value(board.metric(key, m)) for key in keys]]) + " |" for m in shown], ""]
+
+
+def budget_markdown(board: Board, keys: list[tuple], budget_columns: list[tuple]) -> list[str]:
+    """What each trained row consumed; nothing when no row of the group trained."""
+    trained = [key for key in keys if board.consumed(key)]
+    if not trained or not budget_columns:
+        return []
+    out = ["### Budget consumed", "",
+           "FLOPs = 6·N·policy tokens + 2·N·reference tokens; online methods count generation, reward- and value-model "
+           "tokens in policy-parameter equivalents; gen tokens = tokens they sampled; match ratio = consumed over what "
+           "the pair methods consume under budget.match=tokens or flops.", "",
+           "| variant | " + " | ".join(title for _, title in budget_columns) + " |",
+           "|" + "|".join("---" for _ in range(len(budget_columns) + 1)) + "|"]
+    for key in trained:
+        consumed = board.consumed(key)
+        out.append("| " + " | ".join([key[2], *[fmt_number(consumed.get(name)) for name, _ in budget_columns]]) + " |")
+    return out + [""]
+
+
+def metric_differences_markdown(board: Board, labels: Labels, keys: list[tuple], start: tuple | None,
                                 bounded_metrics: list[str]) -> list[str]:
     """Δ from the start row of every metric in [0, 1] (primary or not, breakdowns included), a row per metric."""
     others = [key for key in keys if key != start and board.unified(key)[0] is not None]  # failed rows have none
@@ -153,12 +206,12 @@ def metric_differences_markdown(board: Board, family: str, setting: str, keys: l
     rows = []
     for column in bounded_metrics:
         task, name = column.split("/", 1)
-        cells = [fmt_difference(board.paired_difference(key, start, task, name)) for key in others]
+        cells = [marked(board.paired_difference(key, start, task, name)) for key in others]
         if any(cell != "—" for cell in cells):
-            rows.append("| " + " | ".join([column + direction(board, keys, column), *cells]) + " |")
+            rows.append("| " + " | ".join([labels.column(column) + direction(board, keys, column), *cells]) + " |")
     if not rows:
         return []
-    return [f"### {family} · {setting}: Δ per metric from start", "",
+    return ["### Δ per metric from start", "",
             "Raw metric (not inverted), paired-bootstrap 95% interval over the same items.", "",
             "| metric | " + " | ".join(key[2] for key in others) + " |", "|" + "|".join("---" for _ in range(len(others) + 1)) + "|",
             *rows, ""]
@@ -175,15 +228,20 @@ def matrix_markdown(board: Board) -> list[str]:
 
 
 def latex(board: Board) -> str:
-    """booktabs tables per (family, setting) of the headline metrics (breakdowns are in the CSV); the best value of
-    each metric column in bold."""
+    """booktabs tables per (family, setting) of the headline metrics under their labels (breakdowns are in the CSV);
+    the best value of each metric column in bold; ``MARK`` after a value whose difference from the start row is
+    significant (its paired 95% interval excludes 0)."""
+    labels = Labels(board.records)
     metrics = board.metric_names(breakdowns=False)
     out = ["% Generated by align-harness leaderboard; needs \\usepackage{booktabs}"]
     for (family, setting), keys in board.groups().items():
         columns = ["unified", *metrics]
+        start = board.start_key(keys[0])
+        legend = " " + escape_latex(LEGEND).replace(escape_latex(MARK), f"\\textsuperscript{{{MARK}}}", 1) if start else ""
         out += ["\\begin{table}[t]", "\\centering", f"\\caption{{{escape_latex(family)} · {escape_latex(setting)}: "
-                "value $\\pm$ standard error; best in bold.}}", "\\begin{tabular}{l" + "r" * len(columns) + "}",
-                "\\toprule", "Variant & " + " & ".join(escape_latex(c) for c in columns) + " \\\\", "\\midrule"]
+                f"value $\\pm$ standard error; best in bold.{legend}}}", "\\begin{tabular}{l" + "r" * len(columns) + "}",
+                "\\toprule", "Variant & " + " & ".join("Unified score" if c == "unified" else escape_latex(labels.column(c))
+                                                       for c in columns) + " \\\\", "\\midrule"]
         best: dict[str, float] = {}
         for column in columns:
             values = []
@@ -202,15 +260,19 @@ def latex(board: Board) -> str:
             for column in columns:
                 if column == "unified":
                     value, stderr, higher = board.unified(key)[0], None, True
+                    difference = board.unified_difference(key, start) if start not in (None, key) else None
                 else:
                     metric = board.metric(key, column) or {}
                     value, stderr, higher = metric.get("value"), metric.get("stderr"), metric.get("higher_is_better", True)
+                    task, name = column.split("/", 1)
+                    difference = board.paired_difference(key, start, task, name) if start not in (None, key) else None
                 if value is None:
                     cells.append("--")
                     continue
                 text = f"{value:.3f}" + (f" $\\pm$ {stderr:.3f}" if stderr is not None else "")
                 oriented = value if higher else -value
-                cells.append(f"\\textbf{{{text}}}" if column in best and abs(oriented - best[column]) < 1e-12 else text)
+                text = f"\\textbf{{{text}}}" if column in best and abs(oriented - best[column]) < 1e-12 else text
+                cells.append(text + (f"\\textsuperscript{{{MARK}}}" if significant(difference) else ""))
             out.append(" & ".join(cells) + " \\\\")
         out += ["\\bottomrule", "\\end{tabular}", "\\end{table}", ""]
     return "\n".join(out)
@@ -223,9 +285,21 @@ def escape_latex(text: str) -> str:
 
 
 def csv_text(board: Board) -> str:
+    """Every number of ``table_rows`` unrounded, under raw keys (the CSV is for machines; labels are in the other
+    formats); after each difference's ``note`` its ``significant`` column: True when its 95% interval excludes 0,
+    False when it does not, empty without an interval."""
     import pandas as pd
 
-    return pd.DataFrame(table_rows(board)).to_csv(index=False, float_format="%.6g")
+    rows = []
+    for row in table_rows(board):
+        out = {}
+        for column, value in row.items():
+            out[column] = value
+            if column.startswith("delta ") and column.endswith(" note"):
+                base = column[:-len(" note")]
+                out[f"{base} significant"] = significant({"low": row.get(f"{base} low"), "high": row.get(f"{base} high")})
+        rows.append(out)
+    return pd.DataFrame(rows).to_csv(index=False, float_format="%.6g")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,7 +343,7 @@ def build_leaderboard(folder: Path) -> dict[str, Path]:
     plots = write_plots(board, folder / "plots")
     outputs = {"markdown": folder / "leaderboard.md", "csv": folder / "leaderboard.csv",
                "latex": folder / "leaderboard.tex", "html": folder / "leaderboard.html"}
-    atomic_write_text(outputs["markdown"], markdown(board), point="leaderboard_write")
+    atomic_write_text(outputs["markdown"], markdown(board, plots), point="leaderboard_write")
     atomic_write_text(outputs["csv"], csv_text(board))
     atomic_write_text(outputs["latex"], latex(board))
     atomic_write_text(outputs["html"], html_page(board, plots))

@@ -1,5 +1,7 @@
-"""Leaderboard plots (PNG and SVG): per-task bars with ± standard-error whiskers, the variant ×
-setting heatmap of the unified score, win rate against mean output length, and training curves."""
+"""Leaderboard plots (PNG and SVG): the forest plot of each row's difference from its start row (the headline
+picture), per-task bars with ± standard-error whiskers, the variant × setting heatmap of the unified score on a
+fixed [0, 1] scale, win rate against mean output length, and training curves. A plot with nothing to show is not
+written."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ from pathlib import Path
 
 from harness.inputs.paths import temporary_path
 from harness.report.board import matrix
+from harness.report.headline import MARK, SCORE_SCALE, difference_span, forest_rows, headline_metric
+from harness.report.labels import Labels
 
 CURVE_PANELS = [
     # (log key, panel title): what TRL trainers log per step
@@ -35,7 +39,16 @@ def write_plots(board, folder: Path) -> dict[str, Path]:
     import matplotlib
 
     matplotlib.use("Agg")
-    plots = {"tasks": task_bars(board, folder), "heatmap": heatmap(board, folder)}
+    plots = {}
+    forest = forest_plot(board, folder)
+    if forest:
+        plots["forest"] = forest
+    bars = task_bars(board, folder)
+    if bars:
+        plots["tasks"] = bars
+    grid = heatmap(board, folder)
+    if grid:
+        plots["heatmap"] = grid
     scatter = win_rate_vs_length(board, folder)
     if scatter:
         plots["win_rate_vs_length"] = scatter
@@ -45,16 +58,76 @@ def write_plots(board, folder: Path) -> dict[str, Path]:
     return plots
 
 
-def task_bars(board, folder: Path) -> Path:
+FOREST_COLOURS = {True: "#1a9850", False: "#d73027"}   # significant above 0 / below 0; not significant: grey
+
+
+def forest_plot(board, folder: Path) -> Path | None:
+    """Each non-start row's difference from its start row, a panel per task (the unified score first), a line per
+    row grouped by (family, setting): the point, its 95 % interval, a zero line; a significant difference (interval
+    excludes 0) is a filled coloured marker with ``*``, the rest hollow grey. One x scale for every panel, symmetric
+    around 0 and at least ±``DIFFERENCE_MIN_SPAN`` wide. None when no row has a start row to differ from."""
     import matplotlib.pyplot as plt
 
-    columns = [c for c in board.metric_names() if "/" not in c.split("/", 1)[1]]
+    rows = forest_rows(board)
+    if not rows:
+        return None
+    labels = Labels(board.records)
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    lines = list(dict.fromkeys((r["family"], r["setting"], r["variant"]) for r in rows))
+    groups = list(dict.fromkeys(line[:2] for line in lines))
+    positions, y, ticks = {}, 0.0, []
+    for group in groups:          # top to bottom: a gap and a heading per (family, setting)
+        ticks.append((y, f"{group[0]} · {group[1]}", True))
+        y += 1
+        for line in (line for line in lines if line[:2] == group):
+            positions[line] = y
+            ticks.append((y, line[2], False))
+            y += 1
+        y += 0.4
+    span = difference_span([r for r in rows if "difference" in r]) * 1.08
+    height = 1.0 + 0.2 * y
+    figure, axes = plt.subplots(1, len(tasks), figsize=(max(6.0, 2.5 * len(tasks) + 2.2), max(2.6, height)),
+                                sharey=True, squeeze=False)
+    for axis, task in zip(axes[0], tasks):
+        axis.axvline(0, color="#444", linewidth=0.8)
+        for row in (r for r in rows if r["task"] == task):
+            position = positions[(row["family"], row["setting"], row["variant"])]
+            if "difference" not in row:
+                axis.text(0, position, " n/c", fontsize=6, color="#888", va="center")   # not comparable: the tables say why
+                continue
+            mark = row["significant"]
+            colour = FOREST_COLOURS[row["difference"] > 0] if mark else "#888888"
+            axis.plot([row["low"], row["high"]], [position, position], color=colour, linewidth=1.6 if mark else 1.0)
+            axis.plot(row["difference"], position, "o", markersize=5, color=colour,
+                      markerfacecolor=colour if mark else "white")
+            if mark:
+                axis.text(row["high"], position, f" {MARK}", fontsize=9, color=colour, va="center", fontweight="bold")
+        axis.set_xlim(-span, span)
+        axis.set_title(labels.task(task), fontsize=9)
+        axis.grid(axis="x", alpha=0.3)
+        axis.tick_params(axis="x", labelsize=7)
+        axis.set_xlabel("Δ from start (higher = better)", fontsize=7)
+    first = axes[0][0]
+    first.set_ylim(y - 0.4, -1)
+    first.set_yticks([t[0] for t in ticks], [t[1] for t in ticks], fontsize=7)
+    for tick, (_, _, heading) in zip(first.get_yticklabels(), ticks):
+        if heading:
+            tick.set_fontweight("bold")
+    figure.suptitle("Difference from the start row (task scores in [0, 1], higher = better): mean paired difference "
+                    f"and 95 % interval; filled, coloured and {MARK} = the interval excludes 0", fontsize=8)
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.45 / figure.get_figheight()))
+    return _save(figure, folder, "forest")
+
+
+def task_bars(board, folder: Path) -> Path | None:
+    """A panel per task (its headline metric, ``headline_metric``), a bar per row; None when no row was scored."""
+    import matplotlib.pyplot as plt
+
+    columns = [f"{task}/{name}" for task, name in ((t, headline_metric(board, t)) for t in board.tasks) if name]
     keys = [k for k in board.keys if board.status(k)[0] == "ok"]
     if not columns or not keys:
-        figure, axis = plt.subplots(figsize=(5, 2))
-        axis.text(0.5, 0.5, "no scored runs yet", ha="center", va="center")
-        axis.axis("off")
-        return _save(figure, folder, "tasks")
+        return None
+    names = Labels(board.records)
     width = max(4.5, 0.5 * len(keys) + 2)
     figure, axes = plt.subplots(len(columns), 1, figsize=(width, 2.6 * len(columns)), squeeze=False)
     labels = [f"{k[1]}\n{k[2]}" for k in keys]
@@ -67,29 +140,34 @@ def task_bars(board, folder: Path) -> Path:
         axis.bar(range(len(keys)), values, yerr=errors, capsize=3, color=colors)
         axis.set_xticks(range(len(keys)), labels, fontsize=7)
         higher = next((m.get("higher_is_better") for m in metrics if m), True)
-        axis.set_title(f"{column} ({'higher' if higher else 'lower'} is better)", fontsize=9)
+        axis.set_title(f"{names.column(column)} ({'higher' if higher else 'lower'} is better)", fontsize=9)
         axis.grid(axis="y", alpha=0.3)
     figure.suptitle("grey = starting checkpoint; whiskers = ± 1 standard error", fontsize=9)
     figure.tight_layout()
     return _save(figure, folder, "tasks")
 
 
-def heatmap(board, folder: Path) -> Path:
+def heatmap(board, folder: Path) -> Path | None:
+    """Unified score per variant × (family · setting) on a fixed [0, 1] colour scale; None when no row has one."""
     import matplotlib.pyplot as plt
     import numpy as np
 
     labels, settings, cells = matrix(board)
+    if all(value is None for value in cells.values()):
+        return None
     values = np.array([[cells.get((v, s)) if cells.get((v, s)) is not None else np.nan for s in settings]
                        for v in labels], dtype=float)
     figure, axis = plt.subplots(figsize=(1.6 * len(settings) + 2.5, 0.45 * len(labels) + 1.5))
-    image = axis.imshow(values, cmap="viridis", aspect="auto")
+    # anchored at [0, 1], never the data's min-max: 0.377 and 0.422 are close in colour because they are close
+    image = axis.imshow(values, cmap="viridis", aspect="auto", vmin=SCORE_SCALE[0], vmax=SCORE_SCALE[1])
     axis.set_xticks(range(len(settings)), settings, fontsize=8)
     axis.set_yticks(range(len(labels)), labels, fontsize=8)
     for i in range(len(labels)):
         for j in range(len(settings)):
             if not np.isnan(values[i, j]):
-                axis.text(j, i, f"{values[i, j]:.3f}", ha="center", va="center", fontsize=7, color="white")
-    figure.colorbar(image, ax=axis, label="unified score")
+                axis.text(j, i, f"{values[i, j]:.3f}", ha="center", va="center", fontsize=7,
+                          color="black" if values[i, j] > 0.6 else "white")   # viridis is light above ~0.6
+    figure.colorbar(image, ax=axis, label="unified score (fixed scale 0–1)")
     axis.set_title("unified alignment score: variant × setting", fontsize=9)
     figure.tight_layout()
     return _save(figure, folder, "heatmap")
