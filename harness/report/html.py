@@ -46,9 +46,12 @@ def html_page(board, plots: dict[str, Path]) -> str:
         for name, path in plots.items() if path.exists())
     title = "Leaderboard: " + ", ".join(sorted({str(r.get("sweep")) for r in board.records}))
     breakdowns = [m for m in metrics if m not in board.metric_names(breakdowns=False)]  # hidden until asked for
+    judge_marks = {c: board.judge_mark(c.split(" ", 1)[1] if c.startswith("delta ") else c.split("/", 1)[0])
+                   for c in columns}  # † on the columns of a task whose judge is below baseline (harness.report.board)
     data = {"columns": columns, "breakdowns": breakdowns, "rows": rows, "samples": _samples(board),
-            "published": board.published}
-    return PAGE.replace("__TITLE__", html.escape(title)).replace("__TIE_TOLERANCE__", f"{TIE_TOLERANCE:g}").replace("__IMAGES__", images).replace(
+            "published": board.published, "judge_marks": {c: mark for c, mark in judge_marks.items() if mark}}
+    footnotes = "".join(f'<p class="judge-warning">{html.escape(line)}</p>' for line in board.judge_footnotes())
+    return PAGE.replace("__TITLE__", html.escape(title)).replace("__JUDGE_WARNINGS__", footnotes).replace("__TIE_TOLERANCE__", f"{TIE_TOLERANCE:g}").replace("__IMAGES__", images).replace(
         "__DATA__", _json_for_script(data))
 
 
@@ -60,7 +63,7 @@ table{border-collapse:collapse;font-size:13px}th,td{border:1px solid #ccc;paddin
 th{background:#f3f3f3;cursor:pointer;position:sticky;top:0}td.text{text-align:left}
 tr.start td{background:#f7f7f7}figure{display:inline-block;margin:0.5em}img{max-width:640px}
 #viewer pre{white-space:pre-wrap;background:#fafafa;border:1px solid #ddd;padding:6px;max-height:22em;overflow:auto}
-.controls label{margin-right:1em}
+.controls label{margin-right:1em}p.judge-warning{color:#8a4b00;font-size:13px;margin:0.3em 0}
 </style></head><body>
 <h1>__TITLE__</h1>
 <p>Metrics: value ± standard error. Unified score: mean over tasks of primary metrics mapped to [0, 1], higher better.
@@ -73,6 +76,7 @@ not comparable (measured differently, other items). Click a column header to sor
 <label><input type="checkbox" id="show-breakdowns"> breakdowns (per group, hate / neutral, ...)</label>
 </div>
 <table id="leaderboard"><thead></thead><tbody></tbody></table>
+__JUDGE_WARNINGS__
 <h2>Published reference numbers</h2><table id="published"><thead></thead><tbody></tbody></table>
 <h2>Plots</h2>__IMAGES__
 <h2>Per-sample outputs</h2>
@@ -114,7 +118,7 @@ function render() {
   const head = table.tHead; head.textContent = "";
   const headerRow = head.insertRow();
   for (const column of columns) {
-    const th = document.createElement("th"); th.textContent = column + (column === sortColumn ? (sortAscending ? " ▲" : " ▼") : "");
+    const th = document.createElement("th"); th.textContent = column + (data.judge_marks[column] ? " " + data.judge_marks[column] : "") + (column === sortColumn ? (sortAscending ? " ▲" : " ▼") : "");
     th.dataset.column = column;
     th.addEventListener("click", () => { sortAscending = sortColumn === column ? !sortAscending : true; sortColumn = column; render(); });
     headerRow.appendChild(th);

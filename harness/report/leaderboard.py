@@ -98,12 +98,15 @@ def markdown(board: Board) -> str:
            "2·N·reference tokens; online methods count generation, reward- and value-model tokens in policy-"
            "parameter equivalents; gen tokens = tokens they sampled; match ratio = consumed over what the pair "
            "methods consume under budget.match=tokens or flops: policy tokens under tokens).", ""]
+    footnotes = board.judge_footnotes()
+    if footnotes:  # judges below the better GPT-4-agreement baseline (or unchecked): marked columns, see harness.report.board
+        out += [*footnotes, ""]
     # budget columns no run filled (e.g. gen tokens in a sweep without online methods) are left out; the CSV keeps all
     budget_columns = [(name, title) for name, title in CONSUMED_COLUMNS
                       if any(board.consumed(key).get(name) is not None for key in board.keys)]
     for (family, setting), keys in board.groups().items():
         out += [f"## {family} · {setting}", ""]
-        header = ["variant", "unified", "rank", *metrics, *[f"Δ {t}" for t in board.tasks],
+        header = ["variant", "unified", "rank", *map(board.marked, metrics), *[f"Δ {board.marked(t)}" for t in board.tasks],
                   *[title for _, title in budget_columns], "status"]
         out += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
         start = board.start_key(keys[0])
@@ -124,7 +127,8 @@ def markdown(board: Board) -> str:
         if shown:
             out += [f"### {family} · {setting}: breakdowns", "",
                     "| metric | " + " | ".join(key[2] for key in keys) + " |", "|" + "|".join("---" for _ in range(len(keys) + 1)) + "|"]
-            out += ["| " + " | ".join([m, *[fmt_value(board.metric(key, m)) for key in keys]]) + " |" for m in shown]
+            out += ["| " + " | ".join([board.marked(m), *[fmt_value(board.metric(key, m)) for key in keys]]) + " |"
+                    for m in shown]
             out.append("")
     out += matrix_markdown(board)
     if board.published:
@@ -144,7 +148,7 @@ def metric_differences_markdown(board: Board, family: str, setting: str, keys: l
         task, name = column.split("/", 1)
         cells = [fmt_difference(board.paired_difference(key, start, task, name)) for key in others]
         if any(cell != "—" for cell in cells):
-            rows.append("| " + " | ".join([column + direction(board, keys, column), *cells]) + " |")
+            rows.append("| " + " | ".join([board.marked(column) + direction(board, keys, column), *cells]) + " |")
     if not rows:
         return []
     return [f"### {family} · {setting}: Δ per metric from start", "",
@@ -181,7 +185,8 @@ def latex(board: Board) -> str:
         columns = ["unified", *metrics]
         out += ["\\begin{table}[t]", "\\centering", f"\\caption{{{escape_latex(family)} · {escape_latex(setting)}: "
                 "value $\\pm$ standard error; best in bold.}}", "\\begin{tabular}{l" + "r" * len(columns) + "}",
-                "\\toprule", "Variant & " + " & ".join(escape_latex(c) for c in columns) + " \\\\", "\\midrule"]
+                "\\toprule", "Variant & " + " & ".join(escape_latex(c) + ("\\textsuperscript{\\dag}" if board.judge_mark(
+                    c.split("/", 1)[0]) and c != "unified" else "") for c in columns) + " \\\\", "\\midrule"]
         best: dict[str, float] = {}
         for column in columns:
             values = []
@@ -210,7 +215,10 @@ def latex(board: Board) -> str:
                 oriented = value if higher else -value
                 cells.append(f"\\textbf{{{text}}}" if column in best and abs(oriented - best[column]) < 1e-12 else text)
             out.append(" & ".join(cells) + " \\\\")
-        out += ["\\bottomrule", "\\end{tabular}", "\\end{table}", ""]
+        out += ["\\bottomrule", "\\end{tabular}"]
+        shown_tasks = dict.fromkeys(c.split("/", 1)[0] for c in metrics)  # judge warnings: \dag on the columns above
+        out += ["\\par\\footnotesize \\dag{} " + escape_latex(w) for w in map(board.judge_warning, shown_tasks) if w]
+        out += ["\\end{table}", ""]
     return "\n".join(out)
 
 
