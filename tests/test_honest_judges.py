@@ -287,3 +287,17 @@ def test_an_unchecked_judge_is_marked_and_counts(tmp_path):
 def test_records_without_a_judge_check_are_not_marked(tmp_path):
     board = fixture(tmp_path, None)
     assert board.excluded_tasks == [] and board.judge_warning("win_rate") is None
+
+
+def test_counting_a_weak_judge_is_display_only_and_the_likelihood_judge_is_in_the_score_key():
+    from test_run_spec import tiny_sweep
+
+    def key(*overrides):
+        sweep = tiny_sweep(*overrides, tasks="[win_rate]")
+        return sweep.score_key("win_rate", "run-a"), sweep.task_configs["win_rate"]
+
+    base, config = key()
+    counted, counted_config = key("+task_params.win_rate.count_below_baseline_judge=true")
+    assert counted.value == base.value  # the leaderboard reads it from the record's task_config; nothing rescores
+    assert config["count_below_baseline_judge"] is False and counted_config["count_below_baseline_judge"] is True
+    assert key("+task_params.win_rate.judge.type=likelihood")[0].value != base.value

@@ -21,11 +21,16 @@ Judges (``judge.type`` in ``conf/task/win_rate.yaml``; ``judge.model`` names the
 * ``reward_model`` — a sequence-classification reward model with one output: each output is scored
   alone as the assistant reply to the instruction, r₁ and r₂, and p = σ(r₁ − r₂) (Bradley–Terry);
   the order cannot matter, so both orders agree by construction.
+* ``likelihood`` — each output scored alone under a causal LM (``judge.model``) as the answer to the instruction:
+  per-token log-likelihood, per-token pointwise mutual information with the instruction and log length, combined
+  with fixed weights (``judge.weights``) into p = σ(w · Δfeatures); order-free like the reward model (``LikelihoodJudge``).
 
 Also here: AlpacaEval's aggregation of pairwise preferences into a win rate with its standard error
 (``win_rate_from_preferences``; preferences without a verdict, None/NaN, are dropped and counted as AlpacaEval
 drops them) and the judge check against the GPT-4 annotations in the data mirror (``read_gpt4_annotations``,
-``judge_agreement``, which skips pairs GPT-4 gave no verdict; ``align-harness judge-check``).
+``judge_agreement``, which skips pairs GPT-4 gave no verdict; ``align-harness judge-check``), and that check kept in the
+harness cache for the win-rate records (``cached_judge_check``: agreement, the better of the length and constant
+baselines on the same pairs, ``below_baseline``; the leaderboard marks and, below baseline, leaves out such a column).
 """
 
 from __future__ import annotations
