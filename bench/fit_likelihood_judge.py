@@ -8,8 +8,9 @@ The annotated pairs in ``judge-check``'s order (``read_gpt4_annotations``: alpac
 weights are fitted — other instructions, never the reported ones. Fit: logistic regression without intercept on the
 feature differences f(output_1) − f(output_2), GPT-4's verdict as the label (draws left out), scikit-learn's
 ``LogisticRegression`` (L2, C = 1) on standardized differences, the weights mapped back to raw feature units.
-Prints every candidate's agreement (one feature at a time with weight +1 or −1 as fitted, and the fitted
-combination) next to the constant and length baselines on the same pairs.
+Prints every candidate's agreement next to the constant and length baselines on the same pairs: one feature at a
+time with the a-priori sign +1 (nothing fitted), combinations cross-fitted within the reported pairs (each half of the
+instructions judged with weights fitted on the other half), and combinations fitted on the ``--fit`` pairs.
 """
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ def main() -> None:
               f"({len(fit) // 2} instructions): weights {json.dumps(weights)}")
         candidates["mean_logprob + mean_pmi (fitted, no length)"] = fitted_weights(judge, fit, ("mean_logprob", "mean_pmi"))
         candidates["all three (fitted)"] = weights
+    for names in (LIKELIHOOD_FEATURES, ("mean_logprob", "mean_pmi"), ("mean_pmi", "log_chars")):
+        print(f"{' + '.join(names):45s} evaluate pairs {len(evaluate):4d}  cross-fitted agreement "
+              f"{cross_fitted_agreement(judge, evaluate, names):.3f} (each half of the instructions judged with weights "
+              f"fitted on the other half)")
     for name, candidate in candidates.items():
         scorer = LikelihoodJudge(arguments.model, weights=candidate, max_output_chars=arguments.max_output_chars)
         scorer.scored, scorer._loaded = judge.scored, judge._loaded
@@ -66,6 +71,20 @@ def main() -> None:
             print(f"{name:45s} {split:8s} pairs {result['pairs']:4d}  agreement {result['agreement'][0]:.3f} ± "
                   f"{result['agreement'][1]:.3f}  baselines: always output_1 {result['baseline_always_reference']:.3f}, "
                   f"longer {result['baseline_longer_output']:.3f}  weights {json.dumps(candidate)}")
+
+
+def cross_fitted_agreement(judge: LikelihoodJudge, rows: list[dict], names) -> float:
+    """Agreement with GPT-4 on ``rows`` when the instructions of even AlpacaEval index are judged with weights fitted on
+    the odd ones and vice versa: every verdict out of sample (``judge_agreement``'s rule: a draw on one side counts ½)."""
+    agreements = []
+    for parity in (0, 1):
+        judged = [r for r in rows if r["index"] % 2 == parity]
+        weights = fitted_weights(judge, [r for r in rows if r["index"] % 2 != parity], names)
+        scorer = LikelihoodJudge(judge.spec, weights=weights, max_output_chars=judge.max_output_chars)
+        scorer.scored, scorer._loaded = judge.scored, judge._loaded
+        result = judge_agreement(scorer, judged, draw_margin=0.0)
+        agreements.append((result["agreement"][0], result["pairs"]))
+    return sum(a * n for a, n in agreements) / sum(n for _, n in agreements)
 
 
 def fitted_weights(judge: LikelihoodJudge, rows: list[dict], names=LIKELIHOOD_FEATURES) -> dict:
