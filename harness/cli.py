@@ -18,6 +18,7 @@ import os
 import re
 import sys
 import warnings
+from pathlib import Path
 
 USAGE = __doc__
 
@@ -385,8 +386,13 @@ def judge_check_main(argv: list[str]) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data-mirror", default=os.environ.get("ALIGN_HARNESS_DATA"),
                         help="data mirror folder (default: $ALIGN_HARNESS_DATA)")
+    parser.add_argument("--cache", help="harness cache: judge models, and the result kept for the win-rate task's "
+                                        "records (default: $ALIGN_HARNESS_CACHE or ~/.cache/alignment-harness)")
     arguments = parser.parse_args(argv)
     _quiet_libraries()
+    from harness.inputs.paths import default_cache_dir
+
+    cache_root = Path(arguments.cache).expanduser() if arguments.cache else default_cache_dir()
     overrides = {"model": arguments.model, "base_url": arguments.base_url, "api_key_env": arguments.api_key_env,
                  "max_output_chars": arguments.max_output_chars}
     try:
@@ -397,7 +403,8 @@ def judge_check_main(argv: list[str]) -> None:
         task_config = OmegaConf.to_container(group_config("task", "win_rate"), resolve=True)
         print(run_judge_check(task_config, judge_type=arguments.judge, limit=arguments.limit, overrides=overrides,
                               draw_margin=arguments.draw_margin, data_mirror=arguments.data_mirror,
-                              device=arguments.device, batch_size=arguments.batch_size), flush=True)
+                              device=arguments.device, batch_size=arguments.batch_size, cache_root=cache_root),
+              flush=True)
     except HarnessError as error:
         _fail(str(error))
 

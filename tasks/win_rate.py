@@ -53,7 +53,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import HarnessError, SkipRun
-from harness.evaluate.judges import DEFAULT_JUDGE_MODEL, Judgment, build_judge, preference_label, win_rate_from_preferences
+from harness.evaluate.judges import (DEFAULT_JUDGE_MODEL, JUDGE_CHECK_PAIRS, Judgment, build_judge, cached_judge_check,
+                                     preference_label, win_rate_from_preferences)
 from harness.inputs.cache import build_once, read_checked_json, write_checked_json
 from harness.protocols import Checkpoint, Metric, ScoringCost, ScoringEstimate, TaskContext, TaskResult
 from harness.identity import config_hash
@@ -82,6 +83,7 @@ class WinRate:
         seed: int = 0,
         draw_margin: float = 0.0,
         judge: dict | None = None,
+        judge_check_pairs: int | None = JUDGE_CHECK_PAIRS,
         mirror_file: str = "alpaca_eval/text_davinci_003/model_outputs.json",
         hub_id: str = "tatsu-lab/alpaca_eval",
         hub_config: str = "alpaca_eval",
@@ -91,6 +93,7 @@ class WinRate:
         if reference not in REFERENCES:
             raise HarnessError(f"{name}: reference={reference!r} is not offered; available: {', '.join(REFERENCES)}")
         whole_number(name, "max_new_tokens", max_new_tokens, unit="tokens")
+        whole_number(name, "judge_check_pairs", judge_check_pairs, minimum=0, optional=True)
         if isinstance(draw_margin, bool) or not isinstance(draw_margin, (int, float)) or not 0 <= draw_margin < 0.5:
             raise HarnessError(f"{name}: draw_margin={draw_margin!r} must be a number in [0, 0.5)")
         self.name, self.version, self.limit, self.reference = name, str(version), limit, reference
@@ -98,6 +101,7 @@ class WinRate:
                            "temperature": float(temperature), "seed": int(seed)}
         self.draw_margin = float(draw_margin)
         self.judge_config = dict(judge or {"type": "local_hf"})
+        self.judge_check_pairs = judge_check_pairs
         self.mirror_file, self.hub_id, self.hub_config, self.hub_split = mirror_file, hub_id, hub_config, hub_split
         self._judge = build_judge(self.judge_config, config_key=f"task_params.{name}.judge")  # checks the config now
         self._judge_key = ("cpu", 8)
@@ -158,6 +162,8 @@ class WinRate:
             details["reference_checkpoint"] = str(checkpoint.reference_path)
 
         referenced = time.perf_counter()
+        details["judge_check"] = self._judge_check(context)  # what the leaderboard marks the column by
+        checked = time.perf_counter()
         judge = self._judge_for(context)
         to_judge = [k for k in range(len(rows)) if outputs[k] != references[k]]
         judged = judge.judge_batch([(instructions[k], outputs[k], references[k]) for k in to_judge]) if to_judge else []
@@ -166,11 +172,21 @@ class WinRate:
         details["identical_outputs"] = len(rows) - len(to_judge)
         details["seconds"] = {"generation": round(generated - started, 1),
                               "reference_generation": round(referenced - generated, 1),
-                              "judging": round(time.perf_counter() - referenced, 1)}
+                              "judge_check": round(checked - referenced, 1),
+                              "judging": round(time.perf_counter() - checked, 1)}
         metrics = self._metrics(samples, judged=True, details=details)
         return TaskResult(metrics=metrics, samples=samples, details=details)
 
     # ------------------------------------------------------------------------------------------
+    def _judge_check(self, context: TaskContext) -> dict:
+        """The judge's agreement with GPT-4 and the better baseline on the first ``judge_check_pairs`` annotated pairs
+        (``harness.evaluate.judges.cached_judge_check``: computed once per judge and kept in the harness cache), or
+        ``unchecked`` with the reason. The leaderboard marks the column by it (``harness.report.board``). Only judged
+        rows check: the start row against itself asks no judge."""
+        return cached_judge_check(self._judge_for(context), data_mirror=context.data_mirror,
+                                  cache_root=context.cache_root or context.cache_dir, pairs=self.judge_check_pairs,
+                                  draw_margin=self.draw_margin)
+
     def _judge_for(self, context: TaskContext):
         """The judge on the context's device and batch size; built once and kept (its model stays loaded)."""
         key = (context.device, context.batch_size, context.cache_root)

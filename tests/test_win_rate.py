@@ -276,7 +276,8 @@ def untied_models(tmp_path_factory, tiny_model) -> list[Path]:
 
 
 def tiny_task(tiny_model: Path, **overrides) -> WinRate:
-    config = {"limit": 3, "max_new_tokens": 8, "judge": {"type": "local_hf", "model": str(tiny_model)}, **overrides}
+    config = {"limit": 3, "max_new_tokens": 8, "judge": {"type": "local_hf", "model": str(tiny_model)},
+              "judge_check_pairs": 4, **overrides}  # the judge check (tests/test_honest_judges.py) on a few pairs
     return WinRate(**config)
 
 
@@ -334,7 +335,8 @@ def test_davinci_reference_and_config_file(tmp_path, tiny_model):
     from harness.run.registry import instantiate
 
     task = instantiate("task", "win_rate", {"limit": 2, "max_new_tokens": 4, "reference": "davinci003",
-                                            "judge": {"model": str(tiny_model)}}, params_key="task_params")
+                                            "judge": {"model": str(tiny_model)}, "judge_check_pairs": 4},
+                       params_key="task_params")
     assert isinstance(task, Task) and task.draw_margin == 0.0 and task.generation["do_sample"] is False
     result = task.evaluate(Checkpoint(path=tiny_model, setting="instruct", use_chat_template=True), context(tmp_path))
     davinci = json.loads((DATA_MIRROR / "alpaca_eval" / "text_davinci_003" / "model_outputs.json").read_text())

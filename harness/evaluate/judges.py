@@ -21,11 +21,16 @@ Judges (``judge.type`` in ``conf/task/win_rate.yaml``; ``judge.model`` names the
 * ``reward_model`` — a sequence-classification reward model with one output: each output is scored
   alone as the assistant reply to the instruction, r₁ and r₂, and p = σ(r₁ − r₂) (Bradley–Terry);
   the order cannot matter, so both orders agree by construction.
+* ``likelihood`` — each output scored alone under a causal LM (``judge.model``) as the answer to the instruction:
+  per-token log-likelihood, per-token pointwise mutual information with the instruction and log length, combined
+  with fixed weights (``judge.weights``) into p = σ(w · Δfeatures); order-free like the reward model (``LikelihoodJudge``).
 
 Also here: AlpacaEval's aggregation of pairwise preferences into a win rate with its standard error
 (``win_rate_from_preferences``; preferences without a verdict, None/NaN, are dropped and counted as AlpacaEval
 drops them) and the judge check against the GPT-4 annotations in the data mirror (``read_gpt4_annotations``,
-``judge_agreement``, which skips pairs GPT-4 gave no verdict; ``align-harness judge-check``).
+``judge_agreement``, which skips pairs GPT-4 gave no verdict; ``align-harness judge-check``), and that check kept in the
+harness cache for the win-rate records (``cached_judge_check``: agreement, the better of the length and constant
+baselines on the same pairs, ``below_baseline``; the leaderboard marks and, below baseline, leaves out such a column).
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from typing import Protocol, runtime_checkable
 
 from harness.errors import HarnessError
 
-JUDGE_TYPES = ("local_hf", "openai_api", "reward_model")
+JUDGE_TYPES = ("local_hf", "openai_api", "reward_model", "likelihood")
 DEFAULT_JUDGE_MODEL = "embedded:smollm2-135m-instruct"
 LABELS = ("1", "2")
 
@@ -129,6 +134,7 @@ JUDGE_KEYS = {
     "openai_api": {"model", "max_output_chars", "base_url", "api_key_env", "timeout_seconds", "max_retries",
                    "max_tokens", "use_logprobs"},
     "reward_model": {"model", "max_output_chars"},
+    "likelihood": {"model", "max_output_chars", "weights"},
 }
 
 
@@ -157,6 +163,10 @@ def build_judge(config: dict, *, device: str = "cpu", batch_size: int = 8, confi
                                f"sequence-classification checkpoint>")
         return RewardModelJudge(config["model"], max_output_chars=max_chars, device=device, batch_size=batch_size,
                                 config_key=config_key, cache_dir=cache_dir)
+    if kind == "likelihood":
+        return LikelihoodJudge(config.get("model", DEFAULT_JUDGE_MODEL), weights=config.get("weights"),
+                               max_output_chars=max_chars, device=device, batch_size=batch_size,
+                               config_key=config_key, cache_dir=cache_dir)
     return OpenAIAPIJudge(**config, config_key=config_key)
 
 
@@ -475,6 +485,124 @@ class RewardModelJudge:
 
 
 # ---------------------------------------------------------------------------------------------
+# (d) each output's likelihood under a causal LM, as a Bradley–Terry judge over a few features
+LIKELIHOOD_FEATURES = ("mean_logprob", "mean_pmi", "log_chars")
+# Fitted by bench/fit_likelihood_judge.py --evaluate 128 --fit 16 (logistic regression without intercept on feature
+# differences) on the GPT-4 annotations of AlpacaEval instructions 64..71 (annotated pairs 128..143), disjoint from the
+# 128 pairs (instructions 0..63) its agreement is reported on: 0.711 ± 0.040 vs 0.691 for the longer output (README
+# "Win rate and judges": within one standard error of that baseline; 16 pairs are a small fit).
+LIKELIHOOD_WEIGHTS = {"mean_logprob": 2.1878, "mean_pmi": -1.4082, "log_chars": 0.6588}
+
+
+class LikelihoodJudge:
+    """Scores each output alone under a causal LM (default the embedded SmolLM2-135M-Instruct), as the assistant turn
+    answering the instruction through the model's chat template, closed by its end-of-sequence token, and compares
+    per-output features with fixed weights w (Bradley–Terry, like the reward-model judge):
+
+        p(output_1 better) = σ(Σ_k w_k · (f_k(output_1) − f_k(output_2)))
+
+    * ``mean_logprob`` — log p(output | instruction) per token: how fluent and expected the answer is;
+    * ``mean_pmi`` — (log p(output | instruction) − log p(output | empty instruction)) per token: how much the
+      instruction explains the output (pointwise mutual information; an answer to some other question scores low);
+    * ``log_chars`` — log(1 + characters): the length prior GPT-4 judges share (AlpacaEval 2's length control,
+      Dubois et al. 2024, arXiv:2404.04475, models the same bias as a term of the judge's log-odds).
+
+    The features of an output do not depend on the other output or on the order, so the judge has no position bias
+    and ``p(a, b) = 1 − p(b, a)`` exactly; there is no intercept (no prior for either position). Weights: ``weights``
+    (a mapping over ``LIKELIHOOD_FEATURES``; missing features weigh 0), default ``LIKELIHOOD_WEIGHTS``."""
+
+    type = "likelihood"
+
+    def __init__(self, model: str = DEFAULT_JUDGE_MODEL, *, weights: dict | None = None,
+                 max_output_chars: int | None = None, device: str = "cpu", batch_size: int = 8,
+                 config_key: str = "judge", cache_dir: Path | None = None):
+        _check_local_spec(model, config_key)
+        weights = dict(LIKELIHOOD_WEIGHTS if weights is None else weights)
+        unknown = sorted(set(weights) - set(LIKELIHOOD_FEATURES))
+        if unknown:
+            raise HarnessError(f"{config_key}.weights.{unknown[0]} is not a feature of the likelihood judge; "
+                               f"features: {', '.join(LIKELIHOOD_FEATURES)}")
+        for name, value in weights.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise HarnessError(f"{config_key}.weights.{name}={value!r} must be a finite number")
+        if not any(weights.values()):
+            raise HarnessError(f"{config_key}.weights: every weight is 0; the judge would call every pair a draw")
+        self.weights = {name: float(weights.get(name, 0.0)) for name in LIKELIHOOD_FEATURES}
+        self.spec, self.max_output_chars, self.device, self.batch_size = model, max_output_chars, device, batch_size
+        self.config_key, self.cache_dir = config_key, cache_dir
+        self._loaded = None
+        self.scored: dict[tuple[str, str], dict] = {}  # (instruction, cut output) → its features, kept while loaded
+
+    def identity(self) -> dict:
+        return {"type": self.type, "model": self.spec, "max_output_chars": self.max_output_chars,
+                "weights": self.weights, "features": "likelihood/1"}
+
+    def load(self):
+        if self._loaded is None:
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            path = _resolve_model(self.spec, self.config_key, self.cache_dir)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(self.device).eval()
+            self._loaded = (model, tokenizer)
+        return self._loaded
+
+    def judge(self, instruction: str, output_1: str, output_2: str) -> Judgment:
+        return self.judge_batch([(instruction, output_1, output_2)])[0]
+
+    def judge_batch(self, items: list[tuple[str, str, str]]) -> list[Judgment]:
+        features = self.features([(i, o) for i, a, b in items for o in (a, b)])
+        judgments = []
+        for k in range(len(items)):
+            first, second = features[2 * k], features[2 * k + 1]
+            p = _sigmoid(sum(w * (first[name] - second[name]) for name, w in self.weights.items()))
+            judgments.append(Judgment(probability=p, output_1_first=p, output_1_second=p, method="likelihood",
+                                      raw={"output_1": first, "output_2": second,
+                                           "read": {"prompt_tokens": first["tokens_read"] + second["tokens_read"]}}))
+        return judgments
+
+    def features(self, answers: list[tuple[str, str]]) -> list[dict]:
+        """``LIKELIHOOD_FEATURES`` (and the token counts) of each (instruction, output); each distinct pair is scored
+        once, its two log-likelihoods sharing the chat template's prefix in the engine (``harness.evaluate.loglik``)."""
+        distinct = [answer for answer in dict.fromkeys((i, self._cut(o)) for i, o in answers) if answer not in self.scored]
+        if distinct:
+            self._score(distinct)
+        return [self.scored[(i, self._cut(o))] for i, o in answers]
+
+    def _score(self, distinct: list[tuple[str, str]]) -> None:
+        from harness.evaluate.generation import format_prompt
+        from harness.evaluate.loglik import score_continuations
+
+        model, tokenizer = self.load()
+        end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+        def context(instruction: str) -> list[int]:
+            text = format_prompt(tokenizer, [{"role": "user", "content": instruction}], use_chat_template=True)
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+        empty = context("")
+        requests, sizes = [], []
+        for instruction, output in distinct:
+            continuation = tokenizer(output, add_special_tokens=False)["input_ids"] + end
+            conditioned = context(instruction)
+            requests += [(conditioned, continuation), (empty, continuation)]
+            sizes.append((len(continuation), len(conditioned) + len(empty) + 2 * len(continuation)))
+        scores = score_continuations(model, requests, batch_size=self.batch_size, progress="judging")
+        for k, (answer, (tokens, read)) in enumerate(zip(distinct, sizes)):
+            conditional, unconditional = scores[2 * k][0], scores[2 * k + 1][0]
+            self.scored[answer] = {"mean_logprob": conditional / tokens, "mean_pmi": (conditional - unconditional) / tokens,
+                                   "log_chars": math.log1p(len(answer[1])), "tokens": tokens, "tokens_read": read}
+
+    def _cut(self, output: str) -> str:
+        return output if self.max_output_chars is None else output[: self.max_output_chars]
+
+
+def _sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+
+
+# ---------------------------------------------------------------------------------------------
 # aggregation: AlpacaEval's win rate
 @dataclass
 class WinRate:
@@ -628,12 +756,88 @@ def judge_agreement(judge: Judge, annotations: list[dict], *, draw_margin: float
     }
 
 
+# ---------------------------------------------------------------------------------------------
+# the judge check that travels with the win-rate records
+JUDGE_CHECK_PAIRS = 32        # annotated pairs the win-rate task checks its judge on (judge_check_pairs)
+JUDGE_CHECK_FOLDER = "judge_checks"   # under the harness cache: one checked JSON file per (judge, annotations, pairs)
+JUDGE_CHECK_VERSION = "1"     # bump when the check's numbers could change for the same judge and annotations
+BASELINES = {"longer_output": "baseline_longer_output", "always_reference": "baseline_always_reference"}
+
+
+def annotations_identity(data_mirror: Path | None) -> dict | None:
+    """The GPT-4 annotation files of the mirror by name and SHA-256 (None when there are none): part of a check's key."""
+    from harness.inputs.cache import file_sha256
+
+    folder = Path(data_mirror) / ANNOTATIONS_DIR if data_mirror is not None else None
+    files = sorted(folder.glob("*.json")) if folder is not None and folder.is_dir() else []
+    return {path.name: file_sha256(path) for path in files} or None
+
+
+def judge_check_summary(result: dict, annotations: dict | None = None) -> dict:
+    """The part of a ``judge_agreement`` result a win-rate record carries: the agreement, the better of the two
+    baselines on the same pairs, and whether the judge is below it (then its column is marked on every export and,
+    by default, left out of the unified score: ``harness.report.board``)."""
+    agreement, stderr = result["agreement"]
+    baselines = {name: float(result[key]) for name, key in BASELINES.items()}
+    best = max(baselines, key=lambda name: baselines[name])
+    return {"status": "checked", "agreement": float(agreement), "agreement_stderr": stderr,
+            "best_baseline": baselines[best], "baseline_name": best, "baselines": baselines, "pairs": result["pairs"],
+            "below_baseline": float(agreement) < baselines[best],
+            "position_consistency": float(result["position_consistency"][0]), "seconds": round(result["seconds"], 1),
+            "annotations": sorted(annotations or {}), "judge": result["judge"]}
+
+
+def unchecked(reason: str) -> dict:
+    return {"status": "unchecked", "reason": reason}
+
+
+def judge_check_file(cache_root: Path, judge: Judge, annotations: dict, pairs: int | None, draw_margin: float) -> Path:
+    from harness.identity import config_hash
+
+    key = config_hash({"judge": judge.identity(), "annotations": annotations, "pairs": pairs,
+                       "draw_margin": float(draw_margin), "version": JUDGE_CHECK_VERSION})
+    return Path(cache_root) / JUDGE_CHECK_FOLDER / f"{key}.json"
+
+
+def cached_judge_check(judge: Judge, *, data_mirror: Path | None, cache_root: Path, pairs: int | None = JUDGE_CHECK_PAIRS,
+                       draw_margin: float = 0.0) -> dict:
+    """``judge_check_summary`` of ``judge`` on the first ``pairs`` GPT-4-annotated pairs of the mirror: computed once
+    and kept in ``<cache_root>/judge_checks/`` by (judge identity, annotation files' SHA-256, pairs, draw margin) —
+    ``align-harness judge-check`` with the same judge and ``--limit`` fills the same entry. ``unchecked`` (with the
+    reason) when there is no mirror, no annotation file, or ``pairs`` is 0."""
+    if pairs == 0:
+        return unchecked("judge_check_pairs=0: the judge was not checked")
+    if data_mirror is None:
+        return unchecked("no data mirror: the GPT-4 annotations to check the judge against are not available here")
+    annotations = annotations_identity(data_mirror)
+    if annotations is None:
+        return unchecked(f"no GPT-4 annotation files in {Path(data_mirror) / ANNOTATIONS_DIR}")
+    from harness.inputs.cache import build_once, read_checked_json
+
+    path = judge_check_file(cache_root, judge, annotations, pairs, draw_margin)
+
+    def check() -> dict:
+        rows = read_gpt4_annotations(Path(data_mirror), pairs)
+        return store_judge_check(path, judge_check_summary(judge_agreement(judge, rows, draw_margin=draw_margin),
+                                                           annotations))
+
+    summary = build_once(path, "judge check", lambda: read_checked_json(path, "judge check"), check)
+    return {**summary, "cache_file": path.name}
+
+
+def store_judge_check(path: Path, summary: dict) -> dict:
+    from harness.inputs.cache import write_checked_json
+
+    write_checked_json(path, summary)
+    return summary
+
+
 def run_judge_check(task_config: dict, *, judge_type: str | None = None, limit: int | None = 32,
                     overrides: dict | None = None, draw_margin: float | None = None, data_mirror: str | None = None,
-                    device: str = "cpu", batch_size: int = 8) -> str:
+                    device: str = "cpu", batch_size: int = 8, cache_root: Path | None = None) -> str:
     """``align-harness judge-check``: the judge of ``task_config`` (the win-rate task's config, read by the CLI),
     changed by ``judge_type`` / ``overrides``, scored against the first ``limit`` GPT-4 annotations; returns the
-    report."""
+    report. With ``cache_root`` the result is also kept where the win-rate task looks for it (``cached_judge_check``)."""
     config = dict(task_config.get("judge") or {})
     if judge_type is not None and judge_type != config.get("type", "local_hf"):
         config = {"type": judge_type, "max_output_chars": config.get("max_output_chars")}  # the model was the other type's
@@ -643,9 +847,13 @@ def run_judge_check(task_config: dict, *, judge_type: str | None = None, limit: 
     margin = task_config.get("draw_margin", 0.0) if draw_margin is None else draw_margin
     if not 0 <= margin < 0.5:
         raise HarnessError(f"--draw-margin={margin!r} must be a number in [0, 0.5)")
-    judge = build_judge(config, device=device, batch_size=batch_size)
+    judge = build_judge(config, device=device, batch_size=batch_size, cache_dir=cache_root)
     annotations = read_gpt4_annotations(Path(data_mirror) if data_mirror else None, limit)
-    return judge_check_report(judge_agreement(judge, annotations, draw_margin=margin), margin)
+    result = judge_agreement(judge, annotations, draw_margin=margin)
+    if cache_root is not None:  # the win-rate task with this judge and judge_check_pairs=<limit> reads it from here
+        identity = annotations_identity(Path(data_mirror))
+        store_judge_check(judge_check_file(cache_root, judge, identity, limit, margin), judge_check_summary(result, identity))
+    return judge_check_report(result, margin)
 
 
 def judge_check_report(result: dict, draw_margin: float) -> str:
@@ -668,5 +876,16 @@ def judge_check_report(result: dict, draw_margin: float) -> str:
         f"(W/L/D {gpt4.wins}/{gpt4.losses}/{gpt4.draws})",
         f"baselines: always output_1 agrees {result['baseline_always_reference']:.3f}, "
         f"longer output agrees {result['baseline_longer_output']:.3f}",
+        verdict_line(judge_check_summary(result)),
         f"seconds: {result['seconds']:.1f} ({result['seconds'] / max(result['pairs'], 1):.2f} per pair, both orders)",
     ])
+
+
+def verdict_line(summary: dict) -> str:
+    """One line on a judge check: below or above the better baseline (what the leaderboard's footnote says)."""
+    if summary.get("status") != "checked":
+        return f"judge not checked against GPT-4: {summary.get('reason')}"
+    relation = "BELOW" if summary["below_baseline"] else "not below"
+    return (f"judge agrees with GPT-4 {summary['agreement']:.3f} vs {summary['best_baseline']:.3f} for the "
+            f"{summary['baseline_name'].replace('_', ' ')} baseline on {summary['pairs']} pairs: {relation} the better "
+            f"baseline")

@@ -7,6 +7,9 @@ import this module; it imports none of them.
 
 * ``variant`` — the row name: the method plus what differs from its defaults (``dpo``,
   ``dpo[beta=0.05,pairs=64]``; ``start`` for the starting checkpoint). Without it: ``method``.
+* ``task_details.judge_check`` — a judged task's check of its judge against GPT-4 (``status`` checked | unchecked,
+  ``agreement``, ``best_baseline``, ``baseline_name``, ``pairs``, ``below_baseline``; ``tasks/win_rate.py``).
+  Without it: no mark.
 * ``measurement_key`` — hash of how a task was measured (task, version, config, evaluation settings, judge):
   equal keys were measured the same way. Without it: ``task_key`` (older records' task-config hash), so an
   older record never counts as measured like a newer one.
@@ -37,7 +40,12 @@ newest record only, so a rank always compares one measurement.
 **Unified score.** Each task's *primary* metrics (the task config's ``primary_metrics``; by default every
 metric whose values lie in [0, 1] and whose name has no ``/`` breakdown) are mapped to [0, 1] with higher
 better — ``v`` when higher is better, ``1 − v`` otherwise (toxicity) —; a task's score is the mean of its
-mapped primary metrics; the unified score is the mean over the tasks the row was scored on.
+mapped primary metrics; the unified score is the mean over the tasks the row was scored on — except a task whose
+judge agrees with GPT-4 less than the better of the length and constant baselines on its judge check (any of its
+records says ``below_baseline``): that task is left out of every row's unified score, its columns carry
+``JUDGE_MARK`` on every export with a one-line footnote (``judge_warning``), unless the records' task config sets
+``count_below_baseline_judge: true`` (then it counts, still marked). A task whose judge could not be checked
+(``unchecked``: no GPT-4 annotations here) is marked and counted.
 
 **Rank**, within a (family, setting): only rows scored on as many tasks as the most complete row and, on
 every task, comparable with the group's reference (the start row, or without one the first row scored on
@@ -92,6 +100,7 @@ CONSUMED_COLUMNS = [
     ("peak_memory_mib", "peak MiB"),
 ]
 SETTING_ORDER = {"pretrained": 0, "sft": 1, "instruct": 2}
+JUDGE_MARK = "†"           # on every column of a task whose judge is below baseline or unchecked (see judge_warning)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,6 +114,11 @@ def measurement_key_of(record: dict) -> str:
     """How the record's task was measured; records written before ``measurement_key`` existed fall back to
     their ``task_key`` (then the task-config hash)."""
     return record.get("measurement_key") or record["task_key"]
+
+
+def judge_check_of(record: dict) -> dict | None:
+    """The record's check of its judge against GPT-4 (``task_details.judge_check``), None for unjudged tasks."""
+    return (record.get("task_details") or {}).get("judge_check")
 
 
 def primary_metrics(record: dict) -> list[str]:
@@ -263,6 +277,8 @@ class Board:
                                                      self.variants[k] != START, first_seen[k]))
         self.tasks = list(dict.fromkeys(r["task"] for r in self.records))
         self._samples: dict[tuple, list[dict]] = {}
+        self.excluded_tasks = [t for t in self.tasks if self._judge_below_baseline(t) and not self._counted_anyway(t)]
+        self._judge_warnings = {t: self._judge_warning_text(t) for t in self.tasks}
 
     @staticmethod
     def key_of(record: dict, labels: dict[str, tuple[str, str]]) -> tuple:
@@ -359,8 +375,60 @@ class Board:
         return sum(mapped(record["metrics"][n]["value"], record["metrics"][n]["higher_is_better"]) for n in names) / len(names)
 
     def unified(self, key: tuple) -> tuple[float | None, int]:
-        scores = [s for s in (self.task_score(key, t) for t in self.tasks) if s is not None]
+        scores = [s for s in (self.task_score(key, t) for t in self.unified_tasks()) if s is not None]
         return (sum(scores) / len(scores) if scores else None), len(scores)
+
+    def unified_tasks(self) -> list[str]:
+        """The tasks the unified score averages: all but those whose judge is below baseline (module docstring)."""
+        return [t for t in self.tasks if t not in self.excluded_tasks]
+
+    # judge checks ---------------------------------------------------------------------------
+    def judge_checks(self, task: str) -> list[dict]:
+        """The judge checks of ``task``'s scored records, one per distinct check."""
+        checks = [judge_check_of(r) for key in self.keys for r in [self.record(key, task)] if r]
+        return list({json.dumps(c, sort_keys=True, default=str): c for c in checks if c}.values())
+
+    def _judge_below_baseline(self, task: str) -> list[dict]:
+        checks = [c for c in self.judge_checks(task) if c.get("status") == "checked" and c.get("below_baseline")]
+        return sorted(checks, key=lambda c: c["agreement"] - c["best_baseline"])
+
+    def _counted_anyway(self, task: str) -> bool:
+        configs = [(r.get("task_config") or {}) for key in self.keys for r in [self.record(key, task)] if r]
+        return bool(configs) and all(c.get("count_below_baseline_judge") is True for c in configs)
+
+    def judge_warning(self, task: str) -> str | None:
+        """One line for the footnote of ``task``'s columns (marked ``JUDGE_MARK``) when its judge agrees with GPT-4 less
+        than the better baseline or was not checked; None otherwise (or for a task without a judge)."""
+        return self._judge_warnings.get(task)
+
+    def _judge_warning_text(self, task: str) -> str | None:
+        below = self._judge_below_baseline(task)
+        if below:
+            check = below[0]
+            judge = check.get("judge") or {}
+            counted = ("left out of the unified score" if task in self.excluded_tasks
+                       else "counted in the unified score (count_below_baseline_judge: true)")
+            return (f"{task}: its judge ({judge.get('type', '?')} {judge.get('model', '')}".rstrip() + ") agrees with "
+                    f"GPT-4 {check['agreement']:.3f} vs {check['best_baseline']:.3f} for the "
+                    f"{str(check['baseline_name']).replace('_', ' ')} baseline on {check['pairs']} pairs: below the "
+                    f"better baseline; {counted}")
+        unchecked = [c for c in self.judge_checks(task) if c.get("status") != "checked"]
+        if unchecked:
+            return f"{task}: its judge was not checked against GPT-4 ({unchecked[0].get('reason') or 'no reason given'})"
+        return None
+
+    def judge_mark(self, task: str) -> str:
+        """``JUDGE_MARK`` for a task with a ``judge_warning``, else ``""``."""
+        return JUDGE_MARK if self.judge_warning(task) else ""
+
+    def judge_footnotes(self, tasks: list[str] | None = None) -> list[str]:
+        """``† <judge_warning>`` for each of ``tasks`` (default: all) that has one: what every export prints."""
+        return [f"{JUDGE_MARK} {w}" for w in (self.judge_warning(t) for t in (self.tasks if tasks is None else tasks)) if w]
+
+    def marked(self, column: str) -> str:
+        """``column`` (``task/metric`` or a task name) with `` †`` when its task has a ``judge_warning``."""
+        mark = self.judge_mark(column.split("/", 1)[0])
+        return f"{column} {mark}" if mark else column
 
     # ranks ----------------------------------------------------------------------------------
     def reference(self, members: list[tuple], task: str) -> tuple | None:
@@ -477,7 +545,8 @@ class Board:
     def unified_difference(self, key: tuple, other: tuple) -> dict | None:
         """``key − other`` on the unified score: per task the paired item differences, items resampled within
         each task; only over tasks both rows were scored on, all comparable."""
-        tasks = [t for t in self.tasks if self.task_score(key, t) is not None or self.task_score(other, t) is not None]
+        tasks = [t for t in self.unified_tasks()
+                 if self.task_score(key, t) is not None or self.task_score(other, t) is not None]
         if any(self.task_score(key, t) is None or self.task_score(other, t) is None for t in tasks):
             return {"note": "not comparable: scored on different tasks"}
         for task in tasks:
@@ -672,6 +741,9 @@ def table_rows(board: Board) -> list[dict]:
         for task in board.tasks:
             add_difference(row, f"delta {task}", board.paired_difference(key, start, task) if compared else None,
                            seeds=several)
+            warning = board.judge_warning(task)
+            if warning and board.record(key, task, ok=False):
+                row[f"judge_warning {task}"] = warning
         for column in bounded_metrics:
             task, name = column.split("/", 1)
             add_difference(row, f"delta {column}", board.paired_difference(key, start, task, name) if compared else None,

@@ -92,13 +92,16 @@ def table_data(board: Board, labels: Labels) -> tuple[dict, dict]:
     for task, name in headline:
         higher = next((m.get("higher_is_better") for m in (board.metric(k, f"{task}/{name}", fill=False) for k in board.keys)
                        if m), True)
-        main_columns.append({"key": f"{task}/{name}", "label": labels.metric(task, name) + ("" if higher else " (lower better)"),
+        mark = board.judge_mark(task)  # † a task whose judge is below its baselines (the footnote under the table)
+        main_columns.append({"key": f"{task}/{name}", "label": labels.metric(task, name) + (f" {mark}" if mark else "")
+                             + ("" if higher else " (lower better)"),
                              "title": f"{task}/{name} ({'higher' if higher else 'lower'} better); "
                                       f"Δ below: the {task} task score's difference from the start row"})
     main_columns.append({"key": "status", "label": "status", "title": "status"})
     details_columns = [{"key": "group", "label": "family · setting", "title": "model family · starting setting"},
                        {"key": "variant", "label": "variant", "title": "variant"}]
-    details_columns += [{"key": m, "label": labels.column(m), "title": m, "breakdown": "/" in m.split("/", 1)[1]} for m in metrics]
+    details_columns += [{"key": m, "label": labels.column(m) + (f" {board.judge_mark(m.split('/', 1)[0])}"
+                                                             if board.judge_mark(m.split("/", 1)[0]) else ""), "title": m, "breakdown": "/" in m.split("/", 1)[1]} for m in metrics]
     details_columns += [{"key": f"delta {t}", "label": f"Δ {labels.task(t)}", "title": f"delta {t}"} for t in board.tasks]
     details_columns += [{"key": name, "label": title, "title": name} for name, title in budget]
     details_columns.append({"key": "reason", "label": "status", "title": "status and reason"})
@@ -171,6 +174,9 @@ def html_page(board: Board, plots: dict[str, Path]) -> str:
                                  "difference and 95 % interval; filled and starred = significant") + "</section>")
     sections.append(MAIN.replace("__LEGEND__", html.escape(LEGEND)).replace("__SPAN__", f"{DIFFERENCE_MIN_SPAN:g}")
                     .replace("__TIE_TOLERANCE__", f"{TIE_TOLERANCE:g}"))
+    footnotes = "".join(f'<p class="judge-warning">{html.escape(line)}</p>' for line in board.judge_footnotes())
+    if footnotes:  # judges below the better GPT-4-agreement baseline, or unchecked (harness.report.board)
+        sections.append(f'<section id="judge-warnings">{footnotes}</section>')
     others = "".join(figure(name, path, PLOT_CAPTIONS.get(name, name)) for name, path in plots.items()
                      if name != "forest" and path.exists())
     if others:
@@ -218,7 +224,7 @@ tr.start td{background:#f7f7f7}tr.first td{border-top:2px solid #888}
 figure{display:inline-block;margin:0.5em}img{max-width:100%}#forest img{max-width:1300px}
 #details-table td,#details-table th{white-space:nowrap}summary h2{display:inline;font-size:1.2em}details{margin:0.8em 0}.scroll{overflow-x:auto;max-width:100%}
 #viewer pre{white-space:pre-wrap;background:#fafafa;border:1px solid #ddd;padding:6px;max-height:22em;overflow:auto}
-.controls label{margin-right:1em}#legend{max-width:1300px}
+.controls label{margin-right:1em}#legend{max-width:1300px}p.judge-warning{color:#8a4b00;font-size:13px;margin:0.3em 0}
 </style></head><body>
 <h1>__TITLE__</h1>
 __SECTIONS__

@@ -39,6 +39,13 @@ __all__ = ["Board", "build_leaderboard", "compare", "compare_text", "csv_text", 
 
 # ---------------------------------------------------------------------------------------------
 # formatting
+def judged(board: Board, column: str) -> str:
+    """`` †`` after a column (``task/metric`` or a task) whose task's judge is below its baselines or unchecked
+    (``Board.judge_warning``; the footnote says which), else ``""``."""
+    mark = board.judge_mark(column.split("/", 1)[0])
+    return f" {mark}" if mark else ""
+
+
 def fmt_value(metric: dict | None) -> str:
     """``0.5000 ± 0.0100``; a mean over seeds adds its spread: ``0.5000 ± 0.0100 (sd 0.0200)``."""
     if not metric or metric.get("value") is None:
@@ -121,6 +128,9 @@ def markdown(board: Board, plots: dict[str, Path] | None = None) -> str:
     shown_headline = [f"{task}/{name}" for task, name in headline.items() if name]
     if shown_headline:
         out += ["Columns: " + "; ".join(f"{labels.column(c)} = `{c}`" for c in shown_headline) + ".", ""]
+    footnotes = board.judge_footnotes()
+    if footnotes:  # judges below the better GPT-4-agreement baseline (or unchecked): marked columns (harness.report.board)
+        out += [*footnotes, ""]
     # budget columns no run filled (e.g. gen tokens in a sweep without online methods) are left out; the CSV keeps all
     budget_columns = [(name, title) for name, title in CONSUMED_COLUMNS
                       if any(board.consumed(key).get(name) is not None for key in board.keys)]
@@ -129,8 +139,9 @@ def markdown(board: Board, plots: dict[str, Path] | None = None) -> str:
         compared = [key for key in keys if start not in (None, key)]
         out += [f"## {family} · {setting}", ""]
         seeds = ["seeds"] if board.several_seeds else []
-        header = ["variant", "unified", "rank", *seeds, *[labels.column(c) + direction(board, keys, c) for c in shown_headline],
-                  *([f"Δ {labels.task(t)}" for t in board.tasks] if compared else []), "status"]
+        header = ["variant", "unified", "rank", *seeds,
+                  *[labels.column(c) + judged(board, c) + direction(board, keys, c) for c in shown_headline],
+                  *([f"Δ {labels.task(t)}{judged(board, t)}" for t in board.tasks] if compared else []), "status"]
         out += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
         for key in keys:
             unified, _ = board.unified(key)
@@ -148,7 +159,7 @@ def markdown(board: Board, plots: dict[str, Path] | None = None) -> str:
         if shown:
             breakdown_lines = ["### Breakdowns", "", "| metric | " + " | ".join(key[2] for key in keys) + " |",
                                "|" + "|".join("---" for _ in range(len(keys) + 1)) + "|",
-                               *["| " + " | ".join([labels.column(m), *[fmt_value(board.metric(key, m)) for key in keys]]) + " |"
+                               *["| " + " | ".join([labels.column(m) + judged(board, m), *[fmt_value(board.metric(key, m)) for key in keys]]) + " |"
                                  for m in shown], ""]
         parts = [("all metrics", all_metrics_markdown(board, labels, keys, metrics)),
                  ("budget", budget_markdown(board, keys, budget_columns)),
@@ -208,7 +219,7 @@ def metric_differences_markdown(board: Board, labels: Labels, keys: list[tuple],
         task, name = column.split("/", 1)
         cells = [marked(board.paired_difference(key, start, task, name)) for key in others]
         if any(cell != "—" for cell in cells):
-            rows.append("| " + " | ".join([labels.column(column) + direction(board, keys, column), *cells]) + " |")
+            rows.append("| " + " | ".join([labels.column(column) + judged(board, column) + direction(board, keys, column), *cells]) + " |")
     if not rows:
         return []
     return ["### Δ per metric from start", "",
@@ -240,7 +251,7 @@ def latex(board: Board) -> str:
         legend = " " + escape_latex(LEGEND).replace(escape_latex(MARK), f"\\textsuperscript{{{MARK}}}", 1) if start else ""
         out += ["\\begin{table}[t]", "\\centering", f"\\caption{{{escape_latex(family)} · {escape_latex(setting)}: "
                 f"value $\\pm$ standard error; best in bold.{legend}}}", "\\begin{tabular}{l" + "r" * len(columns) + "}",
-                "\\toprule", "Variant & " + " & ".join("Unified score" if c == "unified" else escape_latex(labels.column(c))
+                "\\toprule", "Variant & " + " & ".join("Unified score" if c == "unified" else escape_latex(labels.column(c)) + ("\\textsuperscript{\\dag}" if c != "unified" and board.judge_mark(c.split("/", 1)[0]) else "")
                                                        for c in columns) + " \\\\", "\\midrule"]
         best: dict[str, float] = {}
         for column in columns:
@@ -274,7 +285,10 @@ def latex(board: Board) -> str:
                 text = f"\\textbf{{{text}}}" if column in best and abs(oriented - best[column]) < 1e-12 else text
                 cells.append(text + (f"\\textsuperscript{{{MARK}}}" if significant(difference) else ""))
             out.append(" & ".join(cells) + " \\\\")
-        out += ["\\bottomrule", "\\end{tabular}", "\\end{table}", ""]
+        out += ["\\bottomrule", "\\end{tabular}"]
+        shown_tasks = dict.fromkeys(c.split("/", 1)[0] for c in metrics)  # judge warnings: \dag on the columns above
+        out += ["\\par\\footnotesize \\dag{} " + escape_latex(w) for w in map(board.judge_warning, shown_tasks) if w]
+        out += ["\\end{table}", ""]
     return "\n".join(out)
 
 

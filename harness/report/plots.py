@@ -103,7 +103,8 @@ def forest_plot(board, folder: Path) -> Path | None:
             if mark:
                 axis.text(row["high"], position, f" {MARK}", fontsize=9, color=colour, va="center", fontweight="bold")
         axis.set_xlim(-span, span)
-        axis.set_title(labels.task(task), fontsize=9)
+        judge = board.judge_mark(task) if task != "unified" else ""  # † a judge below its baselines: footnote below
+        axis.set_title(labels.task(task) + (f" {judge}" if judge else ""), fontsize=9)
         axis.grid(axis="x", alpha=0.3)
         axis.tick_params(axis="x", labelsize=7)
         axis.set_xlabel("Δ from start (higher = better)", fontsize=7)
@@ -116,6 +117,7 @@ def forest_plot(board, folder: Path) -> Path | None:
     figure.suptitle("Difference from the start row (task scores in [0, 1], higher = better): mean paired difference "
                     f"and 95 % interval; filled, coloured and {MARK} = the interval excludes 0", fontsize=8)
     figure.tight_layout(rect=(0, 0, 1, 1 - 0.45 / figure.get_figheight()))
+    judge_footnote(figure, board.judge_footnotes([t for t in tasks if t != "unified"]))
     return _save(figure, folder, "forest")
 
 
@@ -140,11 +142,25 @@ def task_bars(board, folder: Path) -> Path | None:
         axis.bar(range(len(keys)), values, yerr=errors, capsize=3, color=colors)
         axis.set_xticks(range(len(keys)), labels, fontsize=7)
         higher = next((m.get("higher_is_better") for m in metrics if m), True)
-        axis.set_title(f"{names.column(column)} ({'higher' if higher else 'lower'} is better)", fontsize=9)
+        mark = board.judge_mark(column.split("/", 1)[0])  # † a task whose judge is below its baselines
+        axis.set_title(f"{names.column(column)}{' ' + mark if mark else ''} ({'higher' if higher else 'lower'} is better)",
+                       fontsize=9)
         axis.grid(axis="y", alpha=0.3)
     figure.suptitle("grey = starting checkpoint; whiskers = ± 1 standard error", fontsize=9)
     figure.tight_layout()
+    judge_footnote(figure, board.judge_footnotes(list(dict.fromkeys(c.split("/", 1)[0] for c in columns))))
     return _save(figure, folder, "tasks")
+
+
+def judge_footnote(figure, lines: list[str]) -> None:
+    """The judge warnings (``Board.judge_footnotes``) under a figure, in room made for them."""
+    if not lines:
+        return
+    height = figure.get_figheight()
+    extra = 0.22 * len(lines) + 0.1
+    figure.set_figheight(height + extra)
+    figure.subplots_adjust(bottom=(figure.subplotpars.bottom * height + extra) / (height + extra))
+    figure.text(0.01, 0.01, "\n".join(lines), fontsize=7, ha="left", va="bottom", wrap=True, color="#8a4b00")
 
 
 def heatmap(board, folder: Path) -> Path | None:
@@ -170,6 +186,7 @@ def heatmap(board, folder: Path) -> Path | None:
     figure.colorbar(image, ax=axis, label="unified score (fixed scale 0–1)")
     axis.set_title("unified alignment score: variant × setting", fontsize=9)
     figure.tight_layout()
+    judge_footnote(figure, board.judge_footnotes())
     return _save(figure, folder, "heatmap")
 
 
@@ -182,20 +199,24 @@ def win_rate_vs_length(board, folder: Path) -> Path | None:
         for record in board.by_key(key):
             metrics = record.get("metrics") or {}
             rate = next((v for n, v in metrics.items() if n == "win_rate"), None)
-            length = next((v for n, v in metrics.items() if "length" in n and "reference" not in n), None)
+            length = metrics.get("mean_output_chars") or next(  # win_rate's metric; not its length-controlled rate
+                (v for n, v in metrics.items() if "length" in n and "reference" not in n and "controlled" not in n), None)
             if rate and length and rate.get("value") is not None and length.get("value") is not None:
-                points.append((key, length["value"], rate["value"], rate.get("stderr") or 0.0))
+                points.append((key, length["value"], rate["value"], rate.get("stderr") or 0.0, record["task"]))
     if not points:
         return None
     figure, axis = plt.subplots(figsize=(5.5, 4))
-    for key, length, rate, stderr in points:
+    for key, length, rate, stderr, _ in points:
         axis.errorbar(length, rate, yerr=stderr, fmt="o", capsize=3)
         axis.annotate(f"{key[1]} · {key[2]}", (length, rate), fontsize=7, xytext=(4, 4), textcoords="offset points")
     axis.set_xlabel("mean output length")
     axis.set_ylabel("win rate")
-    axis.set_title("win rate against output length (longer is not better)", fontsize=9)
+    tasks = list(dict.fromkeys(key_task for _, _, _, _, key_task in points))
+    marks = " ".join(dict.fromkeys(board.judge_mark(t) for t in tasks if board.judge_mark(t)))
+    axis.set_title(f"win rate against output length (longer is not better){' ' + marks if marks else ''}", fontsize=9)
     axis.grid(alpha=0.3)
     figure.tight_layout()
+    judge_footnote(figure, board.judge_footnotes(tasks))
     return _save(figure, folder, "win_rate_vs_length")
 
 

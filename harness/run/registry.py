@@ -53,7 +53,8 @@ def group_config(group: str, name: str, overrides=None):
     return config
 
 
-RESERVED_KEYS = ("_target_", "tune_grid", "primary_metrics", "display")  # read by the sweep / leaderboard, not constructor arguments
+RESERVED_KEYS = ("_target_", "tune_grid", "primary_metrics", "display",  # read by the sweep / leaderboard, not
+                 "count_below_baseline_judge")                         # constructor arguments
 
 
 def target_class(group: str, name: str, config):
