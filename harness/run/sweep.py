@@ -45,7 +45,7 @@ from harness.train.feedback import feedback_from_config
 from harness.train.matching import ModelSizes, match_quality
 from harness.train.plan import cut_to_budget, plan_training
 from harness import debug
-from harness.inputs.cache import build_once, discard, is_whole, publish, remove_stale_temporaries
+from harness.inputs.cache import build_once, discard, entry_lock, is_whole, publish, remove_stale_temporaries
 from harness.inputs.models import check_checkpoint_spec, resolve_checkpoint
 from harness.inputs.paths import atomic_write_text, temporary_path
 from harness.protocols import Checkpoint, RewardContext, TaskContext, TrainingJob
@@ -302,6 +302,11 @@ class Sweep:
         return publish(staging, target), consumed  # the manifest last, then the rename
 
     # 3./4. scoring -----------------------------------------------------------------------
+    def scored_everywhere(self, run_id: str) -> bool:
+        """Every task of the sweep has an ``ok`` record of ``run_id``."""
+        finished = finished_keys(self.results)
+        return all((run_id, self.score_key(task, run_id).task_key) in finished for task in self.tasks)
+
     def score(self, unit: dict, checkpoint: Checkpoint | None, consumed: dict, done: set) -> None:
         for task_name, task in self.tasks.items():
             key = self.score_key(task_name, unit["run_id"])
@@ -421,6 +426,10 @@ class Sweep:
             atomic_write_text(self.results / "curves" / f"{unit['run_id']}.jsonl", curves.read_text(),
                               point="curve_write")
         self.score(unit, self._checkpoint(path, setting, reference=start.path), consumed, done)
+        if not self.cfg.get("keep_checkpoints", True) and self.scored_everywhere(unit["run_id"]):
+            with entry_lock(path):  # scored on every task: the records hold all it gives (a new task retrains it)
+                discard(path)
+            log.info("  checkpoint %s dropped (keep_checkpoints=false)", unit["run_id"])
 
     def finish(self) -> Path:
         """Rebuild the leaderboard from the records; returns its Markdown file."""
@@ -620,6 +629,7 @@ def check_sweep_config(cfg: DictConfig) -> None:
     check_names("plugins", plain("plugins") or [], "../my-plugin")
     check_bool("include_start", plain("include_start"))
     check_bool("fanout", plain("fanout"))
+    check_bool("keep_checkpoints", plain("keep_checkpoints"))
     check_int("budget.seed", plain("budget.seed"), minimum=0)  # first: seeds defaults to [budget.seed]
     seeds = check_seeds(plain("seeds"))
     unit = plain("unit")
