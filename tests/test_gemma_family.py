@@ -162,12 +162,6 @@ def test_instruct_is_skipped_offline_naming_the_hub_id_and_the_key(tmp_path):
 
 
 # the real model (slow) -------------------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def gemma_model(cache_dir) -> Path:
-    """google/gemma-3-270m de-quantized once per machine into the shared models cache (``conftest.MODELS_CACHE``)."""
-    return models.materialize_embedded("gemma3-270m", cache_dir)
-
-
 @pytest.mark.slow
 def test_the_real_base_model_is_cached_once_with_gemmas_turn_template(gemma_model, cache_dir):
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
