@@ -37,6 +37,15 @@ def own_cache(tmp_path_factory) -> Path:
     return cache
 
 
+@pytest.fixture(scope="session")
+def gemma_model(cache_dir) -> Path:
+    """The embedded google/gemma-3-270m (``embedded:gemma3-270m``), de-quantized once per machine into the shared
+    ``models/`` (~3 min the first time, on an idle machine); for tests marked slow."""
+    from harness.inputs.models import materialize_embedded
+
+    return materialize_embedded("gemma3-270m", cache_dir)
+
+
 def cache_entries(folder: Path) -> list[Path]:
     """A cache folder's entries without the bookkeeping of ``harness.inputs.cache.build_once`` (its lock files and
     ``builds.jsonl``)."""
