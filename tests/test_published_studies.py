@@ -15,7 +15,8 @@ from harness.inputs.data import FORMATS
 from harness.report.published import check_published, published_markdown
 from harness.run.registry import available, group_config
 
-EXPERIMENTS = sorted(available("experiment"))
+# the published studies: experiments with published rows (mini-study is ours: tests/test_mini_study.py)
+EXPERIMENTS = sorted(n for n in available("experiment") if group_config("experiment", n).get("published") is not None)
 
 
 def published_rows(name: str) -> list[dict]:

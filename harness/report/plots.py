@@ -39,23 +39,10 @@ def write_plots(board, folder: Path) -> dict[str, Path]:
     import matplotlib
 
     matplotlib.use("Agg")
-    plots = {}
-    forest = forest_plot(board, folder)
-    if forest:
-        plots["forest"] = forest
-    bars = task_bars(board, folder)
-    if bars:
-        plots["tasks"] = bars
-    grid = heatmap(board, folder)
-    if grid:
-        plots["heatmap"] = grid
-    scatter = win_rate_vs_length(board, folder)
-    if scatter:
-        plots["win_rate_vs_length"] = scatter
-    curves = training_curves(board, folder)
-    if curves:
-        plots["curves"] = curves
-    return plots
+    makers = {"forest": forest_plot, "tasks": task_bars, "heatmap": heatmap, "win_rate_vs_length": win_rate_vs_length,
+              "curves": training_curves}
+    plots = {name: make(board, folder) for name, make in makers.items()}
+    return {name: path for name, path in plots.items() if path}   # a plot with nothing to show is not written
 
 
 FOREST_COLOURS = {True: "#1a9850", False: "#d73027"}   # significant above 0 / below 0; not significant: grey
