@@ -47,6 +47,23 @@ def measured(folder: Path) -> dict:
     return out
 
 
+def assert_same_measurements(got: dict, expected: dict) -> None:
+    """Same keys, statuses and steps; metrics equal to float tolerance (rel 1e-5): concurrent workers and a lone process
+    pick different thread counts (harness.evaluate.continuous_batching.ThreadPolicy, torch's own kernels), so sums
+    run in another order and the last digits of a float may differ; a real difference is far larger."""
+    assert set(got) == set(expected)
+    for key, (status, metrics, steps) in got.items():
+        other_status, other_metrics, other_steps = expected[key]
+        assert (status, steps, set(metrics)) == (other_status, other_steps, set(other_metrics)), key
+        for name, metric in metrics.items():
+            for part in ("value", "stderr"):
+                mine, theirs = metric.get(part), other_metrics[name].get(part)
+                if mine is None or theirs is None:
+                    assert mine == theirs, (key, name, part)
+                else:
+                    assert mine == pytest.approx(theirs, rel=1e-5, abs=1e-7), (key, name, part)
+
+
 def builds(cache: Path) -> dict[tuple[str, str], int]:
     """(folder, entry) → how often it was built, over every ``builds.jsonl`` of the cache (the models folder too)."""
     counts: dict[tuple[str, str], int] = {}
@@ -88,7 +105,7 @@ def joblib_run(tmp_path_factory, fresh_cache) -> Path:
 
 
 def test_joblib_workers_give_the_serial_metrics_and_build_every_stage_once(serial, joblib_run, fresh_cache):
-    assert measured(joblib_run / "t") == serial
+    assert_same_measurements(measured(joblib_run / "t"), serial)
     counted = builds(fresh_cache)
     assert counted and all(n == 1 for n in counted.values()), counted
     run_ids = {r["run_id"] for r in read_records(joblib_run / "t") if r["method"] != "start"}
@@ -113,7 +130,7 @@ def test_submitit_and_ray_give_the_serial_metrics_and_build_nothing_again(serial
     before = builds(fresh_cache)
     result = sweep(tmp_path, fresh_cache, "fanout=true", *launcher)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert measured(tmp_path / "t") == serial
+    assert_same_measurements(measured(tmp_path / "t"), serial)
     assert builds(fresh_cache) == before  # every stage came from the cache the joblib run filled
 
 
@@ -126,7 +143,7 @@ def test_a_killed_job_is_redone_by_the_same_command(serial, joblib_run, fresh_ca
     assert 0 < len(measured(tmp_path / "t")) < len(serial)
     again = sweep(tmp_path, fresh_cache, "fanout=true", "hydra/launcher=workers")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert measured(tmp_path / "t") == serial  # nothing lost, nothing twice
+    assert_same_measurements(measured(tmp_path / "t"), serial)  # nothing lost, nothing twice
     assert not [p for p in (tmp_path / "t").rglob("*.tmp")]
 
 

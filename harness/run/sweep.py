@@ -454,7 +454,7 @@ class Sweep:
                                       device=self.device)
         trials, best = [], None
         for index, params in enumerate(combinations[: tune.trials], start=1):
-            overrides = OmegaConf.merge(method_overrides(self.budget, self.cfg.method_params.get(name), name), params)
+            overrides = OmegaConf.merge(method_overrides(self.budget, self.cfg.method_params.get(name), name) or {}, params)
             method, arguments = registry.build("method", name, overrides, params_key="method_params")
             kind = "logratio" if method.reference_based else "avg_logp"
             run_id = self.run_spec(start.setting, name, start, method, arguments).run_id
