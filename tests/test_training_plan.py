@@ -147,7 +147,8 @@ def test_nothing_rederives_the_plan():
             elif isinstance(node, ast.Call) and ast.unparse(node.func).split(".")[-1] == "truncate_rows":
                 found = "truncate_rows"
             elif (isinstance(node, ast.Call) and ast.unparse(node.func).split(".")[-1] == "replace" and node.args
-                  and ast.unparse(node.args[0]).endswith("budget")):
+                  and ast.unparse(node.args[0]).endswith("budget")
+                  and {k.arg for k in node.keywords} != {"seed"}):  # a seed is a replicate (seeds=[...]), not a rewrite
                 found = "replace(budget"
             else:
                 continue

@@ -468,6 +468,8 @@ class Pricer:
 
     def trials(self, setting: str, name: str) -> list[str]:
         """Each tuning trial of ``name`` as a unit (training + selection scoring); returns their run ids."""
+        from harness.run.sweep import method_overrides
+
         tune = self.cfg.tune
         combinations = self.sweep.tuning_draws(name)  # the draws Sweep.tune makes
         n = self.size(setting)
