@@ -477,7 +477,7 @@ class Pricer:
         selection_flops = 2.0 * n * sum(2 * p + c + r for p, c, r in selection)  # the trial's held-out log-probs
         run_ids = []
         for index, params in enumerate(combinations[: tune.trials], start=1):
-            overrides = OmegaConf.merge(method_overrides(self.sweep.budget, self.cfg.method_params.get(name), name) or {}, params)
+            overrides = OmegaConf.merge(method_overrides(self.sweep.budget, self.cfg.method_params.get(name), name), params)
             method, arguments = registry.build("method", name, overrides, params_key="method_params")
             unit = self.train_unit(setting, name, method, arguments, kind="trial")
             unit.name = f"{name} trial {index}/{tune.trials} {params}"

@@ -454,7 +454,7 @@ class Sweep:
                                       device=self.device)
         trials, best = [], None
         for index, params in enumerate(combinations[: tune.trials], start=1):
-            overrides = OmegaConf.merge(method_overrides(self.budget, self.cfg.method_params.get(name), name) or {}, params)
+            overrides = OmegaConf.merge(method_overrides(self.budget, self.cfg.method_params.get(name), name), params)
             method, arguments = registry.build("method", name, overrides, params_key="method_params")
             kind = "logratio" if method.reference_based else "avg_logp"
             run_id = self.run_spec(start.setting, name, start, method, arguments).run_id
@@ -749,11 +749,9 @@ def _default_arguments(cfg, method_name: str, budget: Budget | None = None) -> d
 
 
 def method_overrides(budget: Budget, params, method_name: str):
-    """The overrides a method is built with: the budget's (its learning rate) under ``method_params.<name>``."""
-    own = budget.method_overrides(method_name)
-    if not own:
-        return params
-    return OmegaConf.merge(OmegaConf.create(own), params or {})
+    """The overrides a method is built with: the budget's (its learning rate) under ``method_params.<name>``; always a
+    config (empty when neither sets anything)."""
+    return OmegaConf.merge(OmegaConf.create(budget.method_overrides(method_name)), params or {})
 
 
 def _group_defaults(group: str, name: str) -> dict:
