@@ -277,6 +277,7 @@ class Board:
                                                      self.variants[k] != START, first_seen[k]))
         self.tasks = list(dict.fromkeys(r["task"] for r in self.records))
         self._samples: dict[tuple, list[dict]] = {}
+        self._differences: dict[tuple, dict | None] = {}   # every renderer asks for the same bootstraps: one each
         self.excluded_tasks = [t for t in self.tasks if self._judge_below_baseline(t) and not self._counted_anyway(t)]
         self._judge_warnings = {t: self._judge_warning_text(t) for t in self.tasks}
 
@@ -530,7 +531,15 @@ class Board:
 
     def paired_difference(self, key: tuple, other: tuple, task: str, metric: str | None = None) -> dict | None:
         """``key − other`` on ``task``'s score (or on ``metric``) over the same items: ``{difference, low, high,
-        items}``; ``{note}`` when not comparable; None when either row lacks the record or per-item scores."""
+        items}``; ``{note}`` when not comparable; None when either row lacks the record or per-item scores.
+        Computed once per board (the exports and plots all ask); callers get their own copy."""
+        memo = ("task", key, other, task, metric)
+        if memo not in self._differences:
+            self._differences[memo] = self._paired_difference(key, other, task, metric)
+        found = self._differences[memo]
+        return dict(found) if found is not None else None
+
+    def _paired_difference(self, key: tuple, other: tuple, task: str, metric: str | None) -> dict | None:
         a = self.record(key, task)
         like = measurement_key_of(a) if a else None
         b = self.record(other, task, like=like)
@@ -544,7 +553,14 @@ class Board:
 
     def unified_difference(self, key: tuple, other: tuple) -> dict | None:
         """``key − other`` on the unified score: per task the paired item differences, items resampled within
-        each task; only over tasks both rows were scored on, all comparable."""
+        each task; only over tasks both rows were scored on, all comparable. Computed once per board."""
+        memo = ("unified", key, other)
+        if memo not in self._differences:
+            self._differences[memo] = self._unified_difference(key, other)
+        found = self._differences[memo]
+        return dict(found) if found is not None else None
+
+    def _unified_difference(self, key: tuple, other: tuple) -> dict | None:
         tasks = [t for t in self.unified_tasks()
                  if self.task_score(key, t) is not None or self.task_score(other, t) is not None]
         if any(self.task_score(key, t) is None or self.task_score(other, t) is None for t in tasks):
