@@ -24,13 +24,14 @@ def compose_sweep(*overrides: str):
 def test_default_sweep_composes_to_the_documented_defaults():
     cfg = compose_sweep()
     assert cfg.model.family == "smollm2-135m"
-    assert list(cfg.settings) == ["instruct", "sft"]
-    assert list(cfg.methods) == ["dpo", "kto"]
-    assert list(cfg.tasks) == ["truthfulqa_mc", "gsm8k", "toxicity", "win_rate"]
-    assert cfg.budget.name == "smoke" and cfg.include_start is True
+    assert list(cfg.settings) == ["instruct"]
+    assert list(cfg.methods) == ["simpo", "cpo"]
+    assert list(cfg.tasks) == ["heldout_preference", "truthfulqa_mc", "toxicity", "win_rate"]
+    assert cfg.budget.name == cfg.stage_budget.name == "small" and cfg.include_start is True
+    assert dict(cfg.budget.learning_rates) == {"all": 1.0e-4}
     assert cfg.model.checkpoints.instruct == "embedded:smollm2-135m-instruct"
     assert cfg.model.checkpoints.sft == "derived:sft:instruct"
-    assert cfg.name == "smollm2-135m-smoke"
+    assert cfg.name == "smollm2-135m-small"
 
 
 def test_sweep_cache_reaches_every_model_resolver(tmp_path, monkeypatch):

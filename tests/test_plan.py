@@ -37,21 +37,24 @@ def assert_hours_exact(report: dict) -> None:
 
 
 def test_plan_of_the_default_sweep_lists_every_unit_and_writes_nothing(tmp_path, cache_dir):
-    report = plan(cache_dir, f"paths.results={tmp_path}")
-    assert not (tmp_path / report["sweep"]).exists()  # read-only
-    # conf/sweep.yaml: settings [instruct, sft] (sft derived from instruct), start + dpo + kto, four tasks
-    assert [(u["setting"], u["kind"], u["name"]) for u in report["units"]] == [
-        ("instruct", "start", "start"), ("instruct", "train", "dpo"), ("instruct", "train", "kto"),
-        ("sft", "stage", "sft from instruct (stage_budget smoke)"),
-        ("sft", "start", "start"), ("sft", "train", "dpo"), ("sft", "train", "kto")]
-    for unit in report["units"]:
-        if unit["kind"] in ("train", "stage"):
-            assert unit["train_flops"] > 0 and unit["checkpoint"] in ("cached", "to train")
-        if unit["kind"] in ("start", "train"):
-            assert unit["score_flops"] > 0
-            assert sorted(unit["tasks_done"] + unit["tasks_to_run"]) == ["gsm8k", "toxicity", "truthfulqa_mc", "win_rate"]
-    assert report["hardware"]["name"] == "a100" and report["hardware"]["sustained_flops"] == 1.248e14
-    assert_hours_exact(report)
+    # conf/sweep.yaml: setting instruct, start + simpo + cpo, held-out preference and three suite tasks; with the sft
+    # setting added, its derived SFT stage (under the stage budget, small) comes first
+    default = [("instruct", "start", "start"), ("instruct", "train", "simpo"), ("instruct", "train", "cpo")]
+    with_sft = default + [("sft", "stage", "sft from instruct (stage_budget small)"),
+                          ("sft", "start", "start"), ("sft", "train", "simpo"), ("sft", "train", "cpo")]
+    for overrides, units in (((), default), (("settings=[instruct,sft]",), with_sft)):
+        report = plan(cache_dir, f"paths.results={tmp_path}", *overrides)
+        assert not (tmp_path / report["sweep"]).exists()  # read-only
+        assert [(u["setting"], u["kind"], u["name"]) for u in report["units"]] == units
+        for unit in report["units"]:
+            if unit["kind"] in ("train", "stage"):
+                assert unit["train_flops"] > 0 and unit["checkpoint"] in ("cached", "to train")
+            if unit["kind"] in ("start", "train"):
+                assert unit["score_flops"] > 0
+                assert sorted(unit["tasks_done"] + unit["tasks_to_run"]) == [
+                    "heldout_preference", "toxicity", "truthfulqa_mc", "win_rate"]
+        assert report["hardware"]["name"] == "a100" and report["hardware"]["sustained_flops"] == 1.248e14
+        assert_hours_exact(report)
 
 
 def test_plan_of_the_mistral_experiment_offline(cache_dir, tmp_path):

@@ -128,6 +128,7 @@ def test_method_and_task_shorthands(tmp_path, cache_dir):
 def test_embedded_model_micro_sweep(tmp_path, cache_dir):
     """The shipped default family (SmolLM2-135M-Instruct from PyPI) through the real CLI, shrunk."""
     result = run_cli("sweep", "budget=micro", "budget@stage_budget=micro", "tasks=[truthfulqa_mc]",
+                     "settings=[instruct,sft]", "methods=[dpo,kto]",
                      "+task_params.truthfulqa_mc.limit=2",
                      f"paths.results={tmp_path}", "name=e", cache=cache_dir, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]

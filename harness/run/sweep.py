@@ -132,6 +132,7 @@ class Sweep:
         self.feedback_train_rows, self.feedback_selection_rows, self.feedback_record = self.train_rows, None, "human"
         if is_binary(self.train_rows):
             self.check_binary_feedback()
+        self.check_tuning_selection()
         self.device = available_device(cfg.device) if on_this_machine else cfg.device
         if on_this_machine:
             check_engine(cfg.engine, self.device)
@@ -157,6 +158,21 @@ class Sweep:
                                    f"set {key}.match=examples")
         if not self.feedback.is_human:
             raise HarnessError(f"{why}; feedback={self.feedback.name} relabels pairs: set feedback=human")
+
+    def check_tuning_selection(self) -> None:
+        """Tuning selects on the last ``tune.heldout_pairs`` held-out pairs, ``heldout_preference`` scores the first
+        ``limit``: refuse a sweep where the two overlap (the chosen variant would be scored on the pairs it was picked
+        by)."""
+        task = self.tasks.get("heldout_preference")
+        if not self.cfg.tune.trials or task is None or is_binary(self.heldout_rows):
+            return
+        held, selection = len(self.heldout_rows), int(self.cfg.tune.heldout_pairs)
+        scored = held if task.limit is None else min(task.limit, held)
+        if scored + selection > held:
+            raise HarnessError(
+                f"tune.trials={self.cfg.tune.trials} selects on the last {selection} of the {held} held-out pairs, and "
+                f"heldout_preference scores the first {scored}: they overlap; set "
+                f"+task_params.heldout_preference.limit={max(held - selection, 0)} or tune.heldout_pairs={max(held - scored, 1)}")
 
     def seed_budget(self, seed: int | None) -> Budget:
         """The budget a run of ``seed`` trains under (None: the first seed's): ``budget`` with that seed."""
