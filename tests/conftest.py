@@ -15,6 +15,10 @@ MODELS_CACHE = Path(os.environ.get("ALIGN_HARNESS_CACHE", "~/.cache/alignment-ha
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n 2 (the README's test command) on 2 cores: one torch thread per worker and per CLI run it starts,
+    # read by torch when it loads; two threads each on cores the other worker keeps busy run several times slower
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
