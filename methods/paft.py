@@ -110,8 +110,8 @@ class PAFT:
         gc.collect()
         merge = self.merge(job, adapters)
         shutil.rmtree(job.scratch_dir, ignore_errors=True)
-        curves = ([{**c, "adapter": "sft", "sft_loss": c.pop("loss")} for c in sft["curves"] if "loss" in c]
-                  + [{**c, "adapter": "dpo"} for c in dpo["curves"]])
+        curves = ([{**{k: v for k, v in c.items() if k != "loss"}, "adapter": "sft", "sft_loss": c["loss"]}
+                   for c in sft["curves"] if "loss" in c] + [{**c, "adapter": "dpo"} for c in dpo["curves"]])
         return TrainingOutcome(
             optimizer_steps=sft["steps"] + dpo["steps"], examples=sft["examples"] + dpo["examples"],
             pairs=dpo["pairs"], policy_tokens=sft["policy_tokens"] + dpo["policy_tokens"],
