@@ -119,7 +119,8 @@ class SequenceLoop:
         if extra:
             groups.append({"params": extra, "lr": self.extra_learning_rate or self.learning_rate})
         self.trainable = self.parameters + extra
-        self.optimizer = torch.optim.AdamW(groups, weight_decay=budget.weight_decay)
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=budget.weight_decay,
+                                           fused=True if budget.optimizer.endswith("_fused") else None)
         self.scheduler = get_scheduler(budget.lr_scheduler, self.optimizer, num_warmup_steps=plan.warmup_steps,
                                        num_training_steps=plan.optimizer_steps)
         self.scaler = torch.amp.GradScaler(self.device, enabled=plan.precision == "fp16")
