@@ -163,3 +163,20 @@ def test_d2o_records_its_generation_as_forward_only_tokens(tmp_path, cache_dir):
     # forward-only = the reference's pass over the trained sequences (each negative and its 2 samples) + generation
     assert consumed["reference_tokens"] == consumed["reference_scored_tokens"] + consumed["generation_tokens"]
     assert consumed["reference_scored_tokens"] == consumed["policy_tokens"]
+
+
+def test_sequence_logps_sum_each_completions_log_probs(tiny_model):
+    """The own loop's scoring (only the scored positions through the LM head) against a plain log-softmax per sequence."""
+    from transformers import AutoModelForCausalLM
+
+    from harness.train.sequence_loop import sequence_logps
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    sequences = [([1, 5, 7, 9, 11], [3, 4, 5]), ([2, 3], [8, 9, 10, 11, 12]), ([4, 4, 4], [6])]
+    sums, states = sequence_logps(model, sequences, pad_id=0, device="cpu", prompt_states=True)
+    for (prompt, completion), value, state in zip(sequences, sums, states):
+        output = model(torch.tensor([prompt + completion]), output_hidden_states=True)
+        logps = torch.log_softmax(output.logits[0, :-1].float(), dim=-1)
+        expected = sum(logps[len(prompt) - 1 + i, token] for i, token in enumerate(completion))
+        assert value.item() == pytest.approx(expected.item(), abs=1e-4)
+        assert torch.allclose(state, output.hidden_states[-1][0, len(prompt) - 1], atol=1e-5)

@@ -49,9 +49,13 @@ def sequence_logps(model, sequences: list[tuple[list[int], list[int]]], *, pad_i
         attention[row, : lengths[row]] = 1
         scored[row, max(len(prompt) - 1, 0): lengths[row] - 1] = 1.0  # position t predicts token t + 1
     ids, attention, scored = ids.to(device), attention.to(device), scored.to(device)
-    output = model(input_ids=ids, attention_mask=attention, output_hidden_states=prompt_states)
-    logps = torch.log_softmax(output.logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-    sums = (logps * scored).sum(-1)
+    # the LM head projects only the positions from the shortest prompt's last token on (logits_to_keep): the
+    # vocabulary-wide projection of prompt positions nobody scores is skipped, as TRL's compact head does
+    first = max(min(len(p) for p, _ in sequences) - 1, 0)
+    keep = torch.arange(first, width - 1, device=device)
+    output = model(input_ids=ids, attention_mask=attention, output_hidden_states=prompt_states, logits_to_keep=keep)
+    logps = torch.log_softmax(output.logits.float(), dim=-1).gather(-1, ids[:, first + 1:, None]).squeeze(-1)
+    sums = (logps * scored[:, first:]).sum(-1)
     if not prompt_states:
         return sums, None
     last = torch.tensor([max(len(p) - 1, 0) for p, _ in sequences], device=device)
