@@ -103,6 +103,8 @@ def learning_rate_overrides(methods: list[str]) -> list[str]:
 # the toy set its loss falls and every parameter moves, but held-out accuracy falls too. That is the
 # loss, not the harness; the accuracy check is waived for it alone.
 ACCURACY_WAIVED = {"discopop"}
+# Methods that train LoRA adapters on the linear layers by design (PAFT merges two): embeddings and norms stay
+ADAPTER_METHODS = {"paft"}
 
 
 def offline_methods() -> list[str]:
@@ -135,7 +137,8 @@ def test_every_method_learns_the_toy_preference(tmp_path, cache_dir):
         if not losses[-1] < losses[0]:
             problems.append(f"{method}: loss did not fall {losses}")
         trained = load_file(next((cache_dir / "checkpoints" / record["run_id"]).glob("*.safetensors")))
-        unchanged = [name for name, tensor in start_weights.items() if torch.equal(tensor, trained[name])]
+        unchanged = [name for name, tensor in start_weights.items() if torch.equal(tensor, trained[name])
+                     and not (method in ADAPTER_METHODS and (tensor.dim() < 2 or name.endswith("embed_tokens.weight")))]
         if unchanged:
             problems.append(f"{method}: parameters unchanged {unchanged[:3]}")
         metrics = record["metrics"]
