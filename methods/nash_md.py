@@ -97,6 +97,9 @@ class NashMD:
         return float(sequence), 4.0 * sequence + oracle
 
     def train(self, job: TrainingJob) -> TrainingOutcome:
+        if job.engine == "vllm":
+            raise HarnessError(f"{self.name} samples the policy/reference mixture token by token through HF generate: "
+                               f"engine=vllm is not supported; use engine=harness")
         from datasets import Dataset
         from transformers import AutoTokenizer
         from trl.experimental.online_dpo import OnlineDPOConfig
@@ -108,9 +111,6 @@ class NashMD:
         if self.judge is None and job.reward is None:
             raise HarnessError(f"{self.name} needs a preference: set reward=<name> (conf/reward/) or "
                                f"+method_params.{self.name}.judge.type=<judge type>")
-        if job.engine == "vllm":
-            raise HarnessError(f"{self.name} samples the policy/reference mixture token by token through HF generate: "
-                               f"engine=vllm is not supported; use engine=harness")
         budget = job.budget
         tokenizer = AutoTokenizer.from_pretrained(job.start_checkpoint)
         judge = JudgeOracle(self.judge, job, self.name) if self.judge else None
