@@ -20,7 +20,8 @@ Each round t = 1..``rounds`` on a fresh chunk of the budget's prompts (the round
    practical logistic form.
 
 Every round runs and the last is kept (DNO's monotonic improvement; no held-out stopping rule). A round whose filter
-leaves no pair ends the loop early (the first one: an error naming ``margin``).
+leaves no pair ends the loop early (the first one: an error naming ``margin``). A budget with fewer than
+``rounds × budget.batch_pairs`` prompts trains as many rounds as it holds (``rounds_planned`` vs ``rounds_done``).
 
 **Budget** and **tokens / FLOPs** as ``iterative_dpo`` (policy-parameter equivalents, see ``methods/ppo.py``): the DPO
 rounds' own counts plus, forward-only, generation tokens (K samples per prompt) and the oracle's reading — the reward's
@@ -134,9 +135,12 @@ class DNO:
             return pairs, {"filtered": counts["filtered"], "mean_margin": sum(margins) / len(margins) if margins else None,
                            **oracle.round_statistics()}
 
-        rounds = train_in_rounds(job, name=self.name, rounds=self.rounds, label=label,
+        # a budget too small for every round (budget.pairs < rounds × batch_pairs, e.g. budget=micro) trains fewer
+        # rounds of budget.batch_pairs prompts each, recorded as rounds_planned vs rounds_done
+        affordable = max(1, min(self.rounds, len(job.plan.rows) // job.budget.batch_pairs))
+        rounds = train_in_rounds(job, name=self.name, rounds=affordable, label=label,
                                  round_method=PairwiseRound(beta=self.beta, learning_rate=self.learning_rate))
-        extra = {**rounds.summary(), "generation_tokens": sampler.tokens,
+        extra = {**rounds.summary(), "rounds_planned": self.rounds, "generation_tokens": sampler.tokens,
                  "round_filtered": [h["filtered"] for h in rounds.trained],
                  "round_mean_margins": [h["mean_margin"] for h in rounds.trained],
                  "flops_accounting": "policy-parameter equivalents (methods/ppo.py)", **oracle.record(rounds.parameters)}
