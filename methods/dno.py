@@ -69,7 +69,7 @@ class DNO:
     reference_based = True
 
     def __init__(self, name: str = "dno", rounds: int = 3, samples: int = 5, include_chosen: bool = True,
-                 margin: float = 0.05, beta: float = 0.1, learning_rate: float = 5e-7, temperature: float = 0.7,
+                 margin: float = 0.0, beta: float = 0.1, learning_rate: float = 5e-7, temperature: float = 0.7,
                  judge: dict | None = None):
         from harness.evaluate.judges import checked_judge_config
         from harness.train.rounds import check_rounds
