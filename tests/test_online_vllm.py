@@ -21,7 +21,7 @@ from harness.run import registry
 from harness.train.plan import plan_training
 from test_accelerate import ROWS, budget
 
-ONLINE = ("ppo", "rloo", "grpo", "online_dpo", "iterative_dpo", "sppo", "rso", "self_rewarding")
+ONLINE = ("ppo", "rloo", "grpo", "online_dpo", "iterative_dpo", "sppo", "rso", "self_rewarding", "nash_md", "dno")
 needs_gpu = pytest.mark.skipif(find_spec("vllm") is None or not torch.cuda.is_available(),
                                reason="gpu: needs a CUDA device and the vllm package (pip install vllm==0.33.*)")
 
@@ -68,7 +68,7 @@ def test_trl_online_methods_sample_with_colocated_vllm(tmp_path, tiny_model, mon
     assert captured.value.args[0].use_vllm is False  # the default engine: HF generate
 
 
-@pytest.mark.parametrize("name", ["iterative_dpo", "sppo", "rso", "self_rewarding"])
+@pytest.mark.parametrize("name", ["iterative_dpo", "sppo", "rso", "self_rewarding", "dno"])
 def test_round_methods_sample_through_the_vllm_engine(tmp_path, tiny_model, monkeypatch, name):
     import harness.train.rounds as rounds
 
@@ -80,6 +80,15 @@ def test_round_methods_sample_through_the_vllm_engine(tmp_path, tiny_model, monk
     with pytest.raises(Captured) as captured:
         method.train(job)
     assert captured.value.args[0] == "vllm"
+
+
+def test_nash_md_refuses_the_vllm_engine(tmp_path, tiny_model):
+    """Nash-MD's mixture samples need the reference's logits at every token: HF generate only, engine=vllm refused."""
+    from harness.errors import HarnessError
+
+    method, job = vllm_job(tmp_path, tiny_model, "nash_md")
+    with pytest.raises(HarnessError, match="engine=vllm"):
+        method.train(job)
 
 
 def test_the_vllm_sampler_asks_the_generator_for_vllm(monkeypatch, tiny_model):
