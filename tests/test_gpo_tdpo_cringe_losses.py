@@ -184,3 +184,47 @@ def test_scored_window_and_sequence_sums():
     rows = torch.arange(2).unsqueeze(1).expand_as(mask)[mask]
     assert rows.tolist() == [0, 0, 1, 1, 1]
     assert sequence_sums(t(1, 2, 3, 4, 5), rows, 2).tolist() == [3.0, 12.0]
+
+
+def test_packed_logits_score_what_trls_fused_head_scores(tiny_model):
+    """The token-level trainer's logits (``logits_to_keep`` over the scored window, packed by the completion mask) give
+    the same sequence log-probs as TRL's fused LM head, which DPO's log-ratios come from."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from harness.train.token_batch import token_logps
+    from harness.train.token_level import TokenLevelDPOTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="eager").eval()
+    add_fused_lm_head(model)
+    # right-padded [chosen; rejected] rows of different prompt and completion lengths, as TRL's collator makes them
+    input_ids = torch.tensor([[5, 6, 7, 8, 9, 0], [5, 6, 10, 11, 0, 0], [5, 6, 7, 12, 0, 0], [5, 6, 13, 14, 15, 16]])
+    attention_mask = (torch.arange(6) < torch.tensor([[5], [4], [4], [6]])).long()
+    completion_mask = torch.tensor([[0, 0, 0, 1, 1, 0], [0, 0, 1, 1, 0, 0], [0, 0, 0, 1, 0, 0], [0, 0, 1, 1, 1, 1]])
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    with torch.no_grad():
+        fused = model(**kwargs, labels=input_ids.masked_fill(completion_mask == 0, -100), fused_lm_head=True)
+        expected = fused.log_probs.sum(dim=1)
+        positions, mask = scored_window(completion_mask)
+        logits = TokenLevelDPOTrainer._logits(None, model, kwargs, positions, mask)
+    labels = input_ids[:, 1:][:, positions][mask]
+    rows = torch.arange(4).unsqueeze(1).expand_as(mask)[mask]
+    assert logits.shape == (int(completion_mask[:, 1:].sum()), model.config.vocab_size)
+    torch.testing.assert_close(sequence_sums(token_logps(logits, labels), rows, 4), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_flops_matching_prices_tdpos_reference_and_not_cringes():
+    """``budget.match=flops``: TDPO's reference forward on every visit is priced like DPO's reference (2·N a token),
+    reference-free CRINGE like SimPO (tests/test_matching_and_learning.py::test_matched_visits_by_hand's numbers)."""
+    from harness.train.budget import Budget
+    from harness.train.matching import matched_visits
+    from methods.cringe import Cringe
+    from methods.tdpo import TDPO
+
+    budget = Budget(name="b", pairs=4, epochs=1, max_prompt_tokens=8, max_completion_tokens=8, batch_pairs=1,
+                    micro_batch_pairs=1, optimizer="adamw_torch", lr_scheduler="constant", warmup_ratio=0.0,
+                    weight_decay=0.0, max_grad_norm=1.0, seed=0, precision="fp32", match="flops")
+    lengths = [(10, 5, 5)] * 4
+    # target 4 visits × (6 + 2)·30 = 960; TDPO pays (6 + 2)·30 = 240 a visit → 4; CRINGE 6·30 = 180 → 5.33 → 5
+    assert matched_visits(budget, TDPO(), lengths) == 4
+    assert matched_visits(budget, Cringe(), lengths) == 5
