@@ -2,7 +2,7 @@
 Ávila Pires & Piot 2024, "Generalized Preference Optimization: A Unified Approach to Offline Alignment",
 arXiv:2402.05749, ICML 2024).
 
-One offline loss family: a convex function f of the scaled log-ratio difference (the paper's GPO objective, Sec. 3),
+One offline loss family: a convex function f of the scaled log-ratio difference (the paper's GPO objective),
 
     L_GPO = E[ f(β·ρ_θ) ],   ρ_θ = log πθ(y_w|x)/π_ref(y_w|x) − log πθ(y_l|x)/π_ref(y_l|x),
 

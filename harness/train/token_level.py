@@ -11,10 +11,10 @@ Cost, and the cheapest correct way to get the reference's distributions:
 * Logits are projected only at the window of positions that predict some completion token of the micro-batch
   (``logits_to_keep``, the model's own forward and its own logit scaling / soft-capping), then packed to the completion
   tokens: a [tokens × vocabulary] fp32 tensor for the policy, with its gradient (smoke budget, SmolLM2: 8 sequences
-  × ≤ 64 tokens × 49,152 ≈ 100 MB, about 3× that with the log-softmax and its backward).
+  × ≤ 64 tokens × 49,152 × 4 bytes ≤ 100 MB), plus the log-softmax's and the backward's tensors of the same size.
 * A loss that reads the reference's distributions (TDPO) cannot use the precomputed, cached sequence log-probs of the
-  other DPO-family methods: one row's distributions are completion tokens × vocabulary floats (SmolLM2, 64 tokens:
-  12.6 MB a sequence, 50 GB for 4,000 rows), so storing them costs more than recomputing. The reference runs
+  other DPO-family methods: one completion's distributions are its tokens × vocabulary floats (SmolLM2, 64 tokens:
+  12.6 MB; 100 GB for the two completions of 4,000 pairs), so storing them costs more than recomputing. The reference runs
   forward (no gradient) on every micro-batch instead: TRL's ``precompute_ref_log_probs=False`` path, which keeps a
   second copy of the model in memory (N parameters; none with LoRA, where the reference is the adapter switched
   off). FLOPs: 2·N per token on every visit — the forward-only token per trained token that ``budget.match`` prices
