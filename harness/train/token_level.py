@@ -84,7 +84,7 @@ class TokenLevelDPOTrainer(HarnessDPOTrainer):
         completion_mask = inputs["completion_mask"]
         positions, mask = scored_window(completion_mask)
         rows = torch.arange(completion_mask.size(0), device=completion_mask.device).unsqueeze(1).expand_as(mask)
-        labels = inputs["input_ids"][:, 1:][:, positions][mask] if positions.numel() else inputs["input_ids"][:, :0][mask]
+        labels = inputs["input_ids"][:, 1:][:, positions][mask]  # position p's logits predict token p + 1
         batch = TokenBatch(logits=self._logits(model, model_kwargs, positions, mask), labels=labels,
                            sequence=rows[mask], pairs=completion_mask.size(0) // 2)
         if getattr(self.token_loss, "reference_logits", False):
