@@ -206,6 +206,26 @@ def test_sampled_variant_prices_its_generation():
         LiPO(list_size=1)
 
 
+def test_response_logps_score_only_the_responses(tiny_model):
+    """The list trainer's log-probs (projecting only positions from the shortest prompt on) equal the whole-logit
+    sum over each response's tokens; token counts are the responses' lengths."""
+    from transformers import AutoModelForCausalLM
+
+    from harness.train.listwise import collate_lists, response_logps
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    items = [{"prompt_ids": [1, 5, 7, 9], "completion_ids": [[3, 4], [8, 8, 2]], "scores": [1.0, 0.0]},
+             {"prompt_ids": [1, 6], "completion_ids": [[3], [4, 4, 4, 4]], "scores": [1.0, 0.0]}]
+    batch = collate_lists(items, 0)
+    assert batch["input_ids"].shape == (4, 6) and batch["scores"].shape == (2, 2)
+    logps, lengths = response_logps(model, batch)
+    whole = torch.log_softmax(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                              .logits[:, :-1].float(), -1)
+    expected = (whole.gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1) * batch["completion_mask"][:, 1:]).sum(-1)
+    assert torch.allclose(logps, expected, atol=1e-5)
+    assert lengths.tolist() == [2, 3, 1, 4]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # through the CLI
 

@@ -77,9 +77,13 @@ def response_logps(model, batch: dict):
     """(summed log-prob, token count) of every response in ``batch``, each shaped (B·K,)."""
     import torch
 
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    labels = batch["input_ids"][:, 1:]
-    mask = batch["completion_mask"][:, 1:].to(torch.float32)
+    # only positions from the shortest prompt on predict response tokens: project those alone (``logits_to_keep``)
+    first = max(int(batch["completion_mask"].any(dim=0).to(torch.int8).argmax()), 1)
+    width = batch["input_ids"].shape[1]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   logits_to_keep=width - first + 1).logits[:, :-1]
+    labels = batch["input_ids"][:, first:]
+    mask = batch["completion_mask"][:, first:].to(torch.float32)
     token_logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     return (token_logps * mask).sum(-1), mask.sum(-1)
 
