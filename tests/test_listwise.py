@@ -217,7 +217,7 @@ def test_response_logps_score_only_the_responses(tiny_model):
     items = [{"prompt_ids": [1, 5, 7, 9], "completion_ids": [[3, 4], [8, 8, 2]], "scores": [1.0, 0.0]},
              {"prompt_ids": [1, 6], "completion_ids": [[3], [4, 4, 4, 4]], "scores": [1.0, 0.0]}]
     batch = collate_lists(items, 0)
-    assert batch["input_ids"].shape == (4, 6) and batch["scores"].shape == (2, 2)
+    assert batch["input_ids"].shape == (4, 7) and batch["scores"].shape == (2, 2)
     logps, lengths = response_logps(model, batch)
     whole = torch.log_softmax(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                               .logits[:, :-1].float(), -1)
