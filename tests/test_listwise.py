@@ -267,7 +267,7 @@ def test_list_methods_match_tokens_and_flops(tmp_path, cache_dir, mode, key):
     result = run_cli("sweep", *LISTS, f"methods=[{','.join(METHODS)}]", "include_start=false",
                      "+task_params.heldout_preference.limit=4", "budget.pairs=24", "budget.batch_pairs=3",
                      "budget.micro_batch_pairs=3", f"budget.match={mode}", f"paths.results={tmp_path}", "name=m",
-                     cache=cache_dir)
+                     cache=cache_dir, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     consumed = {r["method"]: r["consumed"] for r in read_records(tmp_path / "m")}
     assert set(consumed) == set(METHODS)
