@@ -179,8 +179,8 @@ def test_list_matching_by_hand():
     assert trained_tokens("pairs", (10, 5, 5)) == trained_tokens("lists", (10, 5, 5)) == 30  # K = 2: a pair
     lipo, rrhf = SimpleNamespace(data_view="lists", reference_based=True), SimpleNamespace(data_view="lists",
                                                                                         reference_based=False)
-    b = budget(pairs=6)
-    assert matched_visits(b.__class__(**{**b.__dict__, "match": "examples"}), lipo, lengths) == 6
+    assert matched_visits(budget(match="examples"), lipo, lengths) == 2  # 6 pairs = 2 lists of 4
+    assert matched_visits(budget(match="examples"), lipo, [(10, 5, 5)]) == 6  # pairs: lists of 2
     # tokens: target 2 lists × 90 = 180 → 180 / 60 = 3 list visits, whatever the reference
     assert matched_visits(budget(match="tokens"), lipo, lengths) == 3
     assert matched_visits(budget(match="tokens"), rrhf, lengths) == 3

@@ -64,7 +64,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.train.budget import Budget, training_flops
-from harness.inputs.data import budget_rows, is_binary, ranked
+from harness.inputs.data import budget_rows, is_binary, lists_for_pairs, ranked
 from harness.errors import HarnessError
 from harness.evaluate.logprobs import render
 
@@ -165,8 +165,9 @@ def visit_cost(mode: str, view: str, ratio: float, lengths: tuple[int, int, int]
 def plan_visits(budget: Budget, method, lengths: list[tuple[int, int, int]], sizes: ModelSizes | None = None,
                 heldout_prompts: int = 0) -> MatchPlan:
     """Visits (cycling the budget's pairs) that bring ``method``'s estimated cost closest to the target."""
-    if budget.match == "examples":
-        return MatchPlan(visits=budget.pairs * budget.epochs)
+    if budget.match == "examples":  # list lengths (prompt + K responses): the lists the budget's pairs buy
+        per_pass = lists_for_pairs(budget.pairs, len(lengths[0]) - 1) if len(lengths[0]) > 3 else budget.pairs
+        return MatchPlan(visits=per_pass * budget.epochs)
     mode, sizes = budget.match, sizes or ModelSizes()
     reference_view, reference_ratio = REFERENCE_PROFILE
     target = budget.epochs * sum(visit_cost(mode, reference_view, reference_ratio, l) for l in lengths)
