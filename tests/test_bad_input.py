@@ -269,3 +269,23 @@ def test_malformed_record_is_refused_with_file_and_line(earlier_sweep, cache_dir
     # a sweep into that folder is refused the same way before it writes anything (sweep_config.yaml included)
     assert_refused(sweep(earlier_sweep, cache_dir, "settings=[instruct]", "methods=[]"), f"{records}:2: {fragment}")
     assert snapshot(earlier_sweep) == before
+
+
+LIST_ROW = json.dumps({"prompt": "hi", "responses": ["hello", "sure", "no"], "scores": [2, 1, 0]})
+
+
+@pytest.mark.parametrize("row, fragment", [
+    ({"prompt": "hi", "responses": ["hello"], "scores": [1]}, "field 'responses' must be a list of at least 2"),
+    ({"prompt": "hi", "responses": ["hello", "sure", "no"], "scores": [2, 1]}, "field 'scores' must be 3 finite"),
+    ({"prompt": "hi", "responses": ["hello", "sure", "no"], "ranks": [1, 0, 2]}, "field 'ranks' must be 3 positive"),
+    ({"prompt": "hi", "responses": ["hello", "sure", "no"]}, "field 'scores' (higher better) or 'ranks'"),
+    ({"prompt": "hi", "responses": ["hello", "no"], "scores": [1, 0]}, "field 'responses' has 2 responses, row 1 has 3"),
+], ids=["one-response", "scores-short", "rank-zero", "no-scores", "other-k"])
+def test_bad_list_row_names_file_row_and_field(tmp_path, cache_dir, row, fragment):
+    """A list data set (format: list) refuses a malformed row like the pair formats: file, row, field."""
+    mirror = _mirror(tmp_path, "lists.jsonl", (LIST_ROW + "\n" + json.dumps(row) + "\n").encode())
+    results = tmp_path / "results"
+    result = sweep(results, cache_dir, "data=toy-lists", "data.format=list", f"data_mirror={mirror}",
+                   "+data.mirror_file=lists.jsonl", "data.heldout_pairs=0", "methods=[lipo]")
+    assert_refused(result, f"{mirror / 'lists.jsonl'}:2: ", fragment)
+    assert not results.exists()

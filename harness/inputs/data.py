@@ -30,6 +30,21 @@ preference pairs. The held-out split is ``heldout_examples`` rows (``split_data`
 messages: UltraFeedback binarized, the Tülu 3 mixture), ``saferlhf-better`` / ``saferlhf-safer`` (PKU-SafeRLHF's
 two responses and its helpfulness or harmlessness label), ``binary``.
 
+**Lists** (``format: list`` or ``toy-list``): K ranked responses per prompt, the listwise methods' data (LiPO, RRHF,
+PRO)::
+
+    {"prompt": [...messages...], "responses": [str, ...], "scores": [float, ...], "source_row": int}
+
+``scores`` are higher-is-better; a row may give ``ranks`` instead (1 = best), stored as scores −rank. Every row
+of a list data set has the same K ≥ 2 (the run trains lists of one size). The ``lists`` view of such rows is the
+rows themselves; of preference pairs it is each pair as a list of K = 2 (chosen scored 1, rejected 0), so every
+list method also runs on pair data. **A list of K counts as K − 1 pairs** (the K − 1 adjacent comparisons that fix
+its order; a pair is a list of two): ``budget.pairs`` = P trains on the first max(1, P // (K − 1)) lists
+(``budget_rows``), and an optimizer batch of ``budget.batch_pairs`` pairs holds batch_pairs // (K − 1) lists
+(``harness.train.plan``) — exact when K − 1 divides both, as it does for pairs (K = 2). Pair methods are refused
+on list data (``view_rows``); the held-out task scores each held-out list's best response against its worst
+(``heldout_pairs_of``).
+
 Data sets are declared in ``conf/data/<name>.yaml``. They load from their hub id by default and
 from a local mirror folder when ``data_mirror`` (or ``ALIGN_HARNESS_DATA``) is set.
 """
@@ -38,6 +53,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import random
 import re
 import zlib
@@ -47,7 +63,7 @@ from typing import Iterable
 from harness.checks import check_choice, check_int, check_str
 from harness.errors import HarnessError
 
-VIEWS = ("pairs", "unpaired", "sft")
+VIEWS = ("pairs", "unpaired", "sft", "lists")
 
 
 class DataUnavailable(HarnessError):
@@ -161,10 +177,49 @@ def saferlhf_row(preference: str):
     return normalize
 
 
+def normalize_list_row(row: dict, *, where: str) -> dict:
+    """One listwise row ``{prompt, responses, scores | ranks}`` → normalized ``{prompt, responses, scores}``:
+    ``responses`` K ≥ 2 texts (or chat messages, the last turn kept), ``scores`` K numbers (higher better) or
+    ``ranks`` K integers (1 = best), stored as scores −rank. A bad row names ``where`` and the field."""
+    prompt = prompt_messages(row, where=where)
+    responses = row.get("responses")
+    if not isinstance(responses, list) or len(responses) < 2:
+        raise HarnessError(f"{where}: field 'responses' must be a list of at least 2 responses; fix or remove the row")
+    texts = []
+    for index, value in enumerate(responses):
+        if isinstance(value, list) and value and isinstance(value[-1], dict):
+            value = value[-1].get("content")
+        if not isinstance(value, str) or not value.strip():
+            raise HarnessError(f"{where}: field 'responses' item {index} is not a non-empty string; fix or remove the row")
+        texts.append(value)
+    if "scores" in row:
+        field, values = "scores", row["scores"]
+        good = isinstance(values, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                and math.isfinite(v) for v in values)
+    elif "ranks" in row:
+        field, values = "ranks", row["ranks"]
+        good = isinstance(values, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                                                for v in values)
+    else:
+        raise HarnessError(f"{where}: field 'scores' (higher better) or 'ranks' (1 = best) is missing; give one per "
+                           f"response")
+    if not good or len(values) != len(texts):
+        kind = "finite numbers" if field == "scores" else "positive integers (1 = best)"
+        raise HarnessError(f"{where}: field {field!r} must be {len(texts)} {kind}, one per response; got {values!r}")
+    scores = [float(v) for v in values] if field == "scores" else [-float(v) for v in values]
+    if len(set(scores)) == 1:
+        raise HarnessError(f"{where}: field {field!r} ranks every response the same; no order to learn: fix or remove "
+                           f"the row")
+    return {"prompt": prompt, "responses": texts, "scores": scores}
+
+
 FORMATS = {"hh": normalize_hh_row, "pairs": normalize_pair_row, "toy": normalize_pair_row,
            "binary": normalize_binary_row, "toy-binary": normalize_binary_row,
+           "list": normalize_list_row, "toy-list": normalize_list_row,
            "saferlhf-better": saferlhf_row("better_response_id"), "saferlhf-safer": saferlhf_row("safer_response_id")}
 BINARY_FORMATS = ("binary", "toy-binary")  # natively unpaired feedback: rows {prompt, completion, label}
+LIST_FORMATS = ("list", "toy-list")  # K ranked responses per prompt: rows {prompt, responses, scores}
+TOY_FORMATS = ("toy", "toy-binary", "toy-list")
 EXAMPLES_PER_PAIR = 2  # an unpaired example counts as half a preference pair (budgets, TrainingOutcome.pairs)
 
 TOY_SUBJECTS = ["the sea", "a lemon", "the sky", "snow", "grass", "coal", "a cherry", "milk", "an orange", "ink",
@@ -195,6 +250,20 @@ def toy_binary_feedback_rows(size: int) -> Iterable[tuple[int, dict]]:
         desirable = index % 3 == 0
         yield index + 1, {"prompt": f"Request {index}: please describe {subject}.",
                           "completion": "Certainly, happy to help." if desirable else "No.", "label": desirable}
+
+
+TOY_LIST_RESPONSES = ("Certainly, happy to help.", "Sure, I can help.", "Maybe later.", "No.")  # best → worst
+
+
+def toy_list_rows(size: int) -> Iterable[tuple[int, dict]]:
+    """A learnable synthetic listwise set: every prompt has the four ``TOY_LIST_RESPONSES`` scored 3, 2, 1, 0 (helpful
+    → curt), presented in an order rotating with the row so that position says nothing about rank."""
+    for index in range(size):
+        subject = TOY_SUBJECTS[index % len(TOY_SUBJECTS)]
+        order = [(index + k) % len(TOY_LIST_RESPONSES) for k in range(len(TOY_LIST_RESPONSES))]
+        yield index + 1, {"prompt": f"Request {index}: please describe {subject}.",
+                          "responses": [TOY_LIST_RESPONSES[k] for k in order],
+                          "scores": [float(len(TOY_LIST_RESPONSES) - 1 - k) for k in order]}
 
 
 def read_json_lines(path: Path) -> Iterable[tuple[int, dict]]:
@@ -244,7 +313,7 @@ def check_data_config(data_cfg) -> None:
     """The data set config's fields, before any file is read: one line naming ``data.<field>``."""
     check_str("data.name", data_cfg.get("name"))
     check_choice("data.format", data_cfg.get("format"), FORMATS)
-    if data_cfg.format in ("toy", "toy-binary"):
+    if data_cfg.format in TOY_FORMATS:
         check_int("data.size", data_cfg.get("size"), minimum=1)
     held_out = "heldout_examples" if data_cfg.format in BINARY_FORMATS else "heldout_pairs"
     if data_cfg.get(held_out) is None:
@@ -259,9 +328,10 @@ def load_preference_rows(data_cfg, data_mirror: str | Path | None) -> tuple[list
     check_data_config(data_cfg)
     normalize = FORMATS[data_cfg.format]
     rows, dropped = [], 0
-    if data_cfg.format in ("toy", "toy-binary"):
+    if data_cfg.format in TOY_FORMATS:
         source = data_cfg.format
-        raw = (toy_preference_rows if data_cfg.format == "toy" else toy_binary_feedback_rows)(int(data_cfg.size))
+        toys = {"toy": toy_preference_rows, "toy-binary": toy_binary_feedback_rows, "toy-list": toy_list_rows}
+        raw = toys[data_cfg.format](int(data_cfg.size))
     elif data_mirror:
         check_str("data.mirror_file", data_cfg.get("mirror_file"))
         path = Path(data_mirror).expanduser() / data_cfg.mirror_file
@@ -272,6 +342,10 @@ def load_preference_rows(data_cfg, data_mirror: str | Path | None) -> tuple[list
         raw = _hub_rows(data_cfg)
     for number, raw_row in raw:
         row = normalize(raw_row, where=f"{source}:{number}")
+        if row is not None and "responses" in row and rows and len(row["responses"]) != len(rows[0]["responses"]):
+            raise HarnessError(f"{source}:{number}: field 'responses' has {len(row['responses'])} responses, row "
+                               f"{rows[0]['source_row']} has {len(rows[0]['responses'])}; every list of a data set "
+                               f"must have the same number (cut or drop the others)")
         if row is None:
             dropped += 1
             continue
@@ -281,6 +355,8 @@ def load_preference_rows(data_cfg, data_mirror: str | Path | None) -> tuple[list
     if is_binary(rows):
         desirable = sum(row["label"] for row in rows)
         provenance.update(feedback="binary", desirable=desirable, undesirable=len(rows) - desirable)
+    if is_list(rows):
+        provenance.update(feedback="lists", list_size=len(rows[0]["responses"]))
     return rows, provenance
 
 
@@ -327,19 +403,69 @@ def is_binary(rows: list[dict]) -> bool:
     return bool(rows) and "label" in rows[0]
 
 
+def is_list(rows: list[dict]) -> bool:
+    """True for list rows ``{prompt, responses, scores}`` (a list data set or the ``lists`` view)."""
+    return bool(rows) and "responses" in rows[0]
+
+
+def pairs_per_list(size: int) -> int:
+    """Budget pairs one list of ``size`` responses counts as: K − 1 (see the module docstring)."""
+    return max(size - 1, 1)
+
+
+def lists_for_pairs(pairs: int, size: int) -> int:
+    """Lists of ``size`` responses that a budget of ``pairs`` pairs buys: max(1, pairs // (K − 1))."""
+    return max(1, pairs // pairs_per_list(size))
+
+
 def budget_rows(rows: list[dict], pairs: int) -> list[dict]:
-    """The rows a budget of ``pairs`` preference pairs trains on: the first ``pairs`` pairs, or of binary feedback
-    the first ``EXAMPLES_PER_PAIR``·``pairs`` examples (one pair = two unpaired examples, see the module docstring)."""
-    return rows[: pairs * EXAMPLES_PER_PAIR] if is_binary(rows) else rows[:pairs]
+    """The rows a budget of ``pairs`` preference pairs trains on: the first ``pairs`` pairs, of binary feedback
+    the first ``EXAMPLES_PER_PAIR``·``pairs`` examples (one pair = two unpaired examples), of lists the first
+    max(1, pairs // (K − 1)) lists (a list of K = K − 1 pairs; see the module docstring)."""
+    if is_binary(rows):
+        return rows[: pairs * EXAMPLES_PER_PAIR]
+    if is_list(rows):
+        return rows[: lists_for_pairs(pairs, len(rows[0]["responses"]))]
+    return rows[:pairs]
 
 
 def pair_count(rows: list[dict]) -> int:
-    """How many budget pairs ``rows`` hold (binary feedback: two examples a pair)."""
-    return len(rows) // EXAMPLES_PER_PAIR if is_binary(rows) else len(rows)
+    """How many budget pairs ``rows`` hold (binary feedback: two examples a pair; a list of K: K − 1)."""
+    if is_binary(rows):
+        return len(rows) // EXAMPLES_PER_PAIR
+    if is_list(rows):
+        return sum(pairs_per_list(len(row["responses"])) for row in rows)
+    return len(rows)
+
+
+def ranked(row: dict) -> dict:
+    """A list row with its responses sorted best first (stable: equal scores keep their order)."""
+    order = sorted(range(len(row["scores"])), key=lambda i: -row["scores"][i])
+    return {"prompt": row["prompt"], "responses": [row["responses"][i] for i in order],
+            "scores": [row["scores"][i] for i in order]}
+
+
+def heldout_pairs_of(rows: list[dict]) -> list[dict]:
+    """Held-out rows as the held-out task's pairs: lists → (best, worst) response pairs; other rows as they are."""
+    if not is_list(rows):
+        return rows
+    out = []
+    for row in rows:
+        best = ranked(row)
+        out.append({**{k: v for k, v in row.items() if k not in ("responses", "scores")},
+                    "chosen": best["responses"][0], "rejected": best["responses"][-1]})
+    return out
 
 
 def view_rows(rows: list[dict], view: str) -> list[dict]:
-    """Derive the rows of a view (see module docstring) from normalized pairs or binary feedback."""
+    """Derive the rows of a view (see module docstring) from normalized pairs, binary feedback or lists."""
+    if is_list(rows):
+        if view == "lists":
+            return [ranked(r) for r in rows]
+        if view in VIEWS:
+            raise HarnessError(f"the data set is listwise (prompt, K ranked responses) and has no {view} view; train a "
+                               f"list method (lipo, rrhf, pro) on it, or use a pair data set")
+        raise HarnessError(f"unknown data view {view!r}; available: {', '.join(VIEWS)}")
     if is_binary(rows):
         if view == "unpaired":
             return [{"prompt": r["prompt"], "completion": r["completion"], "label": r["label"]} for r in rows]
@@ -348,6 +474,9 @@ def view_rows(rows: list[dict], view: str) -> list[dict]:
         if view == "pairs":
             raise HarnessError("the data set is binary feedback (prompt, completion, label) and has no preference "
                                "pairs; train an unpaired method (kto) on it, or use a pair data set")
+        if view == "lists":
+            raise HarnessError("the data set is binary feedback (prompt, completion, label) and has no ranked lists; "
+                               "train an unpaired method (kto) on it, or use a pair or list data set")
         raise HarnessError(f"unknown data view {view!r}; available: {', '.join(VIEWS)}")
     if view == "pairs":
         return [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
@@ -359,6 +488,8 @@ def view_rows(rows: list[dict], view: str) -> list[dict]:
         return out
     if view == "sft":
         return [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
+    if view == "lists":  # a pair is a list of K = 2
+        return [{"prompt": r["prompt"], "responses": [r["chosen"], r["rejected"]], "scores": [1.0, 0.0]} for r in rows]
     raise HarnessError(f"unknown data view {view!r}; available: {', '.join(VIEWS)}")
 
 
@@ -401,5 +532,7 @@ def truncate_rows(rows: list[dict], tokenizer, *, max_prompt_tokens: int, max_co
         for field in ("chosen", "rejected", "completion"):
             if field in row:
                 new[field] = head(row[field], max_completion_tokens)
+        if "responses" in row:
+            new["responses"] = [head(text, max_completion_tokens) for text in row["responses"]]
         out.append(new)
     return out

@@ -42,7 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 from harness.errors import HarnessError
 from harness.identity import config_hash
 from harness.inputs.cache import MANIFEST
-from harness.inputs.data import BINARY_FORMATS, budget_rows, is_binary
+from harness.inputs.data import BINARY_FORMATS, budget_rows, heldout_pairs_of, is_binary, ranked
 from harness.protocols import ScoringCost, ScoringEstimate
 from harness.records import finished_keys
 from harness.run import registry
@@ -237,9 +237,9 @@ def estimated_lengths(rows: list[dict], budget: Budget) -> list[tuple[int, int, 
     out = []
     for row in rows:
         prompt = sum(tokens(m["content"]) + TOKENS_PER_TURN for m in row["prompt"]) + TOKENS_PER_TURN
+        texts = ranked(row)["responses"] if "responses" in row else [row["chosen"], row["rejected"]]  # lists: best first
         out.append((min(prompt, budget.max_prompt_tokens + TOKENS_PER_TURN * len(row["prompt"])),
-                    min(tokens(row["chosen"]) + 1, budget.max_completion_tokens + 1),
-                    min(tokens(row["rejected"]) + 1, budget.max_completion_tokens + 1)))
+                    *(min(tokens(text) + 1, budget.max_completion_tokens + 1) for text in texts)))
     return out
 
 
@@ -368,7 +368,7 @@ class Pricer:
         key = (setting, "heldout")
         if key not in self._lengths:
             folder = self.start(setting)[2]
-            self._lengths[key] = token_lengths(self.sweep.heldout_rows, _tokenizer(folder), budget)
+            self._lengths[key] = token_lengths(heldout_pairs_of(self.sweep.heldout_rows), _tokenizer(folder), budget)
         return self._lengths[key]
 
     def judge_size(self, spec: str) -> int:

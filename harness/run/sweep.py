@@ -38,7 +38,8 @@ from omegaconf import DictConfig, OmegaConf
 from harness.checks import POSITIVE, check_bool, check_int, check_names, check_number, check_str, check_writable_folder
 from harness.run import registry
 from harness.train.budget import Budget, ResourceMeter, training_flops
-from harness.inputs.data import DataUnavailable, is_binary, load_preference_rows, pair_count, split_data
+from harness.inputs.data import (DataUnavailable, heldout_pairs_of, is_binary, is_list, load_preference_rows, pair_count,
+                                 split_data)
 from harness.errors import HarnessError, SkipRun
 from harness.evaluate.engines import check_engine
 from harness.train.feedback import feedback_from_config
@@ -132,6 +133,8 @@ class Sweep:
         self.feedback_train_rows, self.feedback_selection_rows, self.feedback_record = self.train_rows, None, "human"
         if is_binary(self.train_rows):
             self.check_binary_feedback()
+        if is_list(self.train_rows):
+            self.check_list_data()
         self.check_tuning_selection()
         self.device = available_device(cfg.device) if on_this_machine else cfg.device
         if on_this_machine:
@@ -173,6 +176,19 @@ class Sweep:
                 f"tune.trials={self.cfg.tune.trials} selects on the last {selection} of the {held} held-out pairs, and "
                 f"heldout_preference scores the first {scored}: they overlap; set "
                 f"+task_params.heldout_preference.limit={max(held - selection, 0)} or tune.heldout_pairs={max(held - scored, 1)}")
+
+    def check_list_data(self) -> None:
+        """List data (harness.inputs.data, format: list) train list methods only: refuse the rest before any work."""
+        cfg = self.cfg
+        why = f"data set {cfg.data.name} is listwise (format: {cfg.data.format})"
+        for name, method in self.methods.items():
+            if method.data_view != "lists":
+                raise HarnessError(f"{why}; method {name!r} trains on the {method.data_view} view: use a list method "
+                                   f"(lipo, rrhf, pro) or a pair data set")
+        if cfg.tune.trials:
+            raise HarnessError(f"{why}; tune.trials selects by held-out pair accuracy: set tune.trials=0")
+        if not self.feedback.is_human:
+            raise HarnessError(f"{why}; feedback={self.feedback.name} relabels pairs: set feedback=human")
 
     def seed_budget(self, seed: int | None) -> Budget:
         """The budget a run of ``seed`` trains under (None: the first seed's): ``budget`` with that seed."""
@@ -279,7 +295,8 @@ class Sweep:
             from harness.train.rewards import build_reward
 
             reward = build_reward(self.cfg.reward, RewardContext(
-                start_checkpoint=start, train_pairs=train_rows, heldout_pairs=self.heldout_rows,
+                start_checkpoint=start, train_pairs=heldout_pairs_of(train_rows),  # lists: best ≻ worst pairs
+                heldout_pairs=heldout_pairs_of(self.heldout_rows),
                 budget=self.stage_budget, cache_dir=self.cache / "rewards", device=self.device, results_dir=self.results))
         sizes = ModelSizes.of(start, reward, tokenizer) if budget.match != "examples" else None  # online cost models
         launch = self.launch
@@ -607,7 +624,8 @@ class Sweep:
 
         key = str(start)
         if key not in self._heldout:
-            self._heldout[key] = cut_to_budget(self.heldout_rows, AutoTokenizer.from_pretrained(start), self.budget)
+            self._heldout[key] = cut_to_budget(heldout_pairs_of(self.heldout_rows),  # lists: (best, worst) pairs
+                                               AutoTokenizer.from_pretrained(start), self.budget)
         return self._heldout[key]
 
     def selection_pairs(self, start: Path) -> list[dict]:

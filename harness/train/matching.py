@@ -64,7 +64,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.train.budget import Budget, training_flops
-from harness.inputs.data import budget_rows, is_binary
+from harness.inputs.data import budget_rows, is_binary, lists_for_pairs, ranked
 from harness.errors import HarnessError
 from harness.evaluate.logprobs import render
 
@@ -122,19 +122,29 @@ def forward_only_ratio(method) -> float:
     return float(getattr(method, "forward_only_ratio", 1.0 if method.reference_based else 0.0))
 
 
-def pair_lengths(rows: list[dict], tokenizer) -> list[tuple[int, int, int]]:
-    """(prompt, chosen, rejected) token counts of each pair, rendered as the trainers render them."""
+def pair_lengths(rows: list[dict], tokenizer) -> list[tuple[int, ...]]:
+    """(prompt, chosen, rejected) token counts of each pair, rendered as the trainers render them; of a list row
+    (``harness.inputs.data``) (prompt, response 1, ..., response K), best response first."""
     out = []
     for row in rows:
-        prompt, chosen = render(tokenizer, row["prompt"], row["chosen"])
-        _, rejected = render(tokenizer, row["prompt"], row["rejected"])
-        out.append((len(prompt), len(chosen), len(rejected)))
+        if "responses" in row:
+            texts = ranked(row)["responses"]
+        else:
+            texts = [row["chosen"], row["rejected"]]
+        rendered = [render(tokenizer, row["prompt"], text) for text in texts]
+        out.append((len(rendered[0][0]), *(len(completion) for _, completion in rendered)))
     return out
 
 
-def trained_tokens(view: str, lengths: tuple[int, int, int]) -> int:
-    prompt, chosen, rejected = lengths
-    return prompt + chosen if view == "sft" else 2 * prompt + chosen + rejected
+def trained_tokens(view: str, lengths: tuple[int, ...]) -> int:
+    """Trained tokens of one visit. A list (``lists`` view) trains K·prompt + Σ responses; a pair method on a list
+    of K is priced as its K − 1 adjacent pairs (best ≻ second, ...), which is how a list counts in the budget."""
+    prompt, *completions = lengths
+    if view == "sft":
+        return prompt + completions[0]
+    if view == "lists":
+        return len(completions) * prompt + sum(completions)
+    return sum(2 * prompt + better + worse for better, worse in zip(completions, completions[1:]))
 
 
 def price(mode: str, trained: float, forward_only: float) -> float:
@@ -155,8 +165,9 @@ def visit_cost(mode: str, view: str, ratio: float, lengths: tuple[int, int, int]
 def plan_visits(budget: Budget, method, lengths: list[tuple[int, int, int]], sizes: ModelSizes | None = None,
                 heldout_prompts: int = 0) -> MatchPlan:
     """Visits (cycling the budget's pairs) that bring ``method``'s estimated cost closest to the target."""
-    if budget.match == "examples":
-        return MatchPlan(visits=budget.pairs * budget.epochs)
+    if budget.match == "examples":  # list lengths (prompt + K responses): the lists the budget's pairs buy
+        per_pass = lists_for_pairs(budget.pairs, len(lengths[0]) - 1) if len(lengths[0]) > 3 else budget.pairs
+        return MatchPlan(visits=per_pass * budget.epochs)
     mode, sizes = budget.match, sizes or ModelSizes()
     reference_view, reference_ratio = REFERENCE_PROFILE
     target = budget.epochs * sum(visit_cost(mode, reference_view, reference_ratio, l) for l in lengths)
@@ -213,7 +224,7 @@ def matched_training(budget: Budget, method, train_pairs: list[dict], tokenizer,
                            f"budget.match=examples")
     sizes = sizes or ModelSizes()
     plan = plan_visits(budget, method, pair_lengths(pairs, tokenizer), sizes, heldout_prompts)
-    visits = plan.visits
+    visits = plan.visits  # list rows: list visits (a list of K = K − 1 pairs, harness.inputs.data)
     cycled = [pairs[i % len(pairs)] for i in range(visits)]
     scale = sizes.policy if budget.match == "flops" else 1  # FLOPs = N × the cost in units of N
     note = {"match": budget.match, "pair_visits": visits, "epochs_equivalent": round(visits / len(pairs), 3),

@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass, field
 
 from harness.errors import HarnessError
-from harness.inputs.data import EXAMPLES_PER_PAIR, budget_rows, truncate_rows, view_rows
+from harness.inputs.data import EXAMPLES_PER_PAIR, budget_rows, pairs_per_list, truncate_rows, view_rows
 from harness.train.budget import Budget
 
 # Slack for the chat template's own tokens (role markers, system prompt) on top of the budget's
@@ -146,6 +146,8 @@ def _derive(budget: Budget, view: str, rows: list[dict], heldout: list[dict], *,
     ``num_iterations``; PPO: ``ppo_epochs`` × its minibatches); without it, one.
     """
     per_step = budget.micro_batch_pairs * world
+    if view == "lists":
+        return _derive_lists(budget, rows, heldout, epochs=epochs, matching=matching, world=world, precision=precision)
     if budget.batch_pairs % per_step:
         raise HarnessError(f"budget.batch_pairs={budget.batch_pairs} is not divisible by micro_batch_pairs×devices="
                            f"{per_step}")
@@ -157,6 +159,40 @@ def _derive(budget: Budget, view: str, rows: list[dict], heldout: list[dict], *,
         budget=budget, view=view, rows=list(rows), heldout=list(heldout), visits=pairs * epochs, epochs=epochs,
         optimizer_steps=steps, examples_per_pair=examples_per_pair,
         micro_batch=budget.micro_batch_pairs * examples_per_pair, gradient_accumulation=budget.batch_pairs // per_step,
+        world_size=world, sequence_batch=2 * budget.micro_batch_pairs,
+        max_length=budget.max_prompt_tokens + budget.max_completion_tokens + TEMPLATE_TOKENS,
+        warmup_steps=math.ceil(budget.warmup_ratio * steps), precision=precision, matching=matching)
+
+
+def list_batches(budget: Budget, size: int, world: int) -> tuple[int, int, int]:
+    """(lists per optimizer step, lists per device micro-batch, accumulation) for lists of ``size`` responses.
+
+    A list of K counts as K − 1 pairs (``harness.inputs.data``): a step of ``budget.batch_pairs`` pairs holds
+    max(1, batch_pairs // (K − 1)) lists, a micro-batch the largest count ≤ max(1, micro_batch_pairs // (K − 1))
+    that splits the step evenly over the devices. For K = 2 these are the pair trainers' numbers.
+    """
+    per_list = pairs_per_list(size)
+    step = max(1, budget.batch_pairs // per_list)
+    if step % world:
+        raise HarnessError(f"lists of {size}: an optimizer step of {step} lists does not split over {world} devices; "
+                           f"make budget.batch_pairs // (K − 1) a multiple of the devices")
+    micro = max(1, min(budget.micro_batch_pairs // per_list, step // world))
+    while (step // world) % micro:
+        micro -= 1
+    return step, micro, step // (micro * world)
+
+
+def _derive_lists(budget: Budget, rows: list[dict], heldout: list[dict], *, epochs: int, matching: dict, world: int,
+                  precision: str) -> TrainingPlan:
+    """The plan over list rows (view ``lists``): ``list_batches``' step and micro-batch, counted in lists;
+    ``visits`` in pairs (K − 1 a list visit)."""
+    size = max((len(row["responses"]) for row in rows), default=2)
+    step, micro, accumulation = list_batches(budget, size, world)
+    steps = epochs * math.ceil(len(rows) / step)
+    pairs = sum(pairs_per_list(len(row["responses"])) for row in rows)
+    return TrainingPlan(
+        budget=budget, view="lists", rows=list(rows), heldout=list(heldout), visits=pairs * epochs, epochs=epochs,
+        optimizer_steps=steps, examples_per_pair=1, micro_batch=micro, gradient_accumulation=accumulation,
         world_size=world, sequence_batch=2 * budget.micro_batch_pairs,
         max_length=budget.max_prompt_tokens + budget.max_completion_tokens + TEMPLATE_TOKENS,
         warmup_steps=math.ceil(budget.warmup_ratio * steps), precision=precision, matching=matching)
