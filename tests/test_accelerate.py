@@ -211,7 +211,7 @@ def test_sweep_trains_on_two_processes_and_records_them(tmp_path, cache_dir):
     from conftest import run_cli
     from harness.records import read_records
 
-    arguments = ["sweep", "model=tiny-random", "budget=micro", "methods=[dpo]", "tasks=[heldout_preference]",
+    arguments = ["sweep", "model=tiny-random", "budget=micro", "budget@stage_budget=micro", "methods=[dpo]", "tasks=[heldout_preference]",
                  "settings=[instruct]", "include_start=false", "+task_params.heldout_preference.limit=4"]
     records = {}
     for processes in (1, 2):

@@ -88,7 +88,8 @@ def test_tune_gives_every_method_the_same_trials_and_records_them(tmp_path, cach
 
 
 def test_tune_with_more_trials_than_the_grid_is_refused(tmp_path, cache_dir):
-    result = run_cli("sweep", *TOY, "methods=[sft]", "tune.trials=5", f"paths.results={tmp_path}", "name=t",
+    result = run_cli("sweep", *TOY, "methods=[sft]", "tune.trials=5", "tune.heldout_pairs=4",
+                     "tasks=[heldout_preference]", "+task_params.heldout_preference.limit=4", f"paths.results={tmp_path}", "name=t",
                      cache=cache_dir)
     assert result.returncode == 2
     assert "tune_grid has 3 combinations but tune.trials=5" in result.stderr

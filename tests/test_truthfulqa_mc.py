@@ -72,7 +72,7 @@ def test_config_builds_the_task():
     task = registry.instantiate("task", "truthfulqa_mc", params_key="task_params")  # the sweep's own route
     assert "primary_metrics" not in config  # the unified score averages mc1 and mc2 (both in [0, 1])
     assert isinstance(task, Task)
-    assert (task.name, task.version, task.limit, task.num_fewshot) == ("truthfulqa_mc", "1", 24, 0)
+    assert (task.name, task.version, task.limit, task.num_fewshot) == ("truthfulqa_mc", "1", 100, 0)
 
 
 @needs_mirror

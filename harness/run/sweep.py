@@ -171,6 +171,9 @@ class Sweep:
             return
         held, selection = len(self.heldout_rows), int(self.cfg.tune.heldout_pairs)
         scored = held if task.limit is None else min(task.limit, held)
+        if selection >= held:
+            raise HarnessError(f"tune.heldout_pairs={selection} takes all {held} held-out pairs for tuning and leaves "
+                               f"heldout_preference none to score apart: set tune.heldout_pairs below {held}")
         if scored + selection > held:
             raise HarnessError(
                 f"tune.trials={self.cfg.tune.trials} selects on the last {selection} of the {held} held-out pairs, and "
