@@ -183,9 +183,13 @@ class WinRate:
         (``harness.evaluate.judges.cached_judge_check``: computed once per judge and kept in the harness cache), or
         ``unchecked`` with the reason. The leaderboard marks the column by it (``harness.report.board``). Only judged
         rows check: the start row against itself asks no judge."""
-        return cached_judge_check(self._judge_for(context), data_mirror=context.data_mirror,
-                                  cache_root=context.cache_root or context.cache_dir, pairs=self.judge_check_pairs,
-                                  draw_margin=self.draw_margin)
+        import torch
+
+        # the check is cached per judge and annotation file: always in fp32, whatever the sweep's eval_precision
+        with torch.autocast(device_type=str(context.device).split(":")[0], enabled=False):
+            return cached_judge_check(self._judge_for(context), data_mirror=context.data_mirror,
+                                      cache_root=context.cache_root or context.cache_dir, pairs=self.judge_check_pairs,
+                                      draw_margin=self.draw_margin)
 
     def _judge_for(self, context: TaskContext):
         """The judge on the context's device and batch size; built once and kept (its model stays loaded)."""

@@ -93,6 +93,7 @@ def earlier_sweep(tmp_path) -> Path:
     (["engine=fast"], ["engine='fast' is not an engine; write engine=harness (default), hf or vllm"]),
     (["engine=vllm"], ["engine=vllm runs on CUDA GPUs only and this sweep's device is cpu"]),
     (["eval_batch_size=2.5"], ["eval_batch_size=2.5 must be a whole number >= 1"]),
+    (["eval_precision=fp16"], ["eval_precision='fp16' is not one of fp32, bf16; choose one"]),
     (["launch.processes=0"], ["launch.processes=0 must be a whole number >= 1"]),
     (["launch.processes=2", "launch.accelerate_config=tpu"], ["launch.accelerate_config=tpu: no such config",
                                                               "cpu, ddp, fsdp, zero3"]),

@@ -113,9 +113,12 @@ def test_score_key_changes_with_what_moves_a_number_and_nothing_else():
         ("truthfulqa_mc", ["eval_batch_size=3"]),
         ("truthfulqa_mc", ["engine=hf"]),                                              # the engine (vllm: below)
         ("heldout_preference", ["engine=hf"]),
+        ("truthfulqa_mc", ["eval_precision=bf16"]),                                    # scoring precision
+        ("heldout_preference", ["eval_precision=bf16"]),
     ]:
         assert key_after(task, *overrides).value != keys[task].value, (task, overrides)
         assert key_after(task, *overrides).measurement_key != keys[task].measurement_key, (task, overrides)
+    assert "precision" not in keys["truthfulqa_mc"].evaluation  # fp32 (the default) keeps the key records always had
     assert key_after("truthfulqa_mc", run_id="run-b").value != keys["truthfulqa_mc"].value          # the checkpoint
     assert key_after("truthfulqa_mc", run_id="run-b").measurement_key == keys["truthfulqa_mc"].measurement_key
     # ... and these do not

@@ -35,13 +35,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from harness.checks import POSITIVE, check_bool, check_int, check_names, check_number, check_str, check_writable_folder
+from harness.checks import POSITIVE, check_bool, check_choice, check_int, check_names, check_number, check_str, check_writable_folder
 from harness.run import registry
 from harness.train.budget import Budget, ResourceMeter, training_flops
 from harness.inputs.data import (DataUnavailable, heldout_pairs_of, is_binary, is_list, load_preference_rows, pair_count,
                                  split_data)
 from harness.errors import HarnessError, SkipRun
-from harness.evaluate.engines import check_engine
+from harness.evaluate.engines import EVAL_PRECISIONS, check_engine, scoring_precision
 from harness.train.feedback import feedback_from_config
 from harness.train.matching import ModelSizes, match_quality
 from harness.train.plan import cut_to_budget, plan_training
@@ -137,6 +137,9 @@ class Sweep:
             self.check_list_data()
         self.check_tuning_selection()
         self.device = available_device(cfg.device) if on_this_machine else cfg.device
+        self.eval_precision = cfg.get("eval_precision", "fp32")  # scoring matmuls (harness.evaluate.engines)
+        # task caches (pair log-probs, generations) hold numbers of one precision: bf16 ones live apart
+        self.task_cache = self.cache / ("tasks" if self.eval_precision == "fp32" else f"tasks-{self.eval_precision}")
         if on_this_machine:
             check_engine(cfg.engine, self.device)
         self.launch = launch_from_config(cfg)  # processes per training run (harness.run.launch); 1 = this process
@@ -359,12 +362,12 @@ class Sweep:
             else:
                 record["chat_template"] = {"used": checkpoint.use_chat_template, "sha": checkpoint.chat_template_sha}
                 try:
-                    context = TaskContext(data_mirror=self.mirror, cache_dir=self.cache / "tasks",
+                    context = TaskContext(data_mirror=self.mirror, cache_dir=self.task_cache,
                                           device=self.device, batch_size=self.cfg.eval_batch_size,
                                           heldout_pairs=self.heldout_pairs(checkpoint.reference_path or checkpoint.path),
                                           cache_root=self.cache, engine=self.cfg.engine)
                     log.info("  %s: scoring", task_name)
-                    with self.heartbeat.stage(f"scoring {task_name}"):
+                    with self.heartbeat.stage(f"scoring {task_name}"), scoring_precision(self.eval_precision, self.device):
                         result = task.evaluate(checkpoint, context)
                     record["metrics"] = {name: {"value": m.value, "stderr": m.stderr, "higher_is_better": m.higher_is_better}
                                          for name, m in result.metrics.items()}
@@ -486,8 +489,9 @@ class Sweep:
         tune = self.cfg.tune
         combinations = self.tuning_draws(name)
         pairs = self.selection_pairs(start.path)
-        reference = cached_pair_logps(start.path, pairs, self.cache / "tasks", batch_size=self.cfg.eval_batch_size,
-                                      device=self.device)
+        with scoring_precision(self.eval_precision, self.device):
+            reference = cached_pair_logps(start.path, pairs, self.task_cache, batch_size=self.cfg.eval_batch_size,
+                                          device=self.device)
         trials, best = [], None
         for index, params in enumerate(combinations[: tune.trials], start=1):
             overrides = OmegaConf.merge(method_overrides(self.budget, self.cfg.method_params.get(name), name), params)
@@ -499,8 +503,9 @@ class Sweep:
             try:
                 with self.heartbeat.stage(f"tuning {name}: trial {index}/{tune.trials}"):
                     path, consumed = self.train_once(method, start.path, self.budget, run_id)
-                policy = cached_pair_logps(path, pairs, self.cache / "tasks", batch_size=self.cfg.eval_batch_size,
-                                           device=self.device)
+                with scoring_precision(self.eval_precision, self.device):
+                    policy = cached_pair_logps(path, pairs, self.task_cache, batch_size=self.cfg.eval_batch_size,
+                                               device=self.device)
                 value, stderr, _ = preference_accuracy(policy, reference)[kind]
                 trial.update(accuracy=value, stderr=stderr, flops=consumed["flops"], status="ok")
                 if best is None or value > best[1]["accuracy"]:
@@ -592,6 +597,8 @@ class Sweep:
         scoring batch; the held-out split and its truncation for tasks that read held-out pairs) and the checkpoint."""
         task = self.tasks[task_name]
         evaluation = {"eval_batch_size": self.cfg.eval_batch_size, "engine": self.cfg.engine}
+        if self.eval_precision != "fp32":  # fp32 records keep the key they always had
+            evaluation["precision"] = self.eval_precision
         if getattr(task, "reads_heldout_pairs", False):
             evaluation["heldout_pairs"] = {"data": self.data_identity,
                                            "max_prompt_tokens": self.budget.max_prompt_tokens,
@@ -694,6 +701,7 @@ def check_sweep_config(cfg: DictConfig) -> None:
     check_int("tune.heldout_pairs", plain("tune.heldout_pairs"), minimum=1)
     check_int("tune.seed", plain("tune.seed"), minimum=0)
     check_int("eval_batch_size", plain("eval_batch_size"), minimum=1)
+    check_choice("eval_precision", plain("eval_precision"), EVAL_PRECISIONS)
     check_engine(plain("engine"))
     check_number("heartbeat_seconds", plain("heartbeat_seconds"), POSITIVE)
     check_bool("progress_bars", plain("progress_bars"))
