@@ -19,6 +19,7 @@ def test_the_mini_study_sweeps_both_families_over_every_setting_with_three_seeds
         assert {"sft", "dpo", "ipo", "kto", "cpo", "orpo", "simpo", "ppo"} <= set(cfg.methods)
         assert list(cfg.seeds) == [0, 1, 2] and cfg.budget.match == "flops" and cfg.keep_checkpoints is False
         assert cfg.budget.learning_rates["all"] == 1e-4 and cfg.stage_budget.name == "small"
+        assert cfg.eval_precision == "bf16" and cfg.task_params.heldout_preference.limit == 128
     offline = {"smollm2-135m": {"sft", "instruct"}, "gemma3-270m": {"pretrained", "sft"}}
     for family, settings in offline.items():  # every setting runs offline in one family or the other
         checkpoints = OmegaConf.to_container(compose_sweep(f"model={family}").model.checkpoints)
