@@ -176,14 +176,87 @@ def test_a_model_that_refuses_the_cache_is_scored_by_plain_forwards(backends, re
         assert abs(logp - stock_logp) <= TOLERANCE and greedy == stock_greedy
 
 
-def test_sliding_window_models_are_not_cached():
-    from transformers import MistralConfig, MistralForCausalLM
+WINDOW = 16  # the tiny sliding-window models' sliding_window
+
+
+def tiny_sliding_model(family: str, attention: str, window: int = WINDOW):
+    """A random Gemma3 (sliding and full layers mixed) or Mistral (every layer sliding) with a ``window``-token window;
+    std 0.5 weights so the greedy tokens vary with the input."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, MistralConfig, MistralForCausalLM
+
+    shape = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+                 head_dim=16, max_position_embeddings=256, initializer_range=0.5, tie_word_embeddings=False,
+                 sliding_window=window, attn_implementation=attention)
+    torch.manual_seed(0)
+    if family == "gemma3":
+        config = Gemma3TextConfig(num_hidden_layers=4, layer_types=["sliding_attention", "sliding_attention",
+                                                                    "full_attention", "sliding_attention"], **shape)
+        return Gemma3ForCausalLM(config).eval()
+    return MistralForCausalLM(MistralConfig(num_hidden_layers=2, **shape)).eval()
+
+
+def sliding_requests(model, primer_length: int, question_length: int) -> list[tuple[list[int], list[int]]]:
+    """Three questions after a shared primer, four choices each (one of them the greedy continuation)."""
+    draw = random.Random(primer_length)
+
+    def tokens(n: int) -> list[int]:
+        return [draw.randrange(3, 96) for _ in range(n)]
+
+    primer = tokens(primer_length)
+    pairs = []
+    for _ in range(3):
+        context = primer + tokens(question_length)
+        pairs += [(context, tokens(1)), (context, tokens(2)), (context, tokens(3)),
+                  (context, greedy_tokens(model, context, 2))]
+    return pairs
+
+
+@pytest.mark.parametrize("family, attention", [("gemma3", "sdpa"), ("gemma3", "eager"), ("mistral", "sdpa")])
+def test_sliding_window_models_are_cached_and_match_plain_forwards(family, attention, monkeypatch):
+    """Rows inside the window are packed over cached prefixes; rows past it (prefixes longer than the window among
+    them) are padded over the cache, where the model applies its own window: both give the plain forwards' numbers."""
+    from harness.evaluate import loglik
+    from harness.evaluate.loglik import cache_unsupported_reason, score_continuations
+
+    monkeypatch.setattr(loglik, "MIN_SAVED_TOKENS", 4)  # cache the short shared prefixes too
+    model = tiny_sliding_model(family, attention)
+    assert cache_unsupported_reason(model) is None and loglik.attention_window(model) == WINDOW
+    short = sliding_requests(model, primer_length=6, question_length=4)  # rows of at most 12 tokens
+    long = sliding_requests(model, primer_length=WINDOW + 4, question_length=5)  # rows of 25 to 27 tokens
+    assert max(len(c) + len(x) - 1 for c, x in short) <= WINDOW < min(len(c) + len(x) - 1 for c, x in long)
+    draw = random.Random(1)
+    edge = [(short[0][0][:6] + [draw.randrange(3, 96) for _ in range(length - 7)], [5, 7])
+            for length in (WINDOW, WINDOW + 1)]  # rows of exactly the window and one token more, packed together
+    for pairs, past_window in [(short, 0), (long, 12), (short + long + edge, 13)]:
+        plain = score_continuations(model, pairs, batch_size=1, prefix_cache=False, progress=None)
+        stats: dict = {}
+        got = score_continuations(model, pairs, batch_size=4, progress=None, stats=stats)
+        for (logp, greedy), (plain_logp, plain_greedy) in zip(got, plain, strict=True):
+            assert abs(logp - plain_logp) <= 1e-5 and greedy == plain_greedy
+        assert 3 <= sum(greedy for _, greedy in plain) < len(plain)  # is_greedy is exercised both ways
+        assert stats["fallback"] is None and stats["cached_prefixes"] >= 2 and stats["window"] == WINDOW
+        assert stats["packing"] == attention and stats["rows_past_window"] == past_window
+    # the window matters for the long rows: the same weights attending to everything score them otherwise
+    unbounded = tiny_sliding_model(family, attention, window=128)
+    unbounded.load_state_dict(model.state_dict())
+    far = score_continuations(unbounded, long, batch_size=1, prefix_cache=False, progress=None)
+    near = score_continuations(model, long, batch_size=1, prefix_cache=False, progress=None)
+    assert max(abs(a - b) for (a, _), (b, _) in zip(far, near)) > 1e-3
+
+
+def test_other_layer_kinds_are_not_cached():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     from harness.evaluate.loglik import cache_unsupported_reason
 
-    config = MistralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                           num_attention_heads=2, num_key_value_heads=1, sliding_window=8)
-    assert "sliding" in cache_unsupported_reason(MistralForCausalLM(config))
+    shape = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=8, sliding_window=8)
+    bidirectional = Gemma3ForCausalLM(Gemma3TextConfig(use_bidirectional_attention=True, **shape))
+    assert "bidirectionally" in cache_unsupported_reason(bidirectional)
+    chunked = Gemma3ForCausalLM(Gemma3TextConfig(**shape))
+    chunked.config.layer_types = ["chunked_attention", "full_attention"]
+    assert "chunked_attention layers" in cache_unsupported_reason(chunked)
 
 
 def test_bad_requests_are_one_line_errors(backends):

@@ -27,10 +27,19 @@ How the work is shared:
    ``transformers.DynamicCache`` over the shared tensors (its ``update`` concatenates into new tensors). Only the
    scored positions go through the output head and the vocabulary normalization (``logits_to_keep``).
 
+**Sliding-window layers** (Gemma 3: five of six layers see 512 tokens; Mistral: all): the cache keeps every prefix token
+(a ``DynamicCache`` built without a config has only full layers), and a layer's window is set by the mask. A row of at
+most ``sliding_window`` tokens (its prefix included) attends exactly as under full attention — transformers'
+``sliding_window_overlay`` lets position p see p - window + 1 .. p — so it is packed like any other (a 4D mask is used
+as it is by every layer). A longer row is right-padded with a 2D mask: the model then builds each layer's own mask at
+the row's true positions over the whole cache (``stats["rows_past_window"]`` counts them). Cached prefixes are encoded
+without a mask, windowed the same way.
+
 Fallbacks to one plain forward per row (lm-eval's own computation): a request longer than ``max_length + 1`` tokens
 (lm-eval's left truncation: ``(context + continuation)[-(max_length + 1):][:-1]``), and every request when the model
-cannot take a dynamic key/value cache (encoder-decoder, sliding-window or linear-attention layers, a forward without
-``past_key_values``) or a cached forward raises (then a warning names the reason and ``stats["fallback"]`` keeps it).
+cannot take a dynamic key/value cache (encoder-decoder, chunked or linear-attention layers, bidirectional attention,
+a forward without ``past_key_values``) or a cached forward raises (then a warning names the reason and
+``stats["fallback"]`` keeps it).
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ DEFAULT_BATCH_SIZE = 8  # rows per forward; memory grows with batch × (prefix +
 MIN_SAVED_TOKENS = 48  # cache a shared prefix only if that saves ≥ this many token-feeds: a rough guess (not tuned)
 #                        at what one more forward costs (Python, cache copy) in tokens of a ~100M model on CPU
 PACK_TOKENS = 512  # tokens packed into one forward: attention there is quadratic in them, padding is not computed
+ATTENTION_LAYERS = ("full_attention", "sliding_attention")  # layer_types this scorer caches; others fall back
 PROGRESS = "Running loglikelihood requests"  # lm-eval's own bar name: the sweep's heartbeat reads it
 
 
@@ -79,7 +89,8 @@ class _Prefix:
 
 
 def cache_unsupported_reason(model) -> str | None:
-    """Why ``model`` cannot reuse a ``DynamicCache`` prefix for this scorer, or None when it can."""
+    """Why ``model`` cannot reuse a ``DynamicCache`` prefix for this scorer, or None when it can (full-attention and
+    sliding-window layers: see ``attention_window``)."""
     config = model.config
     if getattr(config, "is_encoder_decoder", False):
         return f"{type(model).__name__} is an encoder-decoder model"
@@ -88,15 +99,33 @@ def cache_unsupported_reason(model) -> str | None:
         return f"{type(model).__name__} does not take a dynamic key/value cache"
     if "past_key_values" not in inspect.signature(model.forward).parameters:
         return f"{type(model).__name__}.forward takes no past_key_values"
-    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    layer_types = getattr(text_config, "layer_types", None)
-    if layer_types:
-        other = sorted({kind for kind in layer_types if kind != "full_attention"})
-        if other:
-            return f"{type(model).__name__} has {', '.join(other)} layers"
-    elif getattr(text_config, "sliding_window", None):
-        return f"{type(model).__name__} uses sliding-window attention"
+    text_config = _text_config(model)
+    other = sorted({kind for kind in getattr(text_config, "layer_types", None) or ()} - set(ATTENTION_LAYERS))
+    if other:
+        return f"{type(model).__name__} has {', '.join(other)} layers"
+    if getattr(text_config, "use_bidirectional_attention", False) or not getattr(text_config, "is_causal", True):
+        return f"{type(model).__name__} attends bidirectionally"
+    window = attention_window(model)
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        return f"{type(model).__name__} has sliding-window layers without a window size (sliding_window={window!r})"
     return None
+
+
+def attention_window(model):
+    """The ``sliding_window`` of ``model``'s sliding-window layers in tokens, or None when every layer attends to its
+    whole context. A query at position p sees the keys at positions p - window + 1 .. p (transformers'
+    ``sliding_window_overlay``: ``kv_idx > q_idx - sliding_window``), so a row of at most ``window`` tokens (positions
+    0 .. window - 1, its cached prefix included) attends exactly as under full attention."""
+    text_config = _text_config(model)
+    layer_types = getattr(text_config, "layer_types", None)
+    if layer_types and "sliding_attention" not in layer_types:
+        return None
+    return getattr(text_config, "sliding_window", None)  # Mistral-style configs: every layer, without layer_types
+
+
+def _text_config(model):
+    config = model.config
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
 def packing_attention(model) -> str | None:
@@ -119,7 +148,9 @@ def score_continuations(model, requests, *, batch_size: int = DEFAULT_BATCH_SIZE
     into a batch instead of packing them into one sequence. ``softmax_dtype`` / ``autocast_dtype``: lm-eval's
     ``softmax_dtype`` / ``mixed_precision_dtype`` (None: the model's dtype). ``progress``: the tqdm bar's name
     (None: no bar). ``stats``, when given, is filled with counts of the work done (requests, rows, cached
-    prefixes, forwards, tokens fed, positions computed with padding) and ``fallback`` (why the cache was not used, or None).
+    prefixes, forwards, tokens fed, positions computed with padding), ``window`` (the model's sliding window or None),
+    ``rows_past_window`` (rows padded, not packed, for being longer than it) and ``fallback`` (why the cache was not
+    used, or None).
     ``threads``: torch threads while scoring (None: the cores other processes leave free, rechecked between forwards —
     the generation engine's ``ThreadPolicy``; two threads on cores other work keeps busy run several times slower).
     """
@@ -197,7 +228,10 @@ class _Scorer:
         parameters = inspect.signature(model.forward).parameters
         self.keeps_logits = "logits_to_keep" in parameters
         self.packs = packing_attention(model) if packing and "position_ids" in parameters else None
+        self.window = attention_window(model)
         counts["packing"] = self.packs
+        counts["window"] = self.window
+        counts["rows_past_window"] = 0  # rows longer than the sliding window: padded, the model applies its window
         self.scores: list[tuple[float, bool] | None] = [None] * len(pairs)
 
     def run(self, batch_size: int, max_length: int | None, use_cache: bool) -> list[tuple[float, bool]]:
@@ -209,10 +243,10 @@ class _Scorer:
             node, parent, parent_cache = stack.pop()
             cache = None if parent is None else self._extend(parent_cache, node.source[parent.depth: node.depth])
             attached, below = _attached(node)
-            for batch in self._batches([rows[r] for r in attached], node.depth, batch_size):
+            for batch, packed in self._batches([rows[r] for r in attached], node.depth, batch_size):
                 if self.policy is not None:
                     self.policy.apply()
-                self._score_batch(cache, node.depth, batch)
+                self._score_batch(cache, node.depth, batch, packed)
             stack += [(child, node, cache) for child in reversed(below)]
         return self.scores  # type: ignore[return-value]
 
@@ -281,19 +315,25 @@ class _Scorer:
         self.counts["cached_prefixes"] += 1
         return _snapshot(out.past_key_values)
 
-    def _batches(self, rows: list[_Row], depth: int, batch_size: int) -> list[list[_Row]]:
-        """Rows longest first, ``batch_size`` to a forward; a packed forward also holds at most ``PACK_TOKENS``
-        tokens (or one longer row)."""
+    def _batches(self, rows: list[_Row], depth: int, batch_size: int) -> list[tuple[list[_Row], bool]]:
+        """Rows longest first, ``batch_size`` to a forward, each batch with whether it is packed. A packed forward
+        holds at most ``PACK_TOKENS`` tokens (or one longer row), and only rows that fit the sliding window (if any):
+        its block-causal mask then stands for every layer. Longer rows are padded with a 2D mask, on which the model
+        builds each layer's own mask at the rows' true positions (the cache keeps every prefix token)."""
         order = sorted(rows, key=lambda row: -len(row.tokens))
-        if not self.packs:
-            return [order[start: start + batch_size] for start in range(0, len(order), batch_size)]
-        batches, tokens = [], 0
-        for row in order:
+        fits = [self.packs is not None and (self.window is None or len(row.tokens) <= self.window) for row in order]
+        packable = [row for row, fit in zip(order, fits) if fit]
+        padded = [row for row, fit in zip(order, fits) if not fit]
+        if self.packs is not None:
+            self.counts["rows_past_window"] += len(padded)
+        batches = [(padded[start: start + batch_size], False) for start in range(0, len(padded), batch_size)]
+        tokens = 0
+        for row in packable:
             length = len(row.tokens) - depth
-            if not batches or len(batches[-1]) == batch_size or tokens + length > PACK_TOKENS:
-                batches.append([])
+            if not batches or not batches[-1][1] or len(batches[-1][0]) == batch_size or tokens + length > PACK_TOKENS:
+                batches.append(([], True))
                 tokens = 0
-            batches[-1].append(row)
+            batches[-1][0].append(row)
             tokens += length
         return batches
 
@@ -343,11 +383,11 @@ class _Scorer:
             arguments["past_key_values"] = _cache_over(snapshot, 1)
         return arguments, scored
 
-    def _score_batch(self, snapshot, depth: int, rows: list[_Row]) -> None:
+    def _score_batch(self, snapshot, depth: int, rows: list[_Row], packed: bool) -> None:
         import torch
 
         tails = [row.tokens[depth:] for row in rows]
-        packed = self.packs and len(rows) > 1  # one row has no padding to save
+        packed = packed and len(rows) > 1  # one row has no padding to save
         arguments, scored = (self._packed if packed else self._padded)(snapshot, depth, rows, tails)
         arguments["use_cache"] = snapshot is not None
         if self.keeps_logits:
