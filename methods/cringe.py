@@ -27,8 +27,10 @@ Choices and departures, stated:
 * The gate g is a weight without gradient (computed from detached log-likelihoods): it switches the CRINGE term on
   or off, it is not itself a training signal.
 * Positive draws use a generator seeded with the run's seed, so runs are reproducible.
-* k, b, τ, α: see ``conf/method/cringe.yaml``; the values and the section numbers above are as we recall the two
-  papers, not re-checked offline.
+* k, b, τ, α: see ``conf/method/cringe.yaml`` (k = 1 and α = 1 from the authors' ParlAI code,
+  ``projects/cringe/cringe_loss.py``, whose token loss this matches: the positive is drawn from the top k predictions
+  with the negative token masked out; b and τ as we recall Xu et al.); the section numbers above are as we recall
+  the two papers, not re-checked offline.
 * One offline pass over the data; the papers' iterations (new generations labelled by a reward model between
   rounds) are not part of this method (``iterative_dpo``'s loop is the harness's way to iterate).
 """
@@ -107,7 +109,7 @@ class Cringe:
     data_view = "pairs"
     reference_based = False
 
-    def __init__(self, name: str = "cringe", top_k: int = 5, alpha: float = 1.0, gate_bias: float = -10.0,
+    def __init__(self, name: str = "cringe", top_k: int = 1, alpha: float = 1.0, gate_bias: float = -10.0,
                  gate_temperature: float = 1.0, learning_rate: float = 1e-6):
         self.name = name
         self.top_k = top_k

@@ -14,7 +14,8 @@ Here: the negatives are the rejected responses of the pairs (the chosen ones are
 pair's prompt are drawn once, before training, from the starting checkpoint (temperature ``temperature``, no top-k:
 samples of π_ref itself), which is also the reference of both terms. **Departures**: the paper distinguishes the
 reference of the samples from that of the negatives and refreshes the samples' reference (and samples) as training
-goes; here both are the fixed start and the samples offline — the single-reference, offline-sampling form.
+goes; here both are the fixed start and the samples offline — the single-reference, offline-sampling form (a
+reading note of the paper we could read, §3.2, says its experiments set both references to the starting Alpaca model).
 
 **Budget**: one pair visit = one negative and its K samples; D2O takes DPO's optimizer steps over the budget's pairs
 (``budget.match=examples``). **Tokens / FLOPs**, in policy-parameter equivalents as the online methods count them
@@ -46,7 +47,7 @@ class D2O:
     data_view = "pairs"        # the rejected side only
     reference_based = True
 
-    def __init__(self, name: str = "d2o", beta: float = 0.1, alpha: float = 0.1, samples: int = 4,
+    def __init__(self, name: str = "d2o", beta: float = 0.1, alpha: float = 0.1, samples: int = 11,
                  temperature: float = 1.0, learning_rate: float = 5e-7):
         if samples < 1:
             raise HarnessError(f"{name}: samples={samples} must be at least 1 per negative (conf/method/d2o.yaml)")

@@ -15,7 +15,8 @@ one linear layer instead of a second model; the head is not saved). It has its o
 (``value_learning_rate``), as the paper's two parameter sets do.
 
 Data: the ``unpaired`` view — ``format: binary`` rows as they come, or each preference pair split as KTO splits it
-(chosen → desirable, rejected → undesirable); r = ``desirable_reward`` / ``undesirable_reward`` (1 / 0 by default).
+(chosen → desirable, rejected → undesirable); r = ``desirable_reward`` / ``undesirable_reward`` (1 / −1 by default:
+the paper's rewards are normalised to mean 0, variance 1 over the data set, §4, which ±1 is for balanced feedback).
 Budget: as KTO, P pairs = 2·P examples in batches twice as large, so DRO takes DPO's optimizer steps over the same
 pairs. Tokens / FLOPs: the policy trains every example's sequence; the reference scores each once (forward-only,
 ``forward_only_ratio`` 1); the value head's cost (one hidden_size × 1 product) is not counted.
@@ -58,7 +59,7 @@ class DRO:
     forward_only_ratio = 1.0   # the reference scores each trained sequence once
 
     def __init__(self, name: str = "dro", tau: float = 1.0, learning_rate: float = 5e-7,
-                 value_learning_rate: float = 1e-4, desirable_reward: float = 1.0, undesirable_reward: float = 0.0):
+                 value_learning_rate: float = 1e-4, desirable_reward: float = 1.0, undesirable_reward: float = -1.0):
         if tau <= 0:
             raise HarnessError(f"{name}: tau={tau} must be > 0 (conf/method/dro.yaml)")
         if desirable_reward <= undesirable_reward:

@@ -4,7 +4,8 @@ arXiv:2402.01878), on the ``lists`` view (``harness.inputs.data``) through the l
 (``harness.train.listwise``).
 
 Each of a prompt's K responses gets the DPO implicit reward s_i = β·log πθ(y_i|x)/π_ref(y_i|x); the loss is the
-LambdaLoss (Wang et al. 2018) over every ordered pair of the list (the paper's LiPO-λ objective, §4):
+LambdaLoss (Wang et al. 2018) over every ordered pair of the list (the paper's LiPO-λ objective, §3 eq. 8 of
+arXiv:2402.01878v3):
 
     L = Σ_{ψ_i > ψ_j} Δ_ij · log(1 + exp(−(s_i − s_j))),
     Δ_ij = |G_i − G_j| · |1/D(τ(i)) − 1/D(τ(j))|,   G_i = 2^ψ_i − 1,   D(τ) = log2(1 + τ)
@@ -15,7 +16,8 @@ policy's current s (no gradient through the ranks or weights). For K = 2 it is D
 Departures: D uses log2, NDCG's discount as in LambdaLoss (the paper writes log(1 + τ); the base only scales the
 loss by a constant); the loss is summed over a list's pairs and averaged over the lists of a micro-batch; labels
 are the list's raw scores (the paper's are a reward-ranking model's; a data set's ``ranks`` become −rank, which
-changes G but not the order). The equation is as recalled from the paper; its number was not re-checked offline.
+changes G but not the order; the paper's labels ψ_k are mean win rates in [0, 1] from all-pairs comparisons by a
+pairwise reward-ranking model, §5).
 """
 
 from __future__ import annotations

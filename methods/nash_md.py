@@ -70,8 +70,8 @@ class NashMD:
     prompts_only = True        # samples its own responses: the data's responses and labels are unused
     reference_based = True
 
-    def __init__(self, name: str = "nash_md", learning_rate: float = 5e-7, beta: float = 0.1,
-                 mixture_coef: float = 0.5, temperature: float = 0.9, judge: dict | None = None):
+    def __init__(self, name: str = "nash_md", learning_rate: float = 5e-7, beta: float = 0.008,
+                 mixture_coef: float = 0.125, temperature: float = 0.9, judge: dict | None = None):
         from harness.evaluate.judges import checked_judge_config
 
         if not 0.0 <= mixture_coef <= 1.0:

@@ -13,7 +13,8 @@ so a response far below y^k in reward is pushed down harder (the paper's tempera
 total is L = L_PRO + β·L_SFT, L_SFT the negative log-likelihood of the best response y^1.
 
 Departures: L_SFT is the per-token mean NLL (the paper's notation leaves the normalization open; per token as
-standard SFT); r_φ is the list's scores (a data set's ``ranks`` become −rank); a tie in reward gives 1/T = 0 (the
+standard SFT; the authors' code, AlibabaResearch/DAMO-ConvAI ``PRO/train/utils/process_manager.py``, weights the best
+response's *summed* NLL by β·(K − 1)², β = ``--sft_weight`` 0.05 in its training scripts); r_φ is the list's scores (a data set's ``ranks`` become −rank); a tie in reward gives 1/T = 0 (the
 response enters its softmax with logit 0, as the formula reads at T = ∞); ``temperature_weighting: false`` is the
 paper's "w/o T" ablation (all T = 1); the loss is averaged over the lists of a micro-batch. Equations as recalled,
 their numbers not re-checked offline.

@@ -8,9 +8,10 @@ p_i = Σ_t log πθ(y_{i,t} | x, y_{i,<t}) / |y_i| (§3). The loss (§3, L = L_r
     L_rank = Σ_{r_i < r_j} max(0, p_i − p_j)                      (a worse response must not score higher)
     L_ft   = −Σ_t log πθ(y_{i',t} | x, y_{i',<t}),  i' = argmax_i r_i   (cross-entropy on the best response)
 
-Departures: ``rank_weight`` and ``sft_weight`` weigh the two terms (1 and 1 is the paper's equation; the authors'
-code, as recalled, weighs the ranking term by 100 and averages the SFT term per token — not re-checked offline);
-the loss is averaged over the lists of a micro-batch. Equation numbers not re-checked offline.
+Departures: ``rank_weight`` and ``sft_weight`` weigh the two terms (1 and 1, the paper's equation and the authors'
+training scripts: GanjinZero/RRHF ``train.sh`` passes ``--rrhf_weight 1``, ``train.py``'s field default being 100;
+``train.py`` averages its SFT term over the best response's padded token positions where L_ft here sums); the loss
+is averaged over the lists of a micro-batch. Equation numbers not re-checked offline.
 """
 
 from __future__ import annotations

@@ -148,7 +148,7 @@ def test_nash_md_and_dno_with_the_reward_through_the_cli(tmp_path, cache_dir):
     assert nash["optimizer_steps"] == 4 and nash["completions"] == 32 and nash["pairs"] == 16
     assert nash["generation_tokens"] == nash["policy_sample_tokens"] + nash["mixture_sample_tokens"]
     steps = [c for c in curves(folder, records["nash_md"]) if "loss" in c]
-    assert len(steps) == 4 and all(0 <= c["preference"] <= 1 and c["mixture_coef"] == 0.5 for c in steps)
+    assert len(steps) == 4 and all(0 <= c["preference"] <= 1 and c["mixture_coef"] == 0.125 for c in steps)
     # step 1: the policy is its reference, the KL term is zero and the loss is the score term alone
     assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-5) and steps[0]["loss"] == pytest.approx(-steps[0]["score"], abs=1e-3)
     assert any(c["kl"] != 0 for c in steps[1:])  # the policy moved away from its reference
