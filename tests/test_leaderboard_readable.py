@@ -23,7 +23,9 @@ from harness.report.board import START, Board
 from harness.report.headline import (DIFFERENCE_MIN_SPAN, LEGEND, LEGEND_TEXT, MARK, SCORE_SCALE, difference_colour,
                                      difference_span, forest_rows, headline_metric, significant)
 from harness.report.labels import Labels, prettify
+from harness.report.board import matrix
 from harness.report.leaderboard import build_leaderboard, csv_text, latex, markdown
+from harness.report.plots import heatmap, heatmap_columns
 
 TASK_ITEMS = {"heldout_preference": 64, "truthfulqa_mc": 24, "toxicity": 62, "win_rate": 16, "gsm8k": 4}
 GROUPS = ["women", "asian", "black", "jewish", "muslim", "lgbtq"]
@@ -299,3 +301,27 @@ def test_a_cell_reads_the_differences_keys_multi_seed_ones_included():
     tied = difference_cell({"difference": 0.0, "low": -0.01, "high": 0.01, "items": 64, "significant": False})
     assert tied["sub"] == "Δ +0.000 [-0.010, +0.010]" and "cls" not in tied and "colour" not in tied
     assert difference_cell({"note": "not comparable: measured differently"})["sub"] == "not comparable: measured differently"
+
+
+def test_a_setting_skipped_on_every_row_is_one_line_and_no_heatmap_column(tmp_path):
+    realistic_records(tmp_path, **SMALL)
+    reason = "checkpoint HuggingFaceTB/SmolLM2-135M is not available here (LocalEntryNotFoundError)"
+    for method in (START, *SMALL["methods"]):
+        append_record(tmp_path, {"run_id": f"skip-{method}", "sweep": "mini-study", "family": "smollm2-135m",
+                                 "setting": "pretrained", "method": method, "variant": method,
+                                 "task": "heldout_preference", "task_key": f"heldout_preference-skip-{method}",
+                                 "measurement_key": "m-smollm2-135m-heldout_preference", "status": "skipped",
+                                 "reason": reason, "seed": None if method == START else 0,
+                                 "task_config": task_config("heldout_preference"), "consumed": {}, "metrics": {},
+                                 "finished_at": "2026-12-05T10:00:00+00:00"})
+    board = Board(tmp_path)
+    text = markdown(board)
+    section = text.split("## smollm2-135m · pretrained")[1].split("## ")[0]
+    assert f"skipped: {reason}" in section and "| variant |" not in section  # one line, not a table of skips
+    assert section.count(reason) == 1
+    labels, settings, cells = matrix(board)
+    assert "smollm2-135m · pretrained" in settings  # the matrix still lists it; the heatmap leaves it out and names it
+    assert heatmap_columns(labels, settings, cells) == (["smollm2-135m · sft", "smollm2-135m · instruct"],
+                                                        ["smollm2-135m · pretrained"])
+    figure_path = heatmap(board, tmp_path)
+    assert figure_path is not None and figure_path.exists()

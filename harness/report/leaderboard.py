@@ -138,6 +138,11 @@ def markdown(board: Board, plots: dict[str, Path] | None = None) -> str:
         start = board.start_key(keys[0])
         compared = [key for key in keys if start not in (None, key)]
         out += [f"## {family} · {setting}", ""]
+        outcomes = {board.status(key) for key in keys}
+        if len(outcomes) == 1 and next(iter(outcomes))[0] != "ok":  # every row skipped (or failed) the same way
+            status, reason = next(iter(outcomes))
+            out += [f"Every row ({', '.join(key[2] for key in keys)}) {status}: {reason}", ""]
+            continue
         seeds = ["seeds"] if board.several_seeds else []
         header = ["variant", "unified", "rank", *seeds,
                   *[labels.column(c) + judged(board, c) + direction(board, keys, c) for c in shown_headline],

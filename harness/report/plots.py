@@ -150,6 +150,13 @@ def judge_footnote(figure, lines: list[str]) -> None:
     figure.text(0.01, 0.01, "\n".join(lines), fontsize=7, ha="left", va="bottom", wrap=True, color="#8a4b00")
 
 
+def heatmap_columns(labels: list[str], settings: list[str], cells: dict) -> tuple[list[str], list[str]]:
+    """The heatmap's columns and the settings it leaves out: a setting without a single score (every row skipped, e.g.
+    its checkpoint needs the hub) is named below the plot, not drawn as an empty column."""
+    empty = [s for s in settings if all(cells.get((v, s)) is None for v in labels)]
+    return [s for s in settings if s not in empty], empty
+
+
 def heatmap(board, folder: Path) -> Path | None:
     """Unified score per variant × (family · setting) on a fixed [0, 1] colour scale; None when no row has one."""
     import matplotlib.pyplot as plt
@@ -158,6 +165,7 @@ def heatmap(board, folder: Path) -> Path | None:
     labels, settings, cells = matrix(board)
     if all(value is None for value in cells.values()):
         return None
+    settings, empty = heatmap_columns(labels, settings, cells)
     values = np.array([[cells.get((v, s)) if cells.get((v, s)) is not None else np.nan for s in settings]
                        for v in labels], dtype=float)
     figure, axis = plt.subplots(figsize=(1.6 * len(settings) + 2.5, 0.45 * len(labels) + 1.5))
@@ -172,6 +180,8 @@ def heatmap(board, folder: Path) -> Path | None:
                           color="black" if values[i, j] > 0.6 else "white")   # viridis is light above ~0.6
     figure.colorbar(image, ax=axis, label="unified score (fixed scale 0–1)")
     axis.set_title("unified alignment score: variant × setting", fontsize=9)
+    if empty:
+        axis.set_xlabel(f"not scored (skipped or failed; the leaderboard says why): {', '.join(empty)}", fontsize=7)
     figure.tight_layout()
     judge_footnote(figure, board.judge_footnotes())
     return _save(figure, folder, "heatmap")
