@@ -257,6 +257,9 @@ def test_other_layer_kinds_are_not_cached():
     chunked = Gemma3ForCausalLM(Gemma3TextConfig(**shape))
     chunked.config.layer_types = ["chunked_attention", "full_attention"]
     assert "chunked_attention layers" in cache_unsupported_reason(chunked)
+    unsized = Gemma3ForCausalLM(Gemma3TextConfig(**shape))
+    unsized.config.sliding_window = None
+    assert "without a window size" in cache_unsupported_reason(unsized)
 
 
 def test_bad_requests_are_one_line_errors(backends):

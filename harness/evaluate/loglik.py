@@ -106,12 +106,13 @@ def cache_unsupported_reason(model) -> str | None:
     if getattr(text_config, "use_bidirectional_attention", False) or not getattr(text_config, "is_causal", True):
         return f"{type(model).__name__} attends bidirectionally"
     window = attention_window(model)
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+    sliding = "sliding_attention" in (getattr(text_config, "layer_types", None) or ()) or window is not None
+    if sliding and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         return f"{type(model).__name__} has sliding-window layers without a window size (sliding_window={window!r})"
     return None
 
 
-def attention_window(model):
+def attention_window(model) -> int | None:
     """The ``sliding_window`` of ``model``'s sliding-window layers in tokens, or None when every layer attends to its
     whole context. A query at position p sees the keys at positions p - window + 1 .. p (transformers'
     ``sliding_window_overlay``: ``kv_idx > q_idx - sliding_window``), so a row of at most ``window`` tokens (positions
