@@ -1,5 +1,5 @@
-"""The list trainer the listwise methods share (``lipo``, ``rrhf``, ``pro``): transformers' ``Trainer`` on the
-``lists`` view (``harness.inputs.data``: a prompt and K responses, best first, with scores), and the sampled list
+"""The list trainer the listwise methods share (``lipo``, ``rrhf``, ``pro``, each a ``ListMethod``: its loss and its
+config): transformers' ``Trainer`` on the ``lists`` view (``harness.inputs.data``: a prompt and K responses, best first, with scores), and the sampled list
 source (K samples from the starting checkpoint scored by the sweep's reward, as ``methods/rso.py`` samples).
 
 TRL has no listwise trainer, so this is the smallest one over transformers' ``Trainer``: a micro-batch of B lists
@@ -20,7 +20,7 @@ Batches (``harness.train.plan.list_batches``): a list of K counts as K − 1 pai
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from harness.errors import HarnessError
 from harness.inputs.data import lists_for_pairs, pair_count, pairs_per_list
@@ -236,27 +236,49 @@ def check_list_options(name: str, list_source: str, list_size: int) -> None:
         raise HarnessError(f"{where}: list_size={list_size!r} must be an integer ≥ 2 (samples per prompt)")
 
 
+@dataclass(eq=False)
+class ListMethod:
+    """What the list adapters (``methods/lipo.py``, ``rrhf``, ``pro``) share: the list-source options, their checks,
+    the harness hooks of the sampled variant, and ``train``. An adapter is a dataclass deriving from it that adds its
+    loss's hyperparameters as fields, sets ``name`` (and any other default) of its own, and returns its bound
+    per-list loss from ``list_loss()``; the fields are the constructor's signature, so the registry binds and checks
+    every one of them (``harness.protocols.Method``). One level, no deeper: shared behaviour lives below in the plain
+    functions of this module."""
 
-def train_list_method(job: TrainingJob, *, name: str, list_loss, learning_rate: float, reference_based: bool,
-                      list_source: str, list_size: int, temperature: float, top_k: int | None) -> TrainingOutcome:
-    """What every list adapter's ``train`` does: the data's lists (a pair data set: lists of 2), or ``list_size``
-    samples a prompt scored by the reward (``train_sampled_lists``), trained with ``list_loss``."""
-    def train(sub_job: TrainingJob) -> TrainingOutcome:
-        return train_listwise(sub_job, list_loss=list_loss, learning_rate=learning_rate,
-                              reference_based=reference_based)
+    data_view = "lists"
+    reference_based = False      # a reference-based adapter sets True: its reference log-probs are scored first
 
-    if list_source == "sampled":
-        return train_sampled_lists(job, size=list_size, temperature=temperature, top_k=top_k, name=name, train=train)
-    return train(job)
+    name: str = "list"
+    learning_rate: float = 5e-7
+    list_source: str = "data"    # LIST_SOURCES: the data's lists, or list_size samples a prompt scored by the reward
+    list_size: int = 4           # samples a prompt (list_source=sampled)
+    temperature: float = 0.7     # sampling temperature (list_source=sampled)
+    top_k: int | None = 40       # sampling top-k (list_source=sampled; null = off)
 
+    def __post_init__(self):
+        check_list_options(self.name, self.list_source, self.list_size)
+        sampled = self.list_source == "sampled"
+        # the sampled variant needs the sweep's reward, uses the data's prompts only and prices its generation
+        # (``harness.train.matching``'s ``visit_cost``)
+        self.needs_reward = sampled
+        self.prompts_only = sampled
+        if sampled:
+            self.visit_cost = lambda prompt_tokens, completion_tokens, budget, sizes: sampled_visit_cost(
+                self.list_size, self.reference_based, prompt_tokens, completion_tokens, sizes)
 
-def list_method_hooks(method, *, list_source: str, list_size: int) -> None:
-    """Set a list adapter's optional harness hooks (``harness.protocols.Method``) for its list source: the sampled
-    variant needs the sweep's reward, uses the data's prompts only and prices its generation
-    (``harness.train.matching``'s ``visit_cost``)."""
-    sampled = list_source == "sampled"
-    method.needs_reward = sampled
-    method.prompts_only = sampled
-    if sampled:
-        method.visit_cost = lambda prompt_tokens, completion_tokens, budget, sizes: sampled_visit_cost(
-            list_size, method.reference_based, prompt_tokens, completion_tokens, sizes)
+    def list_loss(self):
+        """``list_loss(logps, lengths, reference_logps, scores) -> per-list loss (B,)`` with the hyperparameters
+        bound (see the module docstring)."""
+        raise NotImplementedError(f"{type(self).__name__} must define list_loss()")
+
+    def train(self, job: TrainingJob) -> TrainingOutcome:
+        """The data's lists (a pair data set: lists of 2), or ``list_size`` samples a prompt scored by the reward
+        (``train_sampled_lists``), trained with ``list_loss()``."""
+        def train(sub_job: TrainingJob) -> TrainingOutcome:
+            return train_listwise(sub_job, list_loss=self.list_loss(), learning_rate=self.learning_rate,
+                                  reference_based=self.reference_based)
+
+        if self.list_source == "sampled":
+            return train_sampled_lists(job, size=self.list_size, temperature=self.temperature, top_k=self.top_k,
+                                       name=self.name, train=train)
+        return train(job)
