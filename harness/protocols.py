@@ -4,7 +4,8 @@ A method lives in ``methods/<name>.py`` with its config in ``conf/method/<name>.
 a task in ``tasks/<name>.py`` with ``conf/task/<name>.yaml``. The YAML's ``_target_``
 names the class; the harness instantiates it with the YAML's remaining keys.
 Nothing inherits behaviour: shared work lives in plain functions
-(``harness.train.trl_support``, ``harness.evaluation``).
+(``harness.train.trl_support``, ``harness.evaluation``) — except the list methods, dataclasses deriving from one
+base (``harness.train.listwise.ListMethod``) whose fields are the list options they all take.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ import json
 
 from harness.errors import HarnessError
 from harness.protocols import TrainingJob, TrainingOutcome
-from harness.train.oracles import JudgeOracle, RewardOracle, mean_win_probabilities
+from harness.train.oracles import mean_win_probabilities, preference_oracle, self_play_outcome
 from harness.train.pairwise import PairwiseRound
 
 
@@ -115,11 +115,8 @@ class DNO:
     def train(self, job: TrainingJob) -> TrainingOutcome:
         from harness.train.rounds import Sampler, round_seed, train_in_rounds
 
-        if self.judge is None and job.reward is None:
-            raise HarnessError(f"{self.name} needs a preference oracle: set reward=<name> (conf/reward/) or "
-                               f"+method_params.{self.name}.judge.type=<judge type>")
+        oracle = preference_oracle(self.judge, job, self.name)
         sampler = Sampler(job.plan, self.temperature, engine=job.engine)
-        oracle = JudgeOracle(self.judge, job, self.name) if self.judge else RewardOracle(job.reward)
         gold = {json.dumps(row["prompt"], sort_keys=True): row["chosen"] for row in job.plan.rows}
 
         def label(path, prompts: list, round_number: int) -> tuple[list[dict], dict]:
@@ -140,12 +137,6 @@ class DNO:
         affordable = max(1, min(self.rounds, len(job.plan.rows) // job.budget.batch_pairs))
         rounds = train_in_rounds(job, name=self.name, rounds=affordable, label=label,
                                  round_method=PairwiseRound(beta=self.beta, learning_rate=self.learning_rate))
-        extra = {**rounds.summary(), "rounds_planned": self.rounds, "generation_tokens": sampler.tokens,
-                 "round_filtered": [h["filtered"] for h in rounds.trained],
-                 "round_mean_margins": [h["mean_margin"] for h in rounds.trained],
-                 "flops_accounting": "policy-parameter equivalents (methods/ppo.py)", **oracle.record(rounds.parameters)}
-        if self.judge is None:
-            extra["train_rewards"] = [h["reward"] for h in rounds.trained]
-        reference_tokens = rounds.totals["reference_tokens"] + sampler.tokens + oracle.policy_equivalent_tokens(
-            rounds.parameters)
-        return rounds.outcome(reference_tokens=reference_tokens, extra=extra)
+        return self_play_outcome(rounds, sampler, oracle, {
+            "rounds_planned": self.rounds, "round_filtered": [h["filtered"] for h in rounds.trained],
+            "round_mean_margins": [h["mean_margin"] for h in rounds.trained]})

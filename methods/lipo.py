@@ -22,13 +22,13 @@ pairwise reward-ranking model, §5).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 
-from harness.protocols import TrainingJob, TrainingOutcome
-from harness.train.listwise import check_list_options, list_method_hooks, train_list_method
+from harness.train.listwise import ListMethod
 
 
 def lambda_weights(rewards: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -53,23 +53,13 @@ def lipo_lambda_loss(logps: torch.Tensor, lengths: torch.Tensor, reference_logps
     return (better * weights * pair_losses).sum(dim=(-1, -2))
 
 
-class LiPO:
-    data_view = "lists"
+@dataclass(eq=False)
+class LiPO(ListMethod):
     reference_based = True
 
-    def __init__(self, name: str = "lipo", beta: float = 0.05, learning_rate: float = 5e-7, list_source: str = "data",
-                 list_size: int = 8, temperature: float = 0.7, top_k: int | None = 40):
-        check_list_options(name, list_source, list_size)
-        self.name = name
-        self.beta = beta
-        self.learning_rate = learning_rate
-        self.list_source = list_source
-        self.list_size = list_size
-        self.temperature = temperature
-        self.top_k = top_k
-        list_method_hooks(self, list_source=list_source, list_size=list_size)
+    name: str = "lipo"
+    beta: float = 0.05
+    list_size: int = 8
 
-    def train(self, job: TrainingJob) -> TrainingOutcome:
-        return train_list_method(job, name=self.name, list_loss=partial(lipo_lambda_loss, beta=self.beta),
-                                 learning_rate=self.learning_rate, reference_based=True, list_source=self.list_source,
-                                 list_size=self.list_size, temperature=self.temperature, top_k=self.top_k)
+    def list_loss(self):
+        return partial(lipo_lambda_loss, beta=self.beta)

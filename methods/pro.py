@@ -22,12 +22,12 @@ their numbers not re-checked offline.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 
-from harness.protocols import TrainingJob, TrainingOutcome
-from harness.train.listwise import check_list_options, list_method_hooks, train_list_method
+from harness.train.listwise import ListMethod
 
 
 def pro_loss(logps: torch.Tensor, lengths: torch.Tensor, reference_logps, scores: torch.Tensor, *,
@@ -51,26 +51,11 @@ def pro_loss(logps: torch.Tensor, lengths: torch.Tensor, reference_logps, scores
     return total + sft_weight * sft
 
 
-class PRO:
-    data_view = "lists"
-    reference_based = False
+@dataclass(eq=False)
+class PRO(ListMethod):
+    name: str = "pro"
+    sft_weight: float = 0.05
+    temperature_weighting: bool = True
 
-    def __init__(self, name: str = "pro", sft_weight: float = 0.05, temperature_weighting: bool = True,
-                 learning_rate: float = 5e-7, list_source: str = "data", list_size: int = 4, temperature: float = 0.7,
-                 top_k: int | None = 40):
-        check_list_options(name, list_source, list_size)
-        self.name = name
-        self.sft_weight = sft_weight
-        self.temperature_weighting = temperature_weighting
-        self.learning_rate = learning_rate
-        self.list_source = list_source
-        self.list_size = list_size
-        self.temperature = temperature
-        self.top_k = top_k
-        list_method_hooks(self, list_source=list_source, list_size=list_size)
-
-    def train(self, job: TrainingJob) -> TrainingOutcome:
-        loss = partial(pro_loss, sft_weight=self.sft_weight, temperature_weighting=self.temperature_weighting)
-        return train_list_method(job, name=self.name, list_loss=loss, learning_rate=self.learning_rate,
-                                 reference_based=False, list_source=self.list_source, list_size=self.list_size,
-                                 temperature=self.temperature, top_k=self.top_k)
+    def list_loss(self):
+        return partial(pro_loss, sft_weight=self.sft_weight, temperature_weighting=self.temperature_weighting)

@@ -16,12 +16,12 @@ is averaged over the lists of a micro-batch. Equation numbers not re-checked off
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 
-from harness.protocols import TrainingJob, TrainingOutcome
-from harness.train.listwise import check_list_options, list_method_hooks, train_list_method
+from harness.train.listwise import ListMethod
 
 
 def rrhf_loss(logps: torch.Tensor, lengths: torch.Tensor, reference_logps, scores: torch.Tensor, *,
@@ -36,26 +36,11 @@ def rrhf_loss(logps: torch.Tensor, lengths: torch.Tensor, reference_logps, score
     return rank_weight * rank + sft_weight * sft
 
 
-class RRHF:
-    data_view = "lists"
-    reference_based = False
+@dataclass(eq=False)
+class RRHF(ListMethod):
+    name: str = "rrhf"
+    rank_weight: float = 1.0
+    sft_weight: float = 1.0
 
-    def __init__(self, name: str = "rrhf", rank_weight: float = 1.0, sft_weight: float = 1.0,
-                 learning_rate: float = 5e-7, list_source: str = "data", list_size: int = 4,
-                 temperature: float = 0.7, top_k: int | None = 40):
-        check_list_options(name, list_source, list_size)
-        self.name = name
-        self.rank_weight = rank_weight
-        self.sft_weight = sft_weight
-        self.learning_rate = learning_rate
-        self.list_source = list_source
-        self.list_size = list_size
-        self.temperature = temperature
-        self.top_k = top_k
-        list_method_hooks(self, list_source=list_source, list_size=list_size)
-
-    def train(self, job: TrainingJob) -> TrainingOutcome:
-        loss = partial(rrhf_loss, rank_weight=self.rank_weight, sft_weight=self.sft_weight)
-        return train_list_method(job, name=self.name, list_loss=loss, learning_rate=self.learning_rate,
-                                 reference_based=False, list_source=self.list_source, list_size=self.list_size,
-                                 temperature=self.temperature, top_k=self.top_k)
+    def list_loss(self):
+        return partial(rrhf_loss, rank_weight=self.rank_weight, sft_weight=self.sft_weight)

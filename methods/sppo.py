@@ -32,10 +32,9 @@ the same sums per prompt for ``budget.match=tokens|flops`` (``harness.train.matc
 
 from __future__ import annotations
 
-from harness.errors import HarnessError
 from harness.protocols import TrainingJob, TrainingOutcome
 from harness.train.pairwise import PairwiseRound
-from harness.train.oracles import JudgeOracle, RewardOracle, self_play_labeller
+from harness.train.oracles import preference_oracle, self_play_labeller, self_play_outcome
 
 
 class SPPO:
@@ -93,27 +92,15 @@ class SPPO:
     def train(self, job: TrainingJob) -> TrainingOutcome:
         from harness.train.rounds import Sampler, heldout_reward, train_in_rounds
 
-        reward = job.reward
-        if self.judge is None and reward is None:
-            raise HarnessError(f"{self.name} needs a preference oracle: set reward=<name> (conf/reward/) or "
-                               f"+method_params.{self.name}.judge.type=<judge type>")
+        oracle = preference_oracle(self.judge, job, self.name)
         sampler = Sampler(job.plan, self.temperature, engine=job.engine)
-        oracle = JudgeOracle(self.judge, job, self.name) if self.judge else RewardOracle(reward)
         label = self_play_labeller(sampler, oracle, self.samples, job.seed)
-        heldout = None if self.judge else (lambda path, prompts: heldout_reward(sampler, reward, path, prompts))
+        heldout = None if self.judge else (lambda path, prompts: heldout_reward(sampler, job.reward, path, prompts))
         rounds = train_in_rounds(job, name=self.name, rounds=self.rounds, label=label,
                                  round_method=PairwiseRound(beta=self.beta, learning_rate=self.learning_rate,
                                                   loss_type="sppo_hard"),
                                  heldout_score=heldout, heldout_prompts=self.heldout_prompts,
                                  min_improvement=self.min_improvement)
-        extra = {**rounds.summary(), "generation_tokens": sampler.tokens,
-                 "winner_win_probabilities": [h["winner_win_probability"] for h in rounds.trained],
-                 "loser_win_probabilities": [h["loser_win_probability"] for h in rounds.trained],
-                 "flops_accounting": "policy-parameter equivalents (methods/ppo.py)", **oracle.record(rounds.parameters)}
-        if self.judge is None:
-            extra["train_rewards"] = [h["reward"] for h in rounds.trained]
-        reference_tokens = rounds.totals["reference_tokens"] + sampler.tokens + oracle.policy_equivalent_tokens(
-            rounds.parameters)
-        return rounds.outcome(reference_tokens=reference_tokens, extra=extra)
-
-
+        return self_play_outcome(rounds, sampler, oracle, {
+            "winner_win_probabilities": [h["winner_win_probability"] for h in rounds.trained],
+            "loser_win_probabilities": [h["loser_win_probability"] for h in rounds.trained]})

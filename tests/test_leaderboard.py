@@ -301,8 +301,8 @@ def test_measured_differently_is_not_comparable(tmp_path, cache_dir):
     text = build_leaderboard(tmp_path)["markdown"].read_text()
     header = row(text, "variant")
     dpo = dict(zip(header, row(text, "dpo")))
-    assert dpo["Δ TruthfulQA"] == "not comparable: measured differently" and dpo["rank"] == "—"
-    assert dict(zip(header, row(text, "kto")))["Δ TruthfulQA"].startswith("+0.250 [")
+    assert dpo["Δ TruthfulQA MC1"] == "not comparable: measured differently" and dpo["rank"] == "—"
+    assert dict(zip(header, row(text, "kto")))["Δ TruthfulQA MC1"].startswith("+0.250 [")
     assert dict(zip(header, row(text, "kto")))["rank"] == "1" and dict(zip(header, row(text, "start")))["rank"] == "2"
     assert "-0.000" not in text and "not comparable: measured differently" in row(
         text.split("### Δ per metric from start")[1], "TruthfulQA MC1 (higher better)")
@@ -328,9 +328,9 @@ def test_a_start_row_measured_two_ways_compares_with_rows_of_either(tmp_path):
     header = row(text, "variant")
     cells = {label: dict(zip(header, row(text, label))) for label in ("start", "kto", "dpo", "ipo")}
     assert cells["start"]["TruthfulQA MC1 (higher better)"].startswith("0.5000")           # its newest record
-    assert cells["kto"]["Δ TruthfulQA"].startswith("+0.500 [")                             # vs the 4-item start
-    assert cells["dpo"]["Δ TruthfulQA"].startswith("+0.500 [")                             # vs the 2-item start
-    assert cells["ipo"]["Δ TruthfulQA"] == "not comparable: measured differently"
+    assert cells["kto"]["Δ TruthfulQA MC1"].startswith("+0.500 [")                         # vs the 4-item start
+    assert cells["dpo"]["Δ TruthfulQA MC1"].startswith("+0.500 [")                         # vs the 2-item start
+    assert cells["ipo"]["Δ TruthfulQA MC1"] == "not comparable: measured differently"
     assert cells["dpo"]["rank"] == "1" and cells["kto"]["rank"] == "—"                    # ranks: one measurement
 
 
@@ -458,3 +458,67 @@ def test_report_package_has_no_import_circle():
                    for name in imports.get(start, ()))
 
     assert not [module for module in imports if reaches(module, module)]
+
+
+# ---------------------------------------------------------------------------------------------
+# TruthfulQA: the main table's column and its Δ are one metric, and the headers say which
+def add_truthfulqa(folder: Path, run_id: str, variant: str, mc1: list[float], mc2: list[float], **fields) -> None:
+    """A truthfulqa_mc record as the task writes it: two samples an item, one per lm-eval subtask (mc1, then mc2)."""
+    samples = [{"item_id": str(i), "subtask": name, "scores": {name: value}}
+               for name, values in (("mc1", mc1), ("mc2", mc2)) for i, value in enumerate(values)]
+    metrics = {name: dict(zip(("value", "stderr"), mean_and_stderr(values)), higher_is_better=True)
+               for name, values in (("mc1", mc1), ("mc2", mc2))}
+    append_record(folder, {"run_id": run_id, "sweep": "fixture", "family": "fixture", "setting": "instruct",
+                           "method": variant, "variant": variant, "task": "truthfulqa_mc", "task_key": f"tq-{run_id}",
+                           "measurement_key": "m1", "status": "ok", "reason": None, "metrics": metrics, "consumed": {},
+                           "samples_file": write_samples(folder, run_id, f"tq-{run_id}", samples), **fields})
+
+
+# MC1 falls by 0.25 while MC2 rises by 0.25 (per item +0.25, +0.25, 0, +0.5): a column of one and a Δ of the other
+# (or of their mean, 0) would disagree
+START_MC = ([1, 0, 0, 0], [0.5, 0.25, 0.25, 0.0])
+DPO_MC = ([0, 0, 0, 0], [0.75, 0.5, 0.25, 0.5])
+
+
+@pytest.mark.parametrize("task_config", [{"primary_metrics": ["mc2"]}, None], ids=["configured", "older-record"])
+def test_truthfulqa_column_and_its_delta_are_mc2_and_say_so(tmp_path, task_config):
+    """conf/task/truthfulqa_mc.yaml makes MC2 the primary metric: the main table shows MC2 and its Δ is MC2's
+    difference (+0.25, by hand above), both headed "TruthfulQA MC2". A record scored before the config named it
+    (no ``primary_metrics`` in its task_config) takes the shipped config's, as labels do."""
+    fields = {"task_config": task_config} if task_config else {}
+    add_truthfulqa(tmp_path, "run0", "start", *START_MC, **fields)
+    add_truthfulqa(tmp_path, "run1", "dpo", *DPO_MC, **fields)
+    board = Board(tmp_path)
+    dpo, start = ("fixture", "instruct", "dpo"), ("fixture", "instruct", "start")
+    assert board.task_score(dpo, "truthfulqa_mc") == pytest.approx(0.5)          # MC2 alone, not (0 + 0.5) / 2
+    difference = board.paired_difference(dpo, start, "truthfulqa_mc")
+    assert difference["difference"] == pytest.approx(0.25) and difference["items"] == 4
+    assert difference == board.paired_difference(dpo, start, "truthfulqa_mc", "mc2")
+    text = build_leaderboard(tmp_path)["markdown"].read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| variant |"))
+    assert "| TruthfulQA MC2 (higher better) |" in header and "| Δ TruthfulQA MC2 |" in header
+    assert "MC1" not in header
+    cells = row(text, "dpo")
+    assert cells[3] == "0.5000 ± {:.4f}".format(mean_and_stderr(DPO_MC[1])[1]) and cells[4].startswith(fmt(difference))
+    from harness.report.html import table_data
+    from harness.report.labels import Labels
+
+    main, details = table_data(board, Labels(board.records))
+    assert [c["label"] for c in main["columns"] if c["key"].startswith("truthfulqa_mc")] == ["TruthfulQA MC2"]
+    assert [c["label"] for c in details["columns"] if c["key"] == "delta truthfulqa_mc"] == ["Δ TruthfulQA MC2"]
+
+
+def test_a_task_score_over_several_metrics_merges_an_items_samples(tmp_path):
+    """A config naming both MC1 and MC2: an item's score is the mean of its two samples' (one per subtask), so the
+    task's Δ is the mean of MC1's and MC2's differences (−0.25 and +0.25: 0), headed by the task alone."""
+    config = {"task_config": {"primary_metrics": ["mc1", "mc2"]}}
+    add_truthfulqa(tmp_path, "run0", "start", *START_MC, **config)
+    add_truthfulqa(tmp_path, "run1", "dpo", *DPO_MC, **config)
+    board = Board(tmp_path)
+    dpo, start = ("fixture", "instruct", "dpo"), ("fixture", "instruct", "start")
+    assert board.task_score(dpo, "truthfulqa_mc") == pytest.approx(0.25)
+    assert board.paired_difference(dpo, start, "truthfulqa_mc")["difference"] == pytest.approx(0.0)
+    assert board.paired_difference(dpo, start, "truthfulqa_mc", "mc1")["difference"] == pytest.approx(-0.25)
+    header = next(line for line in build_leaderboard(tmp_path)["markdown"].read_text().splitlines()
+                  if line.startswith("| variant |"))
+    assert "| TruthfulQA MC1 (higher better) |" in header and "| Δ TruthfulQA |" in header

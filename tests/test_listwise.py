@@ -226,6 +226,33 @@ def test_response_logps_score_only_the_responses(tiny_model):
     assert lengths.tolist() == [2, 3, 1, 4]
 
 
+def test_reference_log_probs_go_through_the_shared_cache(tiny_model, tmp_path):
+    """LiPO's reference log-probs: scored once into the shared reference cache (a miss), read back by the next run
+    on the same start and lists (a hit) — the same numbers as scoring them — ; other lists are another entry; no
+    cache folder, no cache."""
+    import contextlib
+
+    from transformers import AutoModelForCausalLM
+
+    from harness.train.listwise import cached_reference_scores, reference_scores
+
+    trainer = SimpleNamespace(model=AutoModelForCausalLM.from_pretrained(tiny_model), pad_id=0,
+                              args=SimpleNamespace(bf16=False, fp16=False),
+                              autocast_smart_context_manager=contextlib.nullcontext)
+    items = [{"prompt_ids": [1, 5, 7, 9], "completion_ids": [[3, 4], [8, 8, 2], [5]], "scores": [2.0, 1.0, 0.0]},
+             {"prompt_ids": [1, 6], "completion_ids": [[3], [4, 4, 4, 4], [2, 2]], "scores": [2.0, 1.0, 0.0]}]
+    scored = reference_scores(trainer, items, 1)
+    cache = tmp_path / "reference_logprobs"
+    options = dict(reference_path=tiny_model, cache_dir=cache, max_length=16)
+    assert cached_reference_scores(trainer, items, 1, **options) == (scored, "miss")
+    assert cached_reference_scores(trainer, items, 2, **options) == (scored, "hit")   # batch size is not in the key
+    assert [p.name.startswith("lists-") for p in cache.glob("*.safetensors")] == [True]
+    other = [items[0], {**items[1], "completion_ids": [[3], [4, 4, 4], [2, 2]]}]
+    assert cached_reference_scores(trainer, other, 1, **options)[1] == "miss"
+    assert len(list(cache.glob("*.safetensors"))) == 2
+    assert cached_reference_scores(trainer, items, 1, **{**options, "cache_dir": None}) == (scored, "off")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # through the CLI
 

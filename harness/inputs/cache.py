@@ -25,7 +25,8 @@ Which check each cached artifact uses:
 
 * manifest — unpacked models (embedded, tiny-random) ``<cache>/models/<name>/``; trained checkpoints, derived
   stages' too, ``<cache>/checkpoints/<run_id>/``; Bradley-Terry reward models ``<cache>/rewards/bradley-terry-<key>/``;
-* checked file — reference log-probs ``<cache>/reference_logprobs/<key>.safetensors``; pair and example log-probs
+* checked file — reference log-probs ``<cache>/reference_logprobs/<key>.safetensors`` (the list trainer's:
+  ``lists-<key>.safetensors`` beside them); pair and example log-probs
   ``<cache>/tasks/{pair,example}_logps/<key>.json``; judge verdicts (AI feedback) ``<cache>/feedback/<key>.json``;
   win-rate outputs, the reference's and the policies', ``<cache>/tasks/win_rate_generations/<key>.json``; the
   toxicity classifier head ``<cache>/tasks/toxicity/minilm_toxigen-<key>.npz``;

@@ -14,10 +14,26 @@ becomes, so a sweep can tell a dead writer's leftovers from a live one's
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
 from harness import debug
+
+
+@functools.lru_cache(maxsize=None)
+def shipped_config(group: str, name: str) -> dict:
+    """The shipped ``conf/<group>/<name>.yaml`` as a plain dict (read once per process); {} for a name with no shipped
+    config (a plug-in's) or one that does not parse. For readers below the registry (``harness.report``: labels and
+    primary metrics of records written before their task config named them); callers must not modify it."""
+    from omegaconf import OmegaConf
+
+    path = Path(__file__).resolve().parents[2] / "conf" / group / f"{name}.yaml"
+    try:
+        config = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except Exception:   # no such file, or not one config: nothing shipped to fall back on
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def default_cache_dir() -> Path:

@@ -37,8 +37,9 @@ A start row scored more than one way (say on 64 items, then on 32) keeps its new
 measurement: a row's Δ uses the start record measured like the row's own. Its cells and the ranks use its
 newest record only, so a rank always compares one measurement.
 
-**Unified score.** Each task's *primary* metrics (the task config's ``primary_metrics``; by default every
-metric whose values lie in [0, 1] and whose name has no ``/`` breakdown) are mapped to [0, 1] with higher
+**Unified score.** Each task's *primary* metrics (the task config's ``primary_metrics``, for a record scored before
+its task configured them the shipped config's; by default every metric whose values lie in [0, 1] and whose name has
+no ``/`` breakdown) are mapped to [0, 1] with higher
 better — ``v`` when higher is better, ``1 − v`` otherwise (toxicity) —; a task's score is the mean of its
 mapped primary metrics; the unified score is the mean over the tasks the row was scored on — except a task whose
 judge agrees with GPT-4 less than the better of the length and constant baselines on its judge check (any of its
@@ -78,6 +79,7 @@ from pathlib import Path
 
 from harness.errors import HarnessError
 from harness.identity import config_hash
+from harness.inputs.paths import shipped_config
 from harness.records import latest_records, read_records
 from harness.report.published import check_published
 
@@ -122,10 +124,17 @@ def judge_check_of(record: dict) -> dict | None:
 
 
 def primary_metrics(record: dict) -> list[str]:
+    """What the task score averages (module docstring, "Unified score"): the record's ``task_config.primary_metrics``;
+    for a record scored before its task configured them, the shipped config's (those the record has); else every
+    metric in [0, 1] without a ``/`` breakdown."""
+    metrics = record.get("metrics") or {}
     configured = (record.get("task_config") or {}).get("primary_metrics")
     if configured:
-        return [m for m in configured if m in (record.get("metrics") or {})]
-    return [name for name, m in (record.get("metrics") or {}).items()
+        return [m for m in configured if m in metrics]
+    shipped = [m for m in shipped_config("task", str(record.get("task"))).get("primary_metrics") or [] if m in metrics]
+    if shipped:
+        return shipped
+    return [name for name, m in metrics.items()
             if "/" not in name and m.get("value") is not None and 0.0 <= m["value"] <= 1.0]
 
 
@@ -485,16 +494,20 @@ class Board:
         wanted = {n: record["metrics"][n]["higher_is_better"] for n in primary_metrics(record)}
         out = {}
         for member in record.get("seed_members") or [record]:
-            scores = {}
+            # an item's scores may be spread over several samples (truthfulqa_mc logs one per subtask: mc1, mc2)
+            values: dict[str, dict] = {}
             for sample in self.record_samples(member):
-                values = (sample.get("scores") or {})
+                values.setdefault(str(sample["item_id"]), {}).update(
+                    {n: v for n, v in (sample.get("scores") or {}).items() if v is not None})
+            scores = {}
+            for item, item_values in values.items():
                 if metric is not None:
-                    if values.get(metric) is not None:
-                        scores[str(sample["item_id"])] = float(values[metric])
+                    if metric in item_values:
+                        scores[item] = float(item_values[metric])
                     continue
-                mapped_values = [mapped(float(v), wanted[n]) for n, v in values.items() if n in wanted and v is not None]
+                mapped_values = [mapped(float(v), wanted[n]) for n, v in item_values.items() if n in wanted]
                 if mapped_values:
-                    scores[str(sample["item_id"])] = sum(mapped_values) / len(mapped_values)
+                    scores[item] = sum(mapped_values) / len(mapped_values)
             out[seed_label(member)] = scores
         return out
 

@@ -34,7 +34,8 @@ def significant(difference: dict | None) -> bool | None:
 
 def headline_metric(board: Board, task: str) -> str | None:
     """The metric the main table shows for ``task``: its first primary metric (the task config's
-    ``primary_metrics``, else the first metric in [0, 1] without a ``/`` breakdown), else its first metric."""
+    ``primary_metrics``, else the first metric in [0, 1] without a ``/`` breakdown), else its first metric. A task
+    whose score is one primary metric shows that metric, so its column and its Δ (the task score's) are one metric."""
     for key in board.keys:
         record = board.record(key, task)
         if record:
@@ -42,6 +43,17 @@ def headline_metric(board: Board, task: str) -> str | None:
             if names:
                 return names[0]
     return None
+
+
+def score_metrics(board: Board, task: str) -> dict[str, bool]:
+    """The primary metrics ``task``'s score averages (``harness.report.board.primary_metrics``), each with its
+    ``higher_is_better``, as the first row scored on it has them: what its Δ compares, named by ``Labels.score``."""
+    for key in board.keys:
+        record = board.record(key, task)
+        if record:
+            metrics = record["metrics"]
+            return {name: bool(metrics[name].get("higher_is_better", True)) for name in primary_metrics(record)}
+    return {}
 
 
 def forest_rows(board: Board) -> list[dict]:

@@ -18,7 +18,8 @@ import json
 from pathlib import Path
 
 from harness.report.board import CONSUMED_COLUMNS, TIE_TOLERANCE, Board
-from harness.report.headline import DIFFERENCE_MIN_SPAN, LEGEND, MARK, difference_colour, forest_rows, headline_metric
+from harness.report.headline import (DIFFERENCE_MIN_SPAN, LEGEND, MARK, difference_colour, forest_rows, headline_metric,
+                                     score_metrics)
 from harness.report.labels import Labels
 
 SAMPLES_PER_RUN = 50   # samples per (run, task) embedded in the page; the full files stay beside the records
@@ -95,14 +96,16 @@ def table_data(board: Board, labels: Labels) -> tuple[dict, dict]:
         mark = board.judge_mark(task)  # † a task whose judge is below its baselines (the footnote under the table)
         main_columns.append({"key": f"{task}/{name}", "label": labels.metric(task, name) + (f" {mark}" if mark else "")
                              + ("" if higher else " (lower better)"),
-                             "title": f"{task}/{name} ({'higher' if higher else 'lower'} better); "
-                                      f"Δ below: the {task} task score's difference from the start row"})
+                             "title": f"{task}/{name} ({'higher' if higher else 'lower'} better); Δ below: the "
+                                      f"{task} task score's ({labels.score(task, score_metrics(board, task))}) "
+                                      f"difference from the start row"})
     main_columns.append({"key": "status", "label": "status", "title": "status"})
     details_columns = [{"key": "group", "label": "family · setting", "title": "model family · starting setting"},
                        {"key": "variant", "label": "variant", "title": "variant"}]
     details_columns += [{"key": m, "label": labels.column(m) + (f" {board.judge_mark(m.split('/', 1)[0])}"
                                                              if board.judge_mark(m.split("/", 1)[0]) else ""), "title": m, "breakdown": "/" in m.split("/", 1)[1]} for m in metrics]
-    details_columns += [{"key": f"delta {t}", "label": f"Δ {labels.task(t)}", "title": f"delta {t}"} for t in board.tasks]
+    details_columns += [{"key": f"delta {t}", "label": f"Δ {labels.score(t, score_metrics(board, t))}",
+                         "title": f"delta {t}"} for t in board.tasks]
     details_columns += [{"key": name, "label": title, "title": name} for name, title in budget]
     details_columns.append({"key": "reason", "label": "status", "title": "status and reason"})
     main_rows, details_rows = [], []

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import re
 
+from harness.inputs.paths import shipped_config
+
 ABBREVIATIONS = {"mc1": "MC1", "mc2": "MC2", "logp": "log-p", "avg": "avg", "kl": "KL", "lc": "LC", "id": "ID"}
 
 
@@ -33,17 +35,10 @@ def prettify(name: str) -> str:
 
 
 def configured_display(task: str) -> dict:
-    """The ``display`` block of the current ``conf/task/<task>.yaml``; {} when the task or the block is unknown."""
-    from pathlib import Path
-
-    from omegaconf import OmegaConf
-
-    path = Path(__file__).resolve().parents[2] / "conf" / "task" / f"{task}.yaml"  # the shipped tasks' configs
-    try:   # report reads files, not the registry (harness.run sits above it: tests/test_architecture.py)
-        display = OmegaConf.load(path).get("display")
-        return OmegaConf.to_container(display, resolve=True) if display is not None else {}
-    except Exception:   # an unknown or plug-in task: its records' own display block, else the prettifier
-        return {}
+    """The ``display`` block of the current ``conf/task/<task>.yaml``; {} when the task or the block is unknown
+    (the report reads files, not the registry: harness.run sits above it, tests/test_architecture.py)."""
+    display = shipped_config("task", task).get("display")
+    return display if isinstance(display, dict) else {}
 
 
 class Labels:
@@ -75,6 +70,14 @@ class Labels:
         if metric == "score":
             return f"{self.task(task)} score"
         return f"{self.task(task)}: {prettify(metric)}"
+
+    def score(self, task: str, metrics: dict[str, bool]) -> str:
+        """The label of ``task``'s score (what its Δ compares), from its primary metrics {name: higher_is_better}: the
+        metric's own when the score is one metric, higher better ("TruthfulQA MC2"); else the task's ("Toxicity": a
+        mean, or a metric inverted to higher-better, is the task score the legend describes)."""
+        if len(metrics) == 1 and all(metrics.values()):
+            return self.metric(task, next(iter(metrics)))
+        return self.task(task)
 
     def column(self, column: str) -> str:
         """The label of a ``task/metric`` column."""

@@ -27,7 +27,7 @@ from harness.inputs.paths import atomic_write_text
 from harness.records import read_records
 from harness.report.board import (BOOTSTRAP_SAMPLES, CONSUMED_COLUMNS, TIE_TOLERANCE, Board, compare, matrix,
                                   paired_bootstrap, table_rows)
-from harness.report.headline import LEGEND, LEGEND_TEXT, MARK, headline_metric, significant
+from harness.report.headline import LEGEND, LEGEND_TEXT, MARK, headline_metric, score_metrics, significant
 from harness.report.html import html_page
 from harness.report.labels import Labels
 from harness.report.plots import write_plots
@@ -146,7 +146,8 @@ def markdown(board: Board, plots: dict[str, Path] | None = None) -> str:
         seeds = ["seeds"] if board.several_seeds else []
         header = ["variant", "unified", "rank", *seeds,
                   *[labels.column(c) + judged(board, c) + direction(board, keys, c) for c in shown_headline],
-                  *([f"Δ {labels.task(t)}{judged(board, t)}" for t in board.tasks] if compared else []), "status"]
+                  *([f"Δ {labels.score(t, score_metrics(board, t))}{judged(board, t)}" for t in board.tasks]
+                    if compared else []), "status"]
         out += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
         for key in keys:
             unified, _ = board.unified(key)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from harness.inputs.paths import temporary_path
 from harness.report.board import matrix
-from harness.report.headline import MARK, SCORE_SCALE, difference_span, forest_rows, headline_metric
+from harness.report.headline import (MARK, SCORE_SCALE, UNIFIED, difference_span, forest_rows, headline_metric,
+                                     score_metrics)
 from harness.report.labels import Labels
 
 CURVE_PANELS = [
@@ -91,7 +92,8 @@ def forest_plot(board, folder: Path) -> Path | None:
                 axis.text(row["high"], position, f" {MARK}", fontsize=9, color=colour, va="center", fontweight="bold")
         axis.set_xlim(-span, span)
         judge = board.judge_mark(task) if task != "unified" else ""  # † a judge below its baselines: footnote below
-        axis.set_title(labels.task(task) + (f" {judge}" if judge else ""), fontsize=9)
+        title = labels.task(task) if task == UNIFIED else labels.score(task, score_metrics(board, task))
+        axis.set_title(title + (f" {judge}" if judge else ""), fontsize=9)
         axis.grid(axis="x", alpha=0.3)
         axis.tick_params(axis="x", labelsize=7)
         axis.set_xlabel("Δ from start (higher = better)", fontsize=7)

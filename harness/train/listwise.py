@@ -1,6 +1,7 @@
-"""The list trainer the listwise methods share (``lipo``, ``rrhf``, ``pro``): transformers' ``Trainer`` on the
-``lists`` view (``harness.inputs.data``: a prompt and K responses, best first, with scores), and the sampled list
-source (K samples from the starting checkpoint scored by the sweep's reward, as ``methods/rso.py`` samples).
+"""The list trainer the listwise methods share (``lipo``, ``rrhf``, ``pro``, each a ``ListMethod``: its loss and its
+config): transformers' ``Trainer`` on the ``lists`` view (``harness.inputs.data``: a prompt and K responses, best
+first, with scores), and the sampled list source (K samples from the starting checkpoint scored by the sweep's
+reward, as ``methods/rso.py`` samples).
 
 TRL has no listwise trainer, so this is the smallest one over transformers' ``Trainer``: a micro-batch of B lists
 is K·B sequences (prompt + response, rendered like the pair trainers render them: ``harness.evaluate.logprobs.render``)
@@ -11,8 +12,13 @@ in one forward pass; each response's summed log-prob and token count, shaped (B,
 (``reference_logps`` None for a reference-free method; ``scores`` higher-is-better, responses sorted best first).
 The trainer averages it over the micro-batch. A reference-based method's reference log-probs are scored once
 before training with the starting model (the policy before its first step, so an untrained policy's log-ratio is
-zero), forward-only; they are not shared through the pair trainers' reference cache (a departure from
-``harness.train.trl_extensions``: lists have K columns, its cache two).
+zero), forward-only, through the shared reference cache (``job.reference_cache_dir``, ``cached_reference_scores``):
+the pair trainers' folder, entry format, identity of the reference and locking (``harness.train.trl_extensions``),
+keyed by the lists' token ids instead of the pairs', so a later run from the same start on the same lists (another
+β, learning rate, tuning trial or seed of the same sampled lists) reads them instead of scoring again. A list
+entry is never a pair entry: the pair trainers score with TRL's tokenization and fused LM head, this trainer with
+``render`` and ``response_logps``, whose numbers differ in the last bits — a reference from the other path would
+make an untrained policy's log-ratio non-zero.
 
 Batches (``harness.train.plan.list_batches``): a list of K counts as K − 1 pairs, so a step of
 ``budget.batch_pairs`` pairs takes batch_pairs // (K − 1) lists.
@@ -20,7 +26,11 @@ Batches (``harness.train.plan.list_batches``): a list of K counts as K − 1 pai
 
 from __future__ import annotations
 
-from dataclasses import replace
+import itertools
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 from harness.errors import HarnessError
 from harness.inputs.data import lists_for_pairs, pair_count, pairs_per_list
@@ -128,6 +138,75 @@ def reference_scores(trainer, items: list[dict], batch_lists: int) -> list[list[
     return out
 
 
+LIST_CACHE_FORMAT = 1   # bump when what a list entry holds, or how it is scored, changes
+
+
+def list_reference_key(identity: dict, items: list[dict], settings: dict) -> str:
+    """SHA-256 of the reference's identity (``trl_extensions.reference_identity``), the scoring settings and every
+    list's token ids in order (its prompt, then each response): ``trl_extensions.reference_cache_key`` for lists."""
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.sha256()
+    header = {"format": LIST_CACHE_FORMAT, "view": "lists", "reference": identity, "settings": settings,
+              "lists": len(items)}
+    digest.update(json.dumps(header, sort_keys=True).encode())
+    for item in items:
+        digest.update(len(item["completion_ids"]).to_bytes(8, "little"))
+        for ids in (item["prompt_ids"], *item["completion_ids"]):
+            digest.update(len(ids).to_bytes(8, "little"))
+            digest.update(np.asarray(ids, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def cached_reference_scores(trainer, items: list[dict], batch_lists: int, *, reference_path, cache_dir,
+                            max_length: int) -> tuple[list[list[float]], str]:
+    """``reference_scores`` through the shared reference cache: (each list's reference log-probs, ``hit`` / ``miss``
+    / ``off``). Off without a cache folder or a local reference; an entry is one checked file
+    ``<cache_dir>/lists-<key>.safetensors`` (float32 log-probs of every response in order, and each list's size),
+    built once under its lock (``harness.inputs.cache.build_once``)."""
+    import numpy as np
+    from safetensors.numpy import load, save
+
+    from harness.inputs.cache import build_once, read_checked, write_checked
+    from harness.train.trl_extensions import reference_identity
+
+    identity = reference_identity(reference_path) if cache_dir else None
+    if identity is None:
+        return reference_scores(trainer, items, batch_lists), "off"
+    model = trainer.model
+    settings = {"dtype": str(next(model.parameters()).dtype), "bf16": bool(trainer.args.bf16),
+                "fp16": bool(trainer.args.fp16), "attention": model.config._attn_implementation,
+                "max_length": max_length}
+    entry = Path(cache_dir) / f"lists-{list_reference_key(identity, items, settings)}.safetensors"
+    sizes = [len(item["completion_ids"]) for item in items]
+
+    def cached():
+        data = read_checked(entry, "list reference log-probs")
+        if data is None:
+            return None
+        values = load(data)
+        if list(values.get("list_sizes", [])) != sizes:
+            return None
+        flat, ends = values["reference_logps"].tolist(), itertools.accumulate(sizes)
+        return [flat[end - size: end] for size, end in zip(sizes, ends)]
+
+    built = []
+
+    def build():
+        built.append(entry)
+        scored = reference_scores(trainer, items, batch_lists)
+        arrays = {"reference_logps": np.asarray([v for row in scored for v in row], dtype=np.float32),
+                  "list_sizes": np.asarray(sizes, dtype=np.int64)}
+        write_checked(entry, save(arrays, metadata={"reference": json.dumps(identity, sort_keys=True),
+                                                    "settings": json.dumps(settings, sort_keys=True)}))
+        return scored
+
+    scores = build_once(entry, "list reference log-probs", cached, build)
+    return scores, "miss" if built else "hit"
+
+
 def train_listwise(job: TrainingJob, *, list_loss, learning_rate: float, reference_based: bool) -> TrainingOutcome:
     """Train ``job``'s lists (``job.plan.rows``, view ``lists``) with ``list_loss`` from the starting checkpoint and
     save the policy; counts tokens like the pair trainers (policy: every pass; reference: each sequence once)."""
@@ -152,16 +231,24 @@ def train_listwise(job: TrainingJob, *, list_loss, learning_rate: float, referen
         processing_class=tokenizer, data_collator=lambda batch: collate_lists(batch, pad_id), list_loss=list_loss)
     trainer.pad_id = pad_id
     tokens = list_tokens(items, plan.max_length)
+    reference = {}
     if reference_based:
-        references = reference_scores(trainer, items, plan.micro_batch)
+        started = time.perf_counter()
+        references, status = cached_reference_scores(trainer, items, plan.micro_batch,
+                                                     reference_path=job.start_checkpoint,
+                                                     cache_dir=job.reference_cache_dir, max_length=plan.max_length)
         trainer.train_dataset = Dataset.from_list([{**item, "reference_logps": ref}
                                                    for item, ref in zip(items, references)])
+        # as the pair trainers (harness.train.pairwise.pairwise_usage): reference_tokens counts every list once, hit
+        # or miss, so the consumed FLOPs do not depend on the sweep's order; what this run paid is said apart
+        reference = {"reference_cache": status, "reference_tokens_scored_here": 0 if status == "hit" else tokens,
+                     "reference_seconds": round(time.perf_counter() - started, 3)}
     trainer.train()
     passes = epochs_fraction(trainer, job)
     pairs = pair_count(plan.rows)
     extra = {"list_size": max(len(item["completion_ids"]) for item in items), "lists": len(items),
              "lists_per_step": plan.micro_batch * plan.gradient_accumulation * plan.world_size,
-             "budget_pairs_per_list": "K − 1"}
+             "budget_pairs_per_list": "K − 1", **reference}
     return finish(trainer, job, examples=round(passes * len(items)), pairs=passes * pairs,
                   policy_tokens=round(passes * tokens), reference_tokens=tokens if reference_based else 0, extra=extra)
 
@@ -236,27 +323,49 @@ def check_list_options(name: str, list_source: str, list_size: int) -> None:
         raise HarnessError(f"{where}: list_size={list_size!r} must be an integer ≥ 2 (samples per prompt)")
 
 
+@dataclass(eq=False)
+class ListMethod:
+    """What the list adapters (``methods/lipo.py``, ``rrhf``, ``pro``) share: the list-source options, their checks,
+    the harness hooks of the sampled variant, and ``train``. An adapter is a dataclass deriving from it that adds its
+    loss's hyperparameters as fields, sets ``name`` (and any other default) of its own, and returns its bound
+    per-list loss from ``list_loss()``; the fields are the constructor's signature, so the registry binds and checks
+    every one of them (``harness.protocols.Method``). One level, no deeper: shared behaviour lives below in the plain
+    functions of this module."""
 
-def train_list_method(job: TrainingJob, *, name: str, list_loss, learning_rate: float, reference_based: bool,
-                      list_source: str, list_size: int, temperature: float, top_k: int | None) -> TrainingOutcome:
-    """What every list adapter's ``train`` does: the data's lists (a pair data set: lists of 2), or ``list_size``
-    samples a prompt scored by the reward (``train_sampled_lists``), trained with ``list_loss``."""
-    def train(sub_job: TrainingJob) -> TrainingOutcome:
-        return train_listwise(sub_job, list_loss=list_loss, learning_rate=learning_rate,
-                              reference_based=reference_based)
+    data_view = "lists"
+    reference_based = False      # a reference-based adapter sets True: its reference log-probs are scored first
 
-    if list_source == "sampled":
-        return train_sampled_lists(job, size=list_size, temperature=temperature, top_k=top_k, name=name, train=train)
-    return train(job)
+    name: str = "list"
+    learning_rate: float = 5e-7
+    list_source: str = "data"    # LIST_SOURCES: the data's lists, or list_size samples a prompt scored by the reward
+    list_size: int = 4           # samples a prompt (list_source=sampled)
+    temperature: float = 0.7     # sampling temperature (list_source=sampled)
+    top_k: int | None = 40       # sampling top-k (list_source=sampled; null = off)
 
+    def __post_init__(self):
+        check_list_options(self.name, self.list_source, self.list_size)
+        sampled = self.list_source == "sampled"
+        # the sampled variant needs the sweep's reward, uses the data's prompts only and prices its generation
+        # (``harness.train.matching``'s ``visit_cost``)
+        self.needs_reward = sampled
+        self.prompts_only = sampled
+        if sampled:
+            self.visit_cost = lambda prompt_tokens, completion_tokens, budget, sizes: sampled_visit_cost(
+                self.list_size, self.reference_based, prompt_tokens, completion_tokens, sizes)
 
-def list_method_hooks(method, *, list_source: str, list_size: int) -> None:
-    """Set a list adapter's optional harness hooks (``harness.protocols.Method``) for its list source: the sampled
-    variant needs the sweep's reward, uses the data's prompts only and prices its generation
-    (``harness.train.matching``'s ``visit_cost``)."""
-    sampled = list_source == "sampled"
-    method.needs_reward = sampled
-    method.prompts_only = sampled
-    if sampled:
-        method.visit_cost = lambda prompt_tokens, completion_tokens, budget, sizes: sampled_visit_cost(
-            list_size, method.reference_based, prompt_tokens, completion_tokens, sizes)
+    def list_loss(self):
+        """``list_loss(logps, lengths, reference_logps, scores) -> per-list loss (B,)`` with the hyperparameters
+        bound (see the module docstring)."""
+        raise NotImplementedError(f"{type(self).__name__} must define list_loss()")
+
+    def train(self, job: TrainingJob) -> TrainingOutcome:
+        """The data's lists (a pair data set: lists of 2), or ``list_size`` samples a prompt scored by the reward
+        (``train_sampled_lists``), trained with ``list_loss()``."""
+        def train(sub_job: TrainingJob) -> TrainingOutcome:
+            return train_listwise(sub_job, list_loss=self.list_loss(), learning_rate=self.learning_rate,
+                                  reference_based=self.reference_based)
+
+        if self.list_source == "sampled":
+            return train_sampled_lists(job, size=self.list_size, temperature=self.temperature, top_k=self.top_k,
+                                       name=self.name, train=train)
+        return train(job)

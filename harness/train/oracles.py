@@ -1,15 +1,18 @@
 """Preference oracles of self-play methods: who says which of a prompt's K samples beats which.
 
 ``RewardOracle`` turns the sweep's reward into P[i][j] = σ(r_i − r_j) (Bradley–Terry); ``JudgeOracle`` asks a
-pairwise judge (``harness.evaluate.judges``). ``self_play_labeller`` makes a round's (winner, loser) pairs from
-either (SPPO, Wu et al. 2024, arXiv:2405.00675; ``rso`` uses the judge oracle).
+pairwise judge (``harness.evaluate.judges``); ``preference_oracle`` picks one for a method's config.
+``self_play_labeller`` makes a round's (winner, loser) pairs from either (SPPO, Wu et al. 2024, arXiv:2405.00675;
+``rso`` uses the judge oracle); ``self_play_outcome`` is what a method trained in rounds against an oracle (``sppo``,
+``dno``) reports.
 """
 
 from __future__ import annotations
 
 import math
 
-from harness.protocols import TrainingJob
+from harness.errors import HarnessError
+from harness.protocols import TrainingJob, TrainingOutcome
 
 
 def bradley_terry_matrix(rewards: list[float]) -> list[list[float]]:
@@ -155,3 +158,28 @@ class JudgeOracle:
     def record(self, parameters: int) -> dict:
         return {"oracle": "judge", "judge": self.judge.identity(), "judge_tokens": self.judge_tokens,
                 "judge_parameters": self.parameters(), "judgments": self.judgments}
+
+
+def preference_oracle(judge: dict | None, job: TrainingJob, name: str):
+    """The oracle of a self-play method ``name``: its ``judge`` config when it names one, else the sweep's reward
+    (an error in one line when the job carries none)."""
+    if judge:
+        return JudgeOracle(judge, job, name)
+    if job.reward is None:
+        raise HarnessError(f"{name} needs a preference oracle: set reward=<name> (conf/reward/) or "
+                           f"+method_params.{name}.judge.type=<judge type>")
+    return RewardOracle(job.reward)
+
+
+def self_play_outcome(rounds, sampler, oracle, extra: dict) -> TrainingOutcome:
+    """What a method trained in rounds (``harness.train.rounds.train_in_rounds``) against a preference oracle reports:
+    the rounds' summary, the samples generated, ``extra`` (its own per-round keys), the oracle's record and, with the
+    reward oracle, each round's mean sample reward. Reference tokens, in policy-parameter equivalents
+    (``methods/ppo.py``): the rounds' reference scoring, the generation and the oracle's reading."""
+    record = {**rounds.summary(), "generation_tokens": sampler.tokens, **extra,
+              "flops_accounting": "policy-parameter equivalents (methods/ppo.py)", **oracle.record(rounds.parameters)}
+    if isinstance(oracle, RewardOracle):
+        record["train_rewards"] = [h["reward"] for h in rounds.trained]
+    reference_tokens = (rounds.totals["reference_tokens"] + sampler.tokens
+                        + oracle.policy_equivalent_tokens(rounds.parameters))
+    return rounds.outcome(reference_tokens=reference_tokens, extra=record)
