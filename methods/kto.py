@@ -14,10 +14,12 @@ The paper recommends λ_D·n_D / (λ_U·n_U) ∈ [1, 4/3]. By default (``desirab
 corrects its imbalance. The record's ``consumed`` says which counts and weights were used.
 
 The mismatched pairs of z0: TRL (1.16, ``KTOTrainer._prepare_dataset``) gives each row of a micro-batch the
-completion of the row before it (the first row: the last row's) and trains the rows in order (sequential sampler).
-The unpaired view puts a pair's chosen and rejected rows side by side, which paired half the KL completions with
-their own prompt; ``kl_batch_order`` reorders the rows within each optimizer step (the same rows, so the same steps
-over the same pairs). What holds:
+completion of the row before it (the first row: the last row's) and trains the rows in order (a sequential sampler,
+``KTOConfig.train_sampling_strategy``'s default), so the trainer's ``seed`` / ``data_seed`` never reach the data order.
+``seeded_pair_order`` therefore shuffles whole pairs with the run's seed (as the pair trainers' random sampler does
+with theirs). The unpaired view puts a pair's chosen and rejected rows side by side, which paired half the KL
+completions with their own prompt; ``kl_batch_order`` then reorders the rows within each optimizer step (the same
+rows, so the same steps over the same pairs). What holds:
 
 * every KL pair joins a completion to another prompt, unless one prompt fills more than half a micro-batch (a last
   step of a single pair; binary feedback repeating a prompt that often), where no order can avoid it;
@@ -30,9 +32,11 @@ The record's ``consumed.kl_pairs_sharing_prompt`` counts the KL pairs that share
 from __future__ import annotations
 
 import json
+import random
 from collections import Counter
 
 from harness.errors import HarnessError
+from harness.inputs.data import EXAMPLES_PER_PAIR
 from harness.protocols import TrainingJob, TrainingOutcome
 from harness.train.trl_support import count_tokens, epochs_fraction, finish, peft_config, to_conversational, trl_arguments
 
@@ -88,7 +92,9 @@ class KTO:
         arguments = trl_arguments(job, learning_rate=self.learning_rate)
         config = KTOConfig(**arguments, beta=self.beta, desirable_weight=weights["desirable_weight"],
                            undesirable_weight=weights["undesirable_weight"])
-        rows = kl_batch_order(plan.rows, micro_batch=plan.micro_batch,
+        # TRL trains KTO's rows in dataset order (KTOConfig.train_sampling_strategy="sequential"), so the seed orders
+        # them here: whole pairs shuffled, then each step reordered for mismatched KL pairs
+        rows = kl_batch_order(seeded_pair_order(plan.rows, job.budget.seed), micro_batch=plan.micro_batch,
                               step_rows=plan.micro_batch * plan.gradient_accumulation * plan.world_size)
         # TRL's KTOTrainer, scoring faster on the CPU (harness.train.trl_extensions), z0 per process (local_kl_trainer)
         return local_kl_trainer(HarnessKTOTrainer)(
@@ -156,6 +162,17 @@ def local_kl_trainer(trainer_class):
 
     LocalKLTrainer.__name__ = f"LocalKL{trainer_class.__name__}"
     return LocalKLTrainer
+
+
+def seeded_pair_order(rows: list[dict], seed: int) -> list[dict]:
+    """``rows`` with their pairs in an order drawn from ``random.Random(seed)``: a pair is ``EXAMPLES_PER_PAIR``
+    consecutive rows (a preference pair's desirable and undesirable example; two examples of binary feedback, as the
+    budget counts them), kept together so that every optimizer step holds whole pairs. TRL's KTOTrainer trains in
+    dataset order (a sequential sampler, which its KL pairs need), so this is where KTO's data order follows the seed,
+    as TRL's random sampler (``data_seed``) makes the pair trainers' order follow it."""
+    pairs = [rows[start:start + EXAMPLES_PER_PAIR] for start in range(0, len(rows), EXAMPLES_PER_PAIR)]
+    random.Random(seed).shuffle(pairs)
+    return [row for pair in pairs for row in pair]
 
 
 def kl_batch_order(rows: list[dict], *, micro_batch: int, step_rows: int) -> list[dict]:

@@ -113,6 +113,7 @@ def test_no_kl_pair_shares_a_prompt(tmp_path, tiny_model, monkeypatch, data, bud
 
     # the test can fail: the unpaired view in its own order (chosen, rejected of each pair side by side)
     monkeypatch.setattr(kto, "kl_batch_order", lambda rows, **_: rows)
+    monkeypatch.setattr(kto, "seeded_pair_order", lambda rows, seed: rows)
     unordered = KTO().trainer(job).train_dataset
     assert kl_pairs_sharing_prompt(unordered, plan.micro_batch) == before
 
@@ -176,3 +177,62 @@ def test_kto_fast_scoring_gives_trls_loss_and_gradients(tmp_path, tiny_model):
     torch.testing.assert_close(fast_loss, slow_loss, rtol=1e-5, atol=1e-6)
     for name in slow_grads:
         torch.testing.assert_close(fast_grads[name], slow_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def seeded_kto_jobs(tmp_path, model) -> dict[int, TrainingJob]:
+    """KTO jobs of seeds 0 and 1 on the toy pairs in budget=smoke's shape (two steps of 8 pairs), as the sweep makes
+    them: the seed in the budget and the job."""
+    rows = train_rows("toy-preference")
+    return {seed: dataclasses.replace(kto_job(tmp_path / str(seed), model, rows,
+                                              dataclasses.replace(SMOKE_SHAPE, seed=seed)), seed=seed)
+            for seed in (0, 1)}
+
+
+def test_the_seed_orders_the_pairs_and_the_kl_guarantee_holds(tmp_path, tiny_model):
+    """TRL trains KTO's rows in dataset order (a sequential sampler), so the adapter draws the order of the pairs from
+    the run's seed (``seeded_pair_order``): two seeds give two orders of the same rows, with different steps; every
+    step still holds whole pairs and no KL pair shares a prompt."""
+    jobs = seeded_kto_jobs(tmp_path, tiny_model)
+    trainers = {seed: KTO().trainer(job) for seed, job in jobs.items()}
+    assert all(trainer.args.train_sampling_strategy == "sequential" for trainer in trainers.values())
+    orders = {seed: list(zip(map(tuple, trainer.train_dataset["prompt_ids"]),
+                             map(tuple, trainer.train_dataset["completion_ids"])))
+              for seed, trainer in trainers.items()}
+    assert orders[0] != orders[1] and Counter(orders[0]) == Counter(orders[1])
+
+    plan = jobs[0].plan
+    step_rows = plan.micro_batch * plan.gradient_accumulation
+    steps = {}
+    for seed, trainer in trainers.items():
+        assert kl_pairs_sharing_prompt(trainer.train_dataset, plan.micro_batch) == 0
+        cut = [orders[seed][start:start + step_rows] for start in range(0, len(orders[seed]), step_rows)]
+        assert all(set(Counter(prompt for prompt, _ in step).values()) == {2} for step in cut)  # whole pairs
+        steps[seed] = [frozenset(step) for step in cut]
+    assert steps[0] != steps[1]  # the steps' contents differ, not only the order within a step
+
+
+@pytest.mark.slow
+def test_two_seeds_train_two_kto_models_and_one_seed_the_same(tmp_path, tiny_model):
+    """Two optimizer steps on the toy pairs: seeds 0 and 1 give different weights, seed 0 twice the same weights."""
+    import torch
+
+    jobs = seeded_kto_jobs(tmp_path, tiny_model)
+    trained = []
+    for seed in (0, 1, 0):
+        trainer = KTO(learning_rate=1e-3).trainer(jobs[seed])
+        trainer.train()
+        trained.append({name: value.detach().clone() for name, value in trainer.model.named_parameters()})
+    first, other, again = trained
+    assert any(not torch.equal(first[name], other[name]) for name in first)
+    for name in first:
+        torch.testing.assert_close(again[name], first[name], rtol=0, atol=0, msg=name)
+
+
+def test_seeded_pair_order_shuffles_whole_pairs():
+    rows = [{"pair": index // 2, "side": index % 2} for index in range(10)]
+    orders = {seed: kto.seeded_pair_order(rows, seed) for seed in range(3)}
+    assert orders[0] == kto.seeded_pair_order(rows, 0) and len({str(order) for order in orders.values()}) == 3
+    for order in orders.values():
+        assert sorted(order, key=lambda row: (row["pair"], row["side"])) == rows
+        assert all(order[i]["pair"] == order[i + 1]["pair"] and (order[i]["side"], order[i + 1]["side"]) == (0, 1)
+                   for i in range(0, len(order), 2))
