@@ -50,13 +50,19 @@ class KTO:
 
     def __init__(self, name: str = "kto", beta: float = 0.1, learning_rate: float = 5e-7,
                  desirable_weight: float | None = None, undesirable_weight: float | None = None,
-                 weight_ratio: float = 1.0):
+                 weight_ratio: float = 1.0, data_order: str = "seeded"):
+        if data_order not in ("seeded", "sequential"):
+            raise HarnessError(f"method_params.kto.data_order={data_order!r} is not one of seeded, sequential; choose one")
         self.name = name
         self.beta = beta
         self.learning_rate = learning_rate
         self.desirable_weight = desirable_weight
         self.undesirable_weight = undesirable_weight
         self.weight_ratio = weight_ratio
+        # seeded: the pairs are shuffled by the run's seed before kl_batch_order (seeded_pair_order); sequential: the
+        # plan's order, as TRL trains its rows (before this knob KTO did that, so every seed trained the same model).
+        # Part of the run id: checkpoints trained in the old order are not reused.
+        self.data_order = data_order
 
 
     def class_weights(self, rows: list[dict]) -> dict:
@@ -94,7 +100,8 @@ class KTO:
                            undesirable_weight=weights["undesirable_weight"])
         # TRL trains KTO's rows in dataset order (KTOConfig.train_sampling_strategy="sequential"), so the seed orders
         # them here: whole pairs shuffled, then each step reordered for mismatched KL pairs
-        rows = kl_batch_order(seeded_pair_order(plan.rows, job.budget.seed), micro_batch=plan.micro_batch,
+        ordered = seeded_pair_order(plan.rows, job.budget.seed) if self.data_order == "seeded" else plan.rows
+        rows = kl_batch_order(ordered, micro_batch=plan.micro_batch,
                               step_rows=plan.micro_batch * plan.gradient_accumulation * plan.world_size)
         # TRL's KTOTrainer, scoring faster on the CPU (harness.train.trl_extensions), z0 per process (local_kl_trainer)
         return local_kl_trainer(HarnessKTOTrainer)(

@@ -123,6 +123,8 @@ def earlier_sweep(tmp_path) -> Path:
     (["methods=[dpo]", "+method_params.dpo.beta=abc"], ["method_params.dpo.beta='abc' must be a number"]),
     (["methods=[dpo]", "+method_params.dpo.label_smoothing=0.7"], ["method_params.dpo.label_smoothing=0.7 must be in [0, 0.5)"]),
     (["methods=[kto]", "+method_params.kto.desirable_weight=-1"], ["method_params.kto.desirable_weight=-1 must be >= 0"]),
+    (["methods=[kto]", "+method_params.kto.data_order=random"],
+     ["method_params.kto.data_order='random' is not one of seeded, sequential; choose one"]),
     (["methods=[self_rewarding]", "+method_params.self_rewarding.rounds=0"],
      ["method_params.self_rewarding.rounds=0 must be >= 1"]),
     (["methods=[self_rewarding]", "+method_params.self_rewarding.samples=1"],
