@@ -70,7 +70,7 @@ def scored(request, tiny_llama, tmp_path_factory):
 def test_config_builds_the_task():
     config = yaml.safe_load((REPO / "conf" / "task" / "truthfulqa_mc.yaml").read_text())
     task = registry.instantiate("task", "truthfulqa_mc", params_key="task_params")  # the sweep's own route
-    assert "primary_metrics" not in config  # the unified score averages mc1 and mc2 (both in [0, 1])
+    assert config["primary_metrics"] == ["mc2"]  # the main column, its Δ and the unified score read MC2
     assert isinstance(task, Task)
     assert (task.name, task.version, task.limit, task.num_fewshot) == ("truthfulqa_mc", "1", 100, 0)
 
