@@ -484,14 +484,11 @@ class Sweep:
         (log-ratio for reference-based methods, mean log-prob for reference-free ones) on the *last*
         ``tune.heldout_pairs`` held-out pairs — the ``heldout_preference`` task scores the first ones."""
         from harness.evaluate.logprobs import preference_accuracy
-        from harness.evaluate.logprobs import cached_pair_logps
 
         tune = self.cfg.tune
         combinations = self.tuning_draws(name)
         pairs = self.selection_pairs(start.path)
-        with scoring_precision(self.eval_precision, self.device):
-            reference = cached_pair_logps(start.path, pairs, self.task_cache, batch_size=self.cfg.eval_batch_size,
-                                          device=self.device)
+        reference = self.selection_logps(start.path, pairs)
         trials, best = [], None
         for index, params in enumerate(combinations[: tune.trials], start=1):
             overrides = OmegaConf.merge(method_overrides(self.budget, self.cfg.method_params.get(name), name), params)
@@ -503,9 +500,7 @@ class Sweep:
             try:
                 with self.heartbeat.stage(f"tuning {name}: trial {index}/{tune.trials}"):
                     path, consumed = self.train_once(method, start.path, self.budget, run_id)
-                with scoring_precision(self.eval_precision, self.device):
-                    policy = cached_pair_logps(path, pairs, self.task_cache, batch_size=self.cfg.eval_batch_size,
-                                               device=self.device)
+                policy = self.selection_logps(path, pairs)
                 value, stderr, _ = preference_accuracy(policy, reference)[kind]
                 trial.update(accuracy=value, stderr=stderr, flops=consumed["flops"], status="ok")
                 if best is None or value > best[1]["accuracy"]:
@@ -591,6 +586,14 @@ class Sweep:
         if spec.sampler is not None:
             changed["sampler"] = spec.sampler
         return variant_name(spec.method, changed)
+
+    def selection_logps(self, path: Path, pairs: list[dict]) -> list[dict]:
+        """Pair log-probs of the model at ``path`` on tuning selection pairs, scored as the tasks are (precision, cache)."""
+        from harness.evaluate.logprobs import cached_pair_logps
+
+        with scoring_precision(self.eval_precision, self.device):
+            return cached_pair_logps(path, pairs, self.task_cache, batch_size=self.cfg.eval_batch_size,
+                                     device=self.device)
 
     def score_key(self, task_name: str, run_id: str) -> ScoreKey:
         """What the task's numbers depend on: task, version, its bound config, the evaluation settings it reads (the
