@@ -49,7 +49,7 @@ class CPO:
 
     def train(self, job: TrainingJob) -> TrainingOutcome:
         from datasets import Dataset
-        from transformers import AutoTokenizer
+        from harness.inputs.tokenizer_cache import load_tokenizer
         from trl.experimental.cpo import CPOTrainer
 
         config = self.trl_config(job)
@@ -58,7 +58,7 @@ class CPO:
             model=str(job.start_checkpoint),
             args=config,
             train_dataset=train,
-            processing_class=AutoTokenizer.from_pretrained(job.start_checkpoint),
+            processing_class=load_tokenizer(job.start_checkpoint),
             peft_config=peft_config(job),
         )
         trainer.train()

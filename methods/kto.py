@@ -88,7 +88,7 @@ class KTO:
     def trainer(self, job: TrainingJob):
         """TRL's KTOTrainer over the plan's rows in ``kl_batch_order``, ready to train (its dataset prepared)."""
         from datasets import Dataset
-        from transformers import AutoTokenizer
+        from harness.inputs.tokenizer_cache import load_tokenizer
         from trl import KTOConfig
 
         from harness.train.trl_extensions import HarnessKTOTrainer
@@ -108,7 +108,7 @@ class KTO:
             model=str(job.start_checkpoint),
             args=config,
             train_dataset=Dataset.from_list(to_conversational(rows)),
-            processing_class=AutoTokenizer.from_pretrained(job.start_checkpoint),
+            processing_class=load_tokenizer(job.start_checkpoint),
             peft_config=peft_config(job),
         )
 

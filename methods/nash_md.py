@@ -101,7 +101,7 @@ class NashMD:
             raise HarnessError(f"{self.name} samples the policy/reference mixture token by token through HF generate: "
                                f"engine=vllm is not supported; use engine=harness")
         from datasets import Dataset
-        from transformers import AutoTokenizer
+        from harness.inputs.tokenizer_cache import load_tokenizer
         from trl.experimental.online_dpo import OnlineDPOConfig
 
         from harness.train.oracles import JudgeOracle
@@ -112,7 +112,7 @@ class NashMD:
             raise HarnessError(f"{self.name} needs a preference: set reward=<name> (conf/reward/) or "
                                f"+method_params.{self.name}.judge.type=<judge type>")
         budget = job.budget
-        tokenizer = AutoTokenizer.from_pretrained(job.start_checkpoint)
+        tokenizer = load_tokenizer(job.start_checkpoint)
         judge = JudgeOracle(self.judge, job, self.name) if self.judge else None
         reward_function = trl_reward_function(job.reward, tokenizer) if judge is None else judge_only
         config = OnlineDPOConfig(**trl_arguments(job, learning_rate=self.learning_rate), beta=self.beta,

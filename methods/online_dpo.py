@@ -49,7 +49,7 @@ class OnlineDPO:
 
     def train(self, job: TrainingJob) -> TrainingOutcome:
         from datasets import Dataset
-        from transformers import AutoTokenizer
+        from harness.inputs.tokenizer_cache import load_tokenizer
         from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
         from harness.train.rewards import reward_record, trl_reward_function
@@ -59,7 +59,7 @@ class OnlineDPO:
         if job.reward is None:
             raise HarnessError("online_dpo needs a reward: set reward=<name> (conf/reward/)")
         budget = job.budget
-        tokenizer = AutoTokenizer.from_pretrained(job.start_checkpoint)
+        tokenizer = load_tokenizer(job.start_checkpoint)
         reward_function = trl_reward_function(job.reward, tokenizer)
         arguments = trl_arguments(job, learning_rate=self.learning_rate)
         config = OnlineDPOConfig(**arguments, beta=self.beta, loss_type=self.loss_type, temperature=self.temperature,

@@ -35,7 +35,7 @@ class ORPO:
 
     def train(self, job: TrainingJob) -> TrainingOutcome:
         from datasets import Dataset
-        from transformers import AutoTokenizer
+        from harness.inputs.tokenizer_cache import load_tokenizer
         from trl.experimental.orpo import ORPOTrainer
 
         config = self.trl_config(job)
@@ -44,7 +44,7 @@ class ORPO:
             model=str(job.start_checkpoint),
             args=config,
             train_dataset=train,
-            processing_class=AutoTokenizer.from_pretrained(job.start_checkpoint),
+            processing_class=load_tokenizer(job.start_checkpoint),
             peft_config=peft_config(job),
         )
         trainer.train()

@@ -122,7 +122,7 @@ class PAFT:
 
     def train_sft(self, job: TrainingJob, folder) -> dict:
         from datasets import Dataset
-        from transformers import AutoTokenizer
+        from harness.inputs.tokenizer_cache import load_tokenizer
         from trl import SFTConfig, SFTTrainer
 
         from harness.train.trl_support import epochs_fraction, peft_config, to_conversational, trl_arguments
@@ -144,7 +144,7 @@ class PAFT:
         config = SFTConfig(**trl_arguments(job, learning_rate=self.sft_learning_rate), completion_only_loss=True)
         trainer = L1SFTTrainer(model=str(job.start_checkpoint), args=config,
                                train_dataset=Dataset.from_list(to_conversational(job.plan.rows)),
-                               processing_class=AutoTokenizer.from_pretrained(job.start_checkpoint),
+                               processing_class=load_tokenizer(job.start_checkpoint),
                                peft_config=peft_config(job))
         trainer.train()
         trainer.model.save_pretrained(folder)
@@ -171,7 +171,8 @@ class PAFT:
         """The two adapters combined by peft's ``add_weighted_adapter``, merged into the start's weights, saved."""
         import torch
         from peft import PeftModel
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
+        from harness.inputs.tokenizer_cache import load_tokenizer
 
         base = AutoModelForCausalLM.from_pretrained(job.start_checkpoint, dtype=torch.float32)
         model = PeftModel.from_pretrained(base, adapters / "sft", adapter_name="sft")
@@ -186,6 +187,6 @@ class PAFT:
         model.set_adapter("paft")
         merged = model.merge_and_unload(adapter_names=["paft"])
         merged.save_pretrained(job.output_dir)
-        AutoTokenizer.from_pretrained(job.start_checkpoint).save_pretrained(job.output_dir)
+        load_tokenizer(job.start_checkpoint).save_pretrained(job.output_dir)
         return {"combination_type": self.combination_type, "weights": self.weights, "density": self.density,
                 "adapter_ranks": ranks, **({"svd_rank": svd_rank} if "svd_rank" in options else {})}

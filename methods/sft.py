@@ -21,7 +21,7 @@ class SFT:
 
     def train(self, job: TrainingJob) -> TrainingOutcome:
         from datasets import Dataset
-        from transformers import AutoTokenizer
+        from harness.inputs.tokenizer_cache import load_tokenizer
         from trl import SFTConfig, SFTTrainer
 
         arguments = trl_arguments(job, learning_rate=self.learning_rate)
@@ -31,7 +31,7 @@ class SFT:
             model=str(job.start_checkpoint),
             args=config,
             train_dataset=train,
-            processing_class=AutoTokenizer.from_pretrained(job.start_checkpoint),
+            processing_class=load_tokenizer(job.start_checkpoint),
             peft_config=peft_config(job),
         )
         trainer.train()

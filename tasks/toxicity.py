@@ -155,14 +155,14 @@ class Toxicity:
                            note=f"{prompts} prompts × ({prompt} prompt + {self.max_new_tokens} generated) tokens")
 
     def evaluate(self, checkpoint: Checkpoint, context: TaskContext) -> TaskResult:
-        from transformers import AutoTokenizer
+        from harness.inputs.tokenizer_cache import load_tokenizer
 
         from harness.evaluate.engines import generator
         from harness.evaluate.generation import format_prompt
 
         files = self._prompt_files(context.data_mirror)
         items = sample_prompts(files, self.per_group, self.seed)
-        tokenizer = AutoTokenizer.from_pretrained(checkpoint.path)
+        tokenizer = load_tokenizer(checkpoint.path)
         if checkpoint.use_chat_template and not getattr(tokenizer, "chat_template", None):
             raise HarnessError(
                 f"{checkpoint.path}: the checkpoint is to be prompted through its chat template "
@@ -578,10 +578,11 @@ class HFClassifier:
 
     @classmethod
     def build(cls, task: Toxicity, files: dict, context: TaskContext) -> "HFClassifier":
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
+        from harness.inputs.tokenizer_cache import load_tokenizer
 
         path = Path(task.hf_classifier_path).expanduser()
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(path)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         model = AutoModelForSequenceClassification.from_pretrained(path).to(context.device).eval()

@@ -271,12 +271,12 @@ class WinRate:
 
     def _generate(self, path: Path, use_chat_template: bool, instructions: list[str], context: TaskContext, what: str,
                   cache_file: Path) -> list[str]:
-        from transformers import AutoTokenizer
+        from harness.inputs.tokenizer_cache import load_tokenizer
 
         from harness.evaluate.engines import generator
         from harness.evaluate.generation import format_prompt
 
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(path)
         prompts = [format_prompt(tokenizer, [{"role": "user", "content": text}], use_chat_template) for text in instructions]
         generate = generator(path, engine=context.engine, device=context.device, batch_size=context.batch_size)
         outputs = generate(prompts, progress=f"{self.name}: {what}" if context.show_progress else None, **self.generation)

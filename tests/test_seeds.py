@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import random
+from types import SimpleNamespace
 
 import pytest
 
@@ -14,7 +15,7 @@ from conftest import run_cli, run_cli_forked
 from harness.records import append_record, read_records, write_samples
 from harness.report.board import Board, hierarchical_bootstrap, paired_bootstrap, table_rows
 from harness.report.leaderboard import build_leaderboard, compare, compare_text
-from harness.run.fanout import unit_waves
+from harness.run.fanout import merged_waves, ranked_unit_waves, unit_waves
 from test_run_spec import START_POINT, tiny_sweep
 
 TINY = ["model=tiny-random", "budget=micro", "budget@stage_budget=micro", "tasks=[truthfulqa_mc]",
@@ -46,6 +47,27 @@ def test_units_and_fanout_jobs_count_seeds_and_score_the_start_once():
     assert unit_waves(sweep) == [["instruct:start", "instruct:dpo:0", "instruct:dpo:1", "instruct:kto:0",
                                   "instruct:kto:1"]]
     assert unit_waves(tiny_sweep("settings=[instruct]")) == [["instruct:start", "instruct:dpo", "instruct:kto"]]
+
+
+def test_fanout_hands_out_reward_model_builders_first_across_sweeps():
+    """Wave two starts one reward-needing unit per setting (it builds the setting's reward model, the longest stage),
+    then the rest with the other reward-needing units spread evenly through it; several sweeps' waves merge by rank."""
+    sweep = tiny_sweep("seeds=[0,1]", "settings=[instruct,sft]", "methods=[dpo,ppo]",
+                       "model.checkpoints.sft=derived:sft:instruct")
+    assert unit_waves(sweep) == [
+        ["sft:start"],
+        ["instruct:ppo:0", "sft:ppo:0",  # the builders, then the rest with the other reward units spread through it
+         "instruct:start", "instruct:ppo:1", "instruct:dpo:0", "instruct:dpo:1", "sft:dpo:0", "sft:ppo:1",
+         "sft:dpo:1"]]
+    waves = ranked_unit_waves(sweep)
+    one, two = (SimpleNamespace(waves=[[(rank, [f"model={name}", f"unit={unit}"]) for rank, unit in wave]
+                                       for wave in waves]) for name in ("a", "b"))
+    merged = merged_waves([one, two])
+    assert merged[0] == [["model=a", "unit=sft:start"], ["model=b", "unit=sft:start"]]
+    assert [job[0][-1] + ":" + job[1].split("=")[1] for job in merged[1][:4]] == [
+        "a:instruct:ppo:0", "a:sft:ppo:0", "b:instruct:ppo:0", "b:sft:ppo:0"]
+    assert [job[0] for job in merged[1][-7:]] == ["model=b"] * 7  # then each sweep's rest, sweep after sweep
+    assert len(merged[1]) == 2 * len(waves[1])
 
 
 def test_plan_prices_every_seed(tmp_path, cache_dir):

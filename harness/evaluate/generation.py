@@ -27,9 +27,10 @@ def format_prompt(tokenizer, messages: list[dict], use_chat_template: bool) -> s
 
 def load_for_generation(path: Path, device: str = "cpu"):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+    from harness.inputs.tokenizer_cache import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    tokenizer = load_tokenizer(path, padding_side="left")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()

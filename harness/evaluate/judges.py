@@ -220,10 +220,11 @@ class LocalHFJudge:
     def load(self):
         if self._loaded is None:
             import torch
-            from transformers import AutoModelForCausalLM, AutoTokenizer
+            from transformers import AutoModelForCausalLM
+            from harness.inputs.tokenizer_cache import load_tokenizer
 
             path = _resolve_model(self.spec, self.config_key, self.cache_dir)
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            tokenizer = load_tokenizer(path)
             label_ids = []
             for label in LABELS:
                 ids = tokenizer.encode(label, add_special_tokens=False)
@@ -422,7 +423,8 @@ class RewardModelJudge:
     def load(self):
         if self._loaded is None:
             import torch
-            from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+            from transformers import AutoConfig, AutoModelForSequenceClassification
+            from harness.inputs.tokenizer_cache import load_tokenizer
 
             path = _resolve_model(self.spec, self.config_key, self.cache_dir)
             config = AutoConfig.from_pretrained(path)
@@ -431,7 +433,7 @@ class RewardModelJudge:
                 raise HarnessError(f"{self.config_key}.model={self.spec} is not a reward model (architectures "
                                    f"{architectures}, {config.num_labels} labels); the reward_model judge needs a "
                                    f"*ForSequenceClassification checkpoint with one output")
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            tokenizer = load_tokenizer(path)
             if tokenizer.pad_token is None:
                 tokenizer.pad_token = tokenizer.eos_token
             tokenizer.padding_side = "right"
@@ -540,10 +542,11 @@ class LikelihoodJudge:
     def load(self):
         if self._loaded is None:
             import torch
-            from transformers import AutoModelForCausalLM, AutoTokenizer
+            from transformers import AutoModelForCausalLM
+            from harness.inputs.tokenizer_cache import load_tokenizer
 
             path = _resolve_model(self.spec, self.config_key, self.cache_dir)
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            tokenizer = load_tokenizer(path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(self.device).eval()
             self._loaded = (model, tokenizer)
         return self._loaded

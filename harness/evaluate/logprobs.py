@@ -63,9 +63,10 @@ def completion_logps(model, tokenizer, sequences: list[tuple[list[int], list[int
 def pair_logps(path: Path, pairs: list[dict], *, batch_size: int = 8, device: str = "cpu") -> list[dict]:
     """For each pair: chosen/rejected summed log-probs and lengths under the model at ``path``."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+    from harness.inputs.tokenizer_cache import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
     sequences = []
     for pair in pairs:
@@ -126,9 +127,10 @@ def cached_example_logps(path: Path, examples: list[dict], cache_dir: Path, *, b
 
     def build() -> list[dict]:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
+        from harness.inputs.tokenizer_cache import load_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
         sequences = [render(tokenizer, example["prompt"], example["completion"]) for example in examples]
         scored = [{"logp": logp, "tokens": tokens}

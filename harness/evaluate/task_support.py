@@ -32,11 +32,15 @@ def make_lm(path, *, device: str, batch_size: int, engine: str = DEFAULT_ENGINE)
     check_engine(engine)
     if engine == "vllm":
         return vllm_lm_eval_model(path)
-    if engine == "harness":
-        from harness.evaluate.lm_backend import HarnessLM as model_class
-    else:
-        from lm_eval.models.huggingface import HFLM as model_class
-    return model_class(pretrained=str(path), device=device, batch_size=batch_size, dtype="float32")
+    if engine == "harness":  # the tokenizer parsed once per process (harness.inputs.tokenizer_cache)
+        from harness.evaluate.lm_backend import HarnessLM
+        from harness.inputs.tokenizer_cache import load_tokenizer
+
+        return HarnessLM(pretrained=str(path), tokenizer=load_tokenizer(path), device=device, batch_size=batch_size,
+                         dtype="float32")
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=str(path), device=device, batch_size=batch_size, dtype="float32")
 
 
 def run_lm_eval(checkpoint: Checkpoint, context: TaskContext, task_files, engine: str | None = None,

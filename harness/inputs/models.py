@@ -26,6 +26,7 @@ from harness import debug
 from harness.errors import HarnessError, SkipRun
 from harness.inputs.cache import build_once, discard, is_whole, publish
 from harness.inputs.paths import temporary_path
+from harness.inputs.tokenizer_cache import load_tokenizer
 
 # Gemma's own turn format (the text part of google/gemma-3-270m-it's template): the base GGUF carries no template,
 # and its vocabulary has the turn tokens (<start_of_turn> 105, <end_of_turn> 106), so TRL's conversational training
@@ -214,9 +215,9 @@ def materialize_tiny_random(seed: int, cache_dir: Path) -> Path:
 
 def _tiny_random(seed: int, target: Path, cache_dir: Path) -> Path:
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(materialize_embedded("smollm2-135m-instruct", cache_dir))
+    tokenizer = load_tokenizer(materialize_embedded("smollm2-135m-instruct", cache_dir))
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,

@@ -9,7 +9,7 @@ the user's own ``-m`` lists) the parent process here
    several: one job per seed) with the paths pinned absolute (a job may run
    in another folder or on another machine, where ``~`` and ``$ALIGN_HARNESS_*`` differ), in two waves: the starting
    rows of derived settings first (their stage, e.g. the SFT that makes ``sft``, trains once, in that job), then
-   every other unit at once;
+   every other unit at once, reward-model builders first (``ranked_unit_waves``);
 3. hands each wave to the configured launcher (Hydra's ``Launcher.launch``: joblib workers, submitit on SLURM or
    local processes, Ray tasks) and waits for it;
 4. builds the leaderboard from the records.
@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from harness.errors import HarnessError
 from harness.run.spec import START
 from harness.run.sweep import Sweep, parse_unit
+from harness.train.memory_gate import release_memory
 
 log = logging.getLogger("harness")
 
@@ -49,15 +50,54 @@ def task_config(config: DictConfig) -> DictConfig:
 
 
 def unit_waves(sweep: Sweep) -> list[list[str]]:
-    """The sweep's units as ``<setting>:<method>`` in launch waves: derived settings' starting rows (their stage
-    trains there, once), then the rest. A derived setting gets its wave-one job even without ``include_start``."""
+    """The sweep's units as ``<setting>:<method>[:<seed>]`` in launch waves (``ranked_unit_waves`` without ranks)."""
+    return [[unit for _, unit in wave] for wave in ranked_unit_waves(sweep)]
+
+
+def ranked_unit_waves(sweep: Sweep) -> list[list[tuple[int, str]]]:
+    """The sweep's units in launch waves, each unit with the rank that orders it within its wave (run order within a
+    rank; several sweeps' waves merge by rank, ``merged_waves``):
+
+    1. the starting rows of derived settings: their stage (the SFT that makes ``sft``) trains there, once (a derived
+       setting's wave-one job exists even without ``include_start``);
+    2. every other unit, handed to free workers in this order: rank 0, one unit per setting of a method that needs a
+       reward (PPO, RLOO, ...: it builds the setting's reward model, the longest stage, while the other workers
+       train: a unit needing a reward still being built waits on its lock, ``build_once``); rank 1, the rest in run
+       order, with those settings' other reward-needing units spread evenly through it (long and, on a small machine,
+       memory-heavy: spread out, two rarely meet, ``harness.train.memory_gate``, and none is left alone at the end).
+    """
     derived = [s for s in sweep.settings if str(sweep.cfg.model.checkpoints.get(s, "")).startswith("derived:")]
-    first = [f"{setting}:{START}" for setting in derived]
+    first = [(0, f"{setting}:{START}") for setting in derived]
     several = len(sweep.seeds) > 1  # one seed: the job key stays <setting>:<method>
-    rest = [f"{setting}:{method}" + (f":{seed}" if several and seed is not None else "")
-            for setting, method, seed in sweep.units()]
-    rest = [unit for unit in rest if unit not in first]
+    builders, rewarded, others, seen = [], [], [], set()
+    for setting, method, seed in sweep.units():
+        unit = f"{setting}:{method}" + (f":{seed}" if several and seed is not None else "")
+        if (0, unit) in first:
+            continue
+        if not getattr(sweep.methods.get(method), "needs_reward", False):
+            others.append(unit)
+        elif setting in seen:
+            rewarded.append(unit)
+        else:
+            seen.add(setting)
+            builders.append(unit)
+    spread = sorted([((k + 0.5) / len(others), 0, unit) for k, unit in enumerate(others)] +
+                    [((k + 0.5) / len(rewarded), 1, unit) for k, unit in enumerate(rewarded)])
+    rest = [(0, unit) for unit in builders] + [(1, unit) for *_, unit in spread]
     return [wave for wave in (first, rest) if wave]
+
+
+def merged_waves(sweeps: list["FannedSweep"]) -> list[list[list[str]]]:
+    """The jobs of several fanned-out sweeps (one per value of the user's ``-m`` lists), wave by wave, ordered by rank
+    across sweeps (every sweep's reward-model builders before any sweep's plain units); within a rank, sweep after
+    sweep, each in run order."""
+    waves = max((len(s.waves) for s in sweeps), default=0)
+    merged = []
+    for w in range(waves):
+        jobs = [(rank, order, index, job) for index, s in enumerate(sweeps) if w < len(s.waves)
+                for order, (rank, job) in enumerate(s.waves[w])]
+        merged.append([job for *_, job in sorted(jobs, key=lambda j: (j[0], j[2], j[1]))])
+    return merged
 
 
 def pinned_overrides(overrides: list[str], cfg: DictConfig) -> list[str]:
@@ -86,6 +126,7 @@ def run_unit_job(sweep: Sweep) -> None:
             sweep.label_feedback()
     for each in [None] if method == START else [seed] if seed is not None else sweep.seeds:  # no seed: every seed
         sweep.run_unit(setting, method, each)
+    release_memory()  # the worker process runs the next unit: its heap back to the machine (memory_gate)
 
 
 class FannedSweep:
@@ -97,7 +138,7 @@ class FannedSweep:
         # validation and the results folder, before any job starts; each job checks its own device
         self.sweep.prepare(on_this_machine=not runs_elsewhere(config))
         base = pinned_overrides(list(overrides), self.cfg)
-        self.waves = [[[*base, f"unit={unit}"] for unit in wave] for wave in unit_waves(self.sweep)]
+        self.waves = [[(rank, [*base, f"unit={unit}"]) for rank, unit in wave] for wave in ranked_unit_waves(self.sweep)]
         log.info("sweep %s fans out: %d units in %d wave(s) → %s", self.cfg.name, sum(map(len, self.waves)),
                  len(self.waves), self.sweep.results)
 

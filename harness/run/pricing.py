@@ -224,9 +224,9 @@ def judge_parameters(spec: str, cache: Path) -> tuple[int, str]:
 def _tokenizer(folder: Path | None):
     if folder is None:
         return None
-    from transformers import AutoTokenizer
+    from harness.inputs.tokenizer_cache import load_tokenizer
 
-    return AutoTokenizer.from_pretrained(folder)
+    return load_tokenizer(folder)
 
 
 def estimated_lengths(rows: list[dict], budget: Budget) -> list[tuple[int, int, int]]:

@@ -44,6 +44,7 @@ from harness.errors import HarnessError, SkipRun
 from harness.evaluate.engines import EVAL_PRECISIONS, check_engine, scoring_precision
 from harness.train.feedback import feedback_from_config
 from harness.train.matching import ModelSizes, match_quality
+from harness.train.memory_gate import release_memory, training_slot
 from harness.train.plan import cut_to_budget, plan_training
 from harness import debug
 from harness.inputs.cache import build_once, discard, entry_lock, is_whole, publish, remove_stale_temporaries
@@ -286,13 +287,13 @@ class Sweep:
     def train(self, method, start: Path, budget: Budget, run_id: str, *, human_labels: bool = False) -> tuple[Path, dict]:
         """Train (or reuse) the checkpoint of ``run_id``; returns (folder, consumed budget). Trains on the sweep's
         feedback labels, or on the data set's own with ``human_labels`` (derived starting settings)."""
-        from transformers import AutoTokenizer
+        from harness.inputs.tokenizer_cache import load_tokenizer
 
         target = self.cache / "checkpoints" / run_id
         if is_whole(target, "checkpoint"):  # its manifest matches (harness.inputs.cache)
             log.info("  checkpoint %s cached", run_id)
             return target, json.loads((target / "harness_run.json").read_text())["consumed"]
-        tokenizer = AutoTokenizer.from_pretrained(start)
+        tokenizer = load_tokenizer(start)
         staging = temporary_path(target)
         discard(staging)
         train_rows = self.train_rows if human_labels else self.feedback_train_rows
@@ -312,7 +313,11 @@ class Sweep:
                           scratch_dir=temporary_path(self.cache / "scratch" / run_id),
                           reference_cache_dir=self.cache / "reference_logprobs", cache_root=self.cache,
                           engine=self.cfg.engine)
-        with ResourceMeter() as meter:  # with launch.processes > 1: wall time of the launch; memory of this process
+        # a memory-heavy training (PPO on Gemma) waits for another one on this machine (harness.train.memory_gate)
+        policy_parameters = (sizes.policy if sizes else _parameter_count(start)) * (launch.processes if
+                                                                                  launch.distributed else 1)
+        with training_slot(method, policy_parameters, self.cache, self.device), \
+                ResourceMeter() as meter:  # with launch.processes > 1: wall time of the launch; memory of this process
             if launch.distributed:
                 outcome = train_in_processes(launch, method, job, plugins=list(self.cfg.get("plugins") or []),
                                              work_dir=temporary_path(self.cache / "launch" / run_id))
@@ -403,6 +408,7 @@ class Sweep:
             log.info("[%d/%d] %s · %s%s", index, len(units), setting, method_name,
                      "" if seed is None or len(self.seeds) == 1 else f" · seed {seed}")
             self.run_unit(setting, method_name, seed)
+            release_memory()  # the next unit gets the freed heap back (harness.train.memory_gate)
         return self.finish()
 
     def prepare(self, *, job: bool = False, on_this_machine: bool = True) -> None:
@@ -624,33 +630,33 @@ class Sweep:
         return unit
 
     def _checkpoint(self, path: Path, setting: str, reference: Path | None) -> Checkpoint:
-        from transformers import AutoTokenizer
+        from harness.inputs.tokenizer_cache import load_tokenizer
 
-        template = getattr(AutoTokenizer.from_pretrained(path), "chat_template", None)
+        template = getattr(load_tokenizer(path), "chat_template", None)
         use = setting != "pretrained" and bool(template)
         return Checkpoint(path=path, setting=setting, use_chat_template=use,
                           chat_template_sha=config_hash(template) if use else None, reference_path=reference)
 
     def heldout_pairs(self, start: Path) -> list[dict]:
         """Held-out pairs cut to the budget's lengths by the starting checkpoint's tokenizer (once per tokenizer)."""
-        from transformers import AutoTokenizer
+        from harness.inputs.tokenizer_cache import load_tokenizer
 
         key = str(start)
         if key not in self._heldout:
             self._heldout[key] = cut_to_budget(heldout_pairs_of(self.heldout_rows),  # lists: (best, worst) pairs
-                                               AutoTokenizer.from_pretrained(start), self.budget)
+                                               load_tokenizer(start), self.budget)
         return self._heldout[key]
 
     def selection_pairs(self, start: Path) -> list[dict]:
         """The tuning selection pairs (the last ``tune.heldout_pairs`` held-out pairs) under the sweep's feedback,
         cut to the budget's lengths by the starting checkpoint's tokenizer."""
-        from transformers import AutoTokenizer
+        from harness.inputs.tokenizer_cache import load_tokenizer
 
         if self.feedback_selection_rows is None:
             return self.heldout_pairs(start)[-self.cfg.tune.heldout_pairs:]
         key = f"selection:{start}"
         if key not in self._heldout:
-            self._heldout[key] = cut_to_budget(self.feedback_selection_rows, AutoTokenizer.from_pretrained(start),
+            self._heldout[key] = cut_to_budget(self.feedback_selection_rows, load_tokenizer(start),
                                                self.budget)
         return self._heldout[key]
 

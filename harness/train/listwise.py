@@ -211,12 +211,13 @@ def train_listwise(job: TrainingJob, *, list_loss, learning_rate: float, referen
     """Train ``job``'s lists (``job.plan.rows``, view ``lists``) with ``list_loss`` from the starting checkpoint and
     save the policy; counts tokens like the pair trainers (policy: every pass; reference: each sequence once)."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+    from transformers import AutoModelForCausalLM, TrainingArguments
+    from harness.inputs.tokenizer_cache import load_tokenizer
 
     plan = job.plan
     if plan.view != "lists":
         raise HarnessError(f"the list trainer needs the lists view, got {plan.view!r}")
-    tokenizer = AutoTokenizer.from_pretrained(job.start_checkpoint)
+    tokenizer = load_tokenizer(job.start_checkpoint)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     items = tokenized_lists(plan.rows, tokenizer, plan.max_length)
     model = AutoModelForCausalLM.from_pretrained(job.start_checkpoint, **(model_init_kwargs(job) or {}))

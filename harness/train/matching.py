@@ -100,9 +100,9 @@ class ModelSizes:
             policy = sum(p.numel() for p in model.parameters())
         reads_policy_tokens = False
         if reward is not None and getattr(reward, "path", None) is not None and tokenizer is not None:
-            from transformers import AutoTokenizer
+            from harness.inputs.tokenizer_cache import load_tokenizer
 
-            reads_policy_tokens = AutoTokenizer.from_pretrained(reward.path).get_vocab() == tokenizer.get_vocab()
+            reads_policy_tokens = load_tokenizer(reward.path).get_vocab() == tokenizer.get_vocab()
         return cls(policy=policy, reward=int(getattr(reward, "parameters", 0) or 0),
                    reward_reads_policy_tokens=reads_policy_tokens)
 

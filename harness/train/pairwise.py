@@ -25,7 +25,7 @@ def pairwise_trainer(job: TrainingJob, *, start: Path, beta: float, learning_rat
     for short sequences).
     """
     from datasets import Dataset
-    from transformers import AutoTokenizer
+    from harness.inputs.tokenizer_cache import load_tokenizer
     from trl import DPOConfig
 
     from harness.train.trl_extensions import HarnessDPOTrainer
@@ -37,7 +37,7 @@ def pairwise_trainer(job: TrainingJob, *, start: Path, beta: float, learning_rat
         model=str(start),
         args=config,
         train_dataset=Dataset.from_list(to_conversational(job.plan.rows)),
-        processing_class=AutoTokenizer.from_pretrained(start),
+        processing_class=load_tokenizer(start),
         peft_config=peft_config(job),
         pairwise_loss=pairwise_loss,
         reference_cache_dir=job.reference_cache_dir,

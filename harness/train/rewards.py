@@ -136,9 +136,10 @@ class ModelReward:
     def load(self):
         if self._model is None:
             import torch
-            from transformers import AutoModelForSequenceClassification, AutoTokenizer
+            from transformers import AutoModelForSequenceClassification
+            from harness.inputs.tokenizer_cache import load_tokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(self.path)
+            self._tokenizer = load_tokenizer(self.path)
             if self._tokenizer.pad_token is None:
                 self._tokenizer.pad_token = self._tokenizer.eos_token
             self._model = AutoModelForSequenceClassification.from_pretrained(self.path, num_labels=1,
@@ -240,13 +241,13 @@ def build_reward(cfg, context):
 
 def bradley_terry_reward(cfg, context) -> ModelReward:
     """Train (or load from the cache) the Bradley-Terry reward model of ``context`` (see module docstring)."""
-    from transformers import AutoTokenizer
+    from harness.inputs.tokenizer_cache import load_tokenizer
 
     from harness.train.plan import plan_training
 
     budget = context.budget
     start = Path(context.start_checkpoint)
-    tokenizer = AutoTokenizer.from_pretrained(start)
+    tokenizer = load_tokenizer(start)
     heldout_rows = context.heldout_pairs[: int(cfg.get("heldout_pairs", 64))]
     # not one of the compared methods: the budget's pairs for its epochs, whatever budget.match
     plan = plan_training(budget, REWARD_MODEL, context.train_pairs, heldout_rows, tokenizer, match=False)
@@ -279,7 +280,7 @@ def bradley_terry_reward(cfg, context) -> ModelReward:
 def _train_bradley_terry(cfg, context, start: Path, plan, summary: dict, target: Path) -> None:
     import torch
     from datasets import Dataset
-    from transformers import AutoTokenizer
+    from harness.inputs.tokenizer_cache import load_tokenizer
     from trl import RewardConfig, RewardTrainer
 
     from harness.evaluate.logprobs import PLAIN_ROLES
@@ -290,7 +291,7 @@ def _train_bradley_terry(cfg, context, start: Path, plan, summary: dict, target:
     staging = temporary_path(target)
     discard(staging)
     scratch = temporary_path(target, "scratch")
-    tokenizer = AutoTokenizer.from_pretrained(start)
+    tokenizer = load_tokenizer(start)
     if getattr(tokenizer, "chat_template", None):
         rows = to_conversational(train)
     else:  # no chat template (a pretrained base): plain HH text, as harness.evaluate.logprobs.render scores it

@@ -137,13 +137,13 @@ class Sampler:
     def complete(self, path, prompts: list, *, seeds: list[int] | None = None) -> list[list[str]]:
         """Per prompt, one sampled completion per seed (loading the model once), or one greedy one without seeds."""
         import torch
-        from transformers import AutoTokenizer
+        from harness.inputs.tokenizer_cache import load_tokenizer
 
         from harness.evaluate.engines import generator
         from harness.evaluate.generation import format_prompt
 
         device = process_device() if process_group()[1] > 1 else "cuda" if torch.cuda.is_available() else "cpu"
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(path)
         use_template = bool(getattr(tokenizer, "chat_template", None))
         texts = [format_prompt(tokenizer, p, use_template) for p in prompts]
         prompt_tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)

@@ -34,7 +34,7 @@ def train_sampling_method(job: TrainingJob, config_class, trainer_class, *, lear
     before the update (RLOO always does; GRPO only when ``num_iterations`` > 1).
     """
     from datasets import Dataset
-    from transformers import AutoTokenizer
+    from harness.inputs.tokenizer_cache import load_tokenizer
 
     from harness.train.rewards import reward_record, trl_reward_function
     from harness.evaluate.engines import trl_sampling_arguments
@@ -45,7 +45,7 @@ def train_sampling_method(job: TrainingJob, config_class, trainer_class, *, lear
     if num_generations < 2:
         raise HarnessError(f"num_generations={num_generations}: group-relative methods need at least 2 per prompt")
     budget = job.budget
-    tokenizer = AutoTokenizer.from_pretrained(job.start_checkpoint)
+    tokenizer = load_tokenizer(job.start_checkpoint)
     reward_function = trl_reward_function(job.reward, tokenizer)
     arguments = trl_arguments(job, learning_rate=learning_rate)  # the plan: k completions a prompt, μ steps a batch
     arguments.pop("max_length")  # prompts are already cut to the budget; completions by max_completion_length

@@ -86,7 +86,8 @@ class SequenceLoop:
 
     def __post_init__(self):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+        from transformers import AutoModelForCausalLM, get_scheduler
+        from harness.inputs.tokenizer_cache import load_tokenizer
 
         from harness.train.trl_support import model_init_kwargs, peft_config
 
@@ -100,7 +101,7 @@ class SequenceLoop:
         torch.manual_seed(budget.seed)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.autocast = autocast_for(plan.precision, self.device)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.job.start_checkpoint)
+        self.tokenizer = load_tokenizer(self.job.start_checkpoint)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
         load = dict(dtype=torch.float32, **(model_init_kwargs(self.job) or {}))

@@ -105,7 +105,7 @@ class TokenLevelDPOTrainer(HarnessDPOTrainer):
 
 def token_level_trainer(job: TrainingJob, *, beta: float, learning_rate: float, token_loss):
     """A ``TokenLevelDPOTrainer`` on the pairs of ``job.plan`` from its starting checkpoint (also the reference)."""
-    from transformers import AutoTokenizer
+    from harness.inputs.tokenizer_cache import load_tokenizer
     from trl import DPOConfig
 
     reference_logits = bool(getattr(token_loss, "reference_logits", False))
@@ -116,7 +116,7 @@ def token_level_trainer(job: TrainingJob, *, beta: float, learning_rate: float, 
         model=str(start),
         args=config,
         train_dataset=Dataset.from_list(to_conversational(job.plan.rows)),
-        processing_class=AutoTokenizer.from_pretrained(start),
+        processing_class=load_tokenizer(start),
         peft_config=peft_config(job),
         token_loss=token_loss,
     )

@@ -22,7 +22,7 @@ class UnitSweeper(BasicSweeper):
 
     def sweep(self, arguments: List[str]) -> Any:
         from harness.errors import HarnessError
-        from harness.run.fanout import FannedSweep, fanned, launch_waves
+        from harness.run.fanout import FannedSweep, fanned, launch_waves, merged_waves
 
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
@@ -38,9 +38,7 @@ class UnitSweeper(BasicSweeper):
                     sweeps.append(FannedSweep(job, config))
                 else:
                     plain.append(list(job))
-            waves = max((len(s.waves) for s in sweeps), default=0)
-            launch_waves(self.launcher, [plain] + [[job for s in sweeps if w < len(s.waves) for job in s.waves[w]]
-                                                   for w in range(waves)])
+            launch_waves(self.launcher, [plain] + merged_waves(sweeps))
             for fanned_sweep in sweeps:
                 print(f"leaderboard: {fanned_sweep.finish()}", flush=True)
         except HarnessError as error:
