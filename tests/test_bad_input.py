@@ -143,6 +143,7 @@ def earlier_sweep(tmp_path) -> Path:
     (["method=dpo,kto"], ["is a comma list", "only under -m", "write methods=[dpo,kto]"]),
     (["method=[dpo,kto]"], ["method= takes one name; write methods=[dpo,kto]"]),
     (["budget.pairz=3"], ["budget.pairz is not a key of the config", "+budget.pairz=<value>"]),
+    (["methods=[ppo]", "reward.pairs=0"], ["reward.pairs=0: give a whole number of training pairs (>= 1)"]),
     (["name=${nope}"], ["name: Interpolation key 'nope' not found"]),
 ])
 def test_bad_setting_is_one_line_exit_2_and_changes_nothing(earlier_sweep, cache_dir, overrides, fragments):

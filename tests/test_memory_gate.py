@@ -12,7 +12,8 @@ DPO = SimpleNamespace()  # the default: (1, 1)
 
 
 def test_the_estimate_counts_trained_and_frozen_models():
-    assert training_bytes(DPO, 10) == 10 * (16 + 4)
+    assert training_bytes(DPO, 10) == 10 * 16  # the reference's log-probs are cached: only the policy
+    assert training_bytes(SimpleNamespace(needs_reward=True), 10) == 10 * (16 + 2 * 4)  # + reference, reward model
     assert training_bytes(PPO, 268_098_176) == 268_098_176 * 40  # Gemma 3 270M: ~10.7 GB
     from methods.ppo import PPO as RealPPO
     assert RealPPO.memory_models == (2, 2)
@@ -40,7 +41,7 @@ def spans(lock_dir, method_a, method_b):
 
 
 def test_two_heavy_trainings_take_turns(tmp_path):
-    # PPO on Gemma (~10.7 GB estimated) is over a third of 24 GiB: b enters only after a left
+    # PPO on Gemma (~10.7 GB estimated) is over a fifth of 24 GiB: b enters only after a left
     assert spans(tmp_path, PPO, PPO) == [("a", "out"), ("b", "in"), ("b", "out")]
 
 

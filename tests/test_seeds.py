@@ -50,24 +50,26 @@ def test_units_and_fanout_jobs_count_seeds_and_score_the_start_once():
 
 
 def test_fanout_hands_out_reward_model_builders_first_across_sweeps():
-    """Wave two starts one reward-needing unit per setting (it builds the setting's reward model, the longest stage),
-    then the rest with the other reward-needing units spread evenly through it; several sweeps' waves merge by rank."""
+    """Wave one holds the derived settings' stages and beside them every unit of the settings that derive from nothing;
+    wave two the derived settings' units. In each, one reward-needing unit per setting first (it builds the setting's
+    reward model, the longest stage), then the rest with the other reward-needing units spread evenly through it;
+    several sweeps' waves merge by rank."""
     sweep = tiny_sweep("seeds=[0,1]", "settings=[instruct,sft]", "methods=[dpo,ppo]",
                        "model.checkpoints.sft=derived:sft:instruct")
     assert unit_waves(sweep) == [
-        ["sft:start"],
-        ["instruct:ppo:0", "sft:ppo:0",  # the builders, then the rest with the other reward units spread through it
-         "instruct:start", "instruct:ppo:1", "instruct:dpo:0", "instruct:dpo:1", "sft:dpo:0", "sft:ppo:1",
-         "sft:dpo:1"]]
+        # the derived setting's stage, beside the setting that derives from nothing: its reward-model builder, then
+        # the rest with the other reward-needing units spread through it
+        ["sft:start", "instruct:ppo:0", "instruct:start", "instruct:dpo:0", "instruct:ppo:1", "instruct:dpo:1"],
+        ["sft:ppo:0", "sft:dpo:0", "sft:ppo:1", "sft:dpo:1"]]  # the derived setting's units once its stage exists
     waves = ranked_unit_waves(sweep)
     one, two = (SimpleNamespace(waves=[[(rank, [f"model={name}", f"unit={unit}"]) for rank, unit in wave]
                                        for wave in waves]) for name in ("a", "b"))
     merged = merged_waves([one, two])
-    assert merged[0] == [["model=a", "unit=sft:start"], ["model=b", "unit=sft:start"]]
-    assert [job[0][-1] + ":" + job[1].split("=")[1] for job in merged[1][:4]] == [
-        "a:instruct:ppo:0", "a:sft:ppo:0", "b:instruct:ppo:0", "b:sft:ppo:0"]
-    assert [job[0] for job in merged[1][-7:]] == ["model=b"] * 7  # then each sweep's rest, sweep after sweep
-    assert len(merged[1]) == 2 * len(waves[1])
+    named = [[job[0][-1] + ":" + job[1].split("=")[1] for job in wave] for wave in merged]
+    assert named[0][:4] == ["a:sft:start", "b:sft:start", "a:instruct:ppo:0", "b:instruct:ppo:0"]
+    assert named[0][4:] == ["a:" + u for u in unit_waves(sweep)[0][2:]] + ["b:" + u for u in unit_waves(sweep)[0][2:]]
+    assert named[1] == ["a:sft:ppo:0", "b:sft:ppo:0", "a:sft:dpo:0", "a:sft:ppo:1", "a:sft:dpo:1",
+                        "b:sft:dpo:0", "b:sft:ppo:1", "b:sft:dpo:1"]
 
 
 def test_plan_prices_every_seed(tmp_path, cache_dir):

@@ -8,8 +8,9 @@ the user's own ``-m`` lists) the parent process here
 2. lists the units (``Sweep.units``) as jobs ``unit=<setting>:<method>`` (``:<seed>`` added when ``seeds`` lists
    several: one job per seed) with the paths pinned absolute (a job may run
    in another folder or on another machine, where ``~`` and ``$ALIGN_HARNESS_*`` differ), in two waves: the starting
-   rows of derived settings first (their stage, e.g. the SFT that makes ``sft``, trains once, in that job), then
-   every other unit at once, reward-model builders first (``ranked_unit_waves``);
+   rows of derived settings (their stage, e.g. the SFT that makes ``sft``, trains once, in that job) beside every
+   unit of the other settings, then the derived settings' units; reward-model builders first in each
+   (``ranked_unit_waves``);
 3. hands each wave to the configured launcher (Hydra's ``Launcher.launch``: joblib workers, submitit on SLURM or
    local processes, Ray tasks) and waits for it;
 4. builds the leaderboard from the records.
@@ -56,24 +57,37 @@ def unit_waves(sweep: Sweep) -> list[list[str]]:
 
 def ranked_unit_waves(sweep: Sweep) -> list[list[tuple[int, str]]]:
     """The sweep's units in launch waves, each unit with the rank that orders it within its wave (run order within a
-    rank; several sweeps' waves merge by rank, ``merged_waves``):
+    rank; several sweeps' waves merge by rank, ``merged_waves``). A wave ends when its last job does; the next needs
+    what it built.
 
-    1. the starting rows of derived settings: their stage (the SFT that makes ``sft``) trains there, once (a derived
-       setting's wave-one job exists even without ``include_start``);
-    2. every other unit, handed to free workers in this order: rank 0, one unit per setting of a method that needs a
-       reward (PPO, RLOO, ...: it builds the setting's reward model, the longest stage, while the other workers
-       train: a unit needing a reward still being built waits on its lock, ``build_once``); rank 1, the rest in run
-       order, with those settings' other reward-needing units spread evenly through it (long and, on a small machine,
-       memory-heavy: spread out, two rarely meet, ``harness.train.memory_gate``, and none is left alone at the end).
+    1. Wave one: the starting rows of derived settings, rank 0 (their stage, the SFT that makes ``sft``, trains there,
+       once; a derived setting's wave-one job exists even without ``include_start``), and beside them every unit of
+       the settings that derive from nothing (``units_in_order``): the other workers run those while the stages
+       train, instead of waiting for the slowest stage.
+    2. Wave two: the units of the derived settings (``units_in_order``).
     """
     derived = [s for s in sweep.settings if str(sweep.cfg.model.checkpoints.get(s, "")).startswith("derived:")]
-    first = [(0, f"{setting}:{START}") for setting in derived]
     several = len(sweep.seeds) > 1  # one seed: the job key stays <setting>:<method>
-    builders, rewarded, others, seen = [], [], [], set()
+    stages = [f"{setting}:{START}" for setting in derived]
+    waves = {True: [], False: []}  # derived setting? -> its units (setting, method, job key)
     for setting, method, seed in sweep.units():
         unit = f"{setting}:{method}" + (f":{seed}" if several and seed is not None else "")
-        if (0, unit) in first:
-            continue
+        if unit not in stages:
+            waves[setting in derived].append((setting, method, unit))
+    first = [(0, unit) for unit in stages] + [(rank + 1, unit) for rank, unit in units_in_order(sweep, waves[False])]
+    second = units_in_order(sweep, waves[True])
+    return [wave for wave in (first, second) if wave]
+
+
+def units_in_order(sweep: Sweep, units: list[tuple[str, str, str]]) -> list[tuple[int, str]]:
+    """``units`` ((setting, method, job key) in run order) in the order free workers get them: rank 0, one unit per
+    setting of a method that needs a reward (PPO, RLOO, ...: it builds the setting's reward model, the longest stage,
+    while the other workers train: a unit needing a reward still being built waits on its lock, ``build_once``);
+    rank 1, the rest in run order, with those settings' other reward-needing units spread evenly through it (long and,
+    on a small machine, memory-heavy: spread out, two rarely meet, ``harness.train.memory_gate``, and none is left
+    running alone at the end)."""
+    builders, rewarded, others, seen = [], [], [], set()
+    for setting, method, unit in units:
         if not getattr(sweep.methods.get(method), "needs_reward", False):
             others.append(unit)
         elif setting in seen:
@@ -83,8 +97,7 @@ def ranked_unit_waves(sweep: Sweep) -> list[list[tuple[int, str]]]:
             builders.append(unit)
     spread = sorted([((k + 0.5) / len(others), 0, unit) for k, unit in enumerate(others)] +
                     [((k + 0.5) / len(rewarded), 1, unit) for k, unit in enumerate(rewarded)])
-    rest = [(0, unit) for unit in builders] + [(1, unit) for *_, unit in spread]
-    return [wave for wave in (first, rest) if wave]
+    return [(0, unit) for unit in builders] + [(1, unit) for *_, unit in spread]
 
 
 def merged_waves(sweeps: list["FannedSweep"]) -> list[list[list[str]]]:

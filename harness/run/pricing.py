@@ -435,8 +435,9 @@ class Pricer:
         return 0
 
     def reward_unit(self, setting: str) -> None:
-        """The setting's Bradley-Terry reward model, trained once under stage_budget (``harness.train.rewards``)."""
-        budget = self.sweep.stage_budget
+        """The setting's Bradley-Terry reward model, trained once under stage_budget, with reward.pairs pairs when set
+        (``harness.train.rewards``)."""
+        budget = self.sweep.reward_budget
         lengths = self.lengths(setting, budget, self.sweep.train_rows)
         heldout = min(int(self.cfg.reward.get("heldout_pairs", 64)), len(self.sweep.heldout_rows))
         flops = reward_model_flops(self.size(setting), budget, lengths, heldout,
@@ -456,13 +457,13 @@ class Pricer:
         if folder is None:
             return False
         reward = self.cfg.reward
-        plan = plan_training(self.sweep.stage_budget, REWARD_MODEL, self.sweep.train_rows,
+        plan = plan_training(self.sweep.reward_budget, REWARD_MODEL, self.sweep.train_rows,
                              self.sweep.heldout_rows[: int(reward.get("heldout_pairs", 64))], _tokenizer(folder),
                              match=False, world=1)
         settings = {k: reward.get(k) for k in ("learning_rate", "normalize", "center_rewards_coefficient")}
         identity = {"kind": "bradley-terry", "start": {"path": str(Path(folder).resolve()),
                                                        "weights": weight_identity(folder)},
-                    "train": plan.rows, "heldout": plan.heldout, "budget": self.sweep.stage_budget.as_dict(),
+                    "train": plan.rows, "heldout": plan.heldout, "budget": self.sweep.reward_budget.as_dict(),
                     "settings": settings}
         return looks_whole(self.cache / "rewards" / f"bradley-terry-{config_hash(identity)}")
 

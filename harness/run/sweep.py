@@ -46,6 +46,7 @@ from harness.train.feedback import feedback_from_config
 from harness.train.matching import ModelSizes, match_quality
 from harness.train.memory_gate import release_memory, training_slot
 from harness.train.plan import cut_to_budget, plan_training
+from harness.train.rewards import reward_budget
 from harness import debug
 from harness.inputs.cache import build_once, discard, entry_lock, is_whole, publish, remove_stale_temporaries
 from harness.inputs.models import check_checkpoint_spec, resolve_checkpoint
@@ -116,6 +117,7 @@ class Sweep:
         self.seeds = [int(seed) for seed in cfg.seeds]  # checked by check_sweep_config
         self.budget = replace(Budget.from_config(cfg.budget), seed=self.seeds[0])  # the first seed's; seed_budget(s)
         self.stage_budget = Budget.from_config(cfg.stage_budget, key="stage_budget")
+        self.reward_budget = reward_budget(cfg.reward, self.stage_budget)  # a reward model's: reward.pairs if set
         self.methods, self.method_arguments = {}, {}
         for name in self.method_names:
             self.methods[name], self.method_arguments[name] = registry.build(
@@ -212,7 +214,7 @@ class Sweep:
         needed = self.budget.pairs
         if self.cfg.reward.get("kind") == "bradley-terry" and any(
                 getattr(m, "needs_reward", False) for m in self.methods.values()):  # its reward model trains on them too
-            needed = max(needed, self.stage_budget.pairs)
+            needed = max(needed, self.reward_budget.pairs)
         log.info("feedback %s: labelling %d training pairs with %s %s", self.feedback.name, needed,
                  self.feedback.judge.type, self.feedback.judge_config.get("model"))
         train = label_pairs(self.train_rows, self.feedback, needed=needed, cache_dir=self.cache / "feedback",
@@ -304,7 +306,7 @@ class Sweep:
             reward = build_reward(self.cfg.reward, RewardContext(
                 start_checkpoint=start, train_pairs=heldout_pairs_of(train_rows),  # lists: best ≻ worst pairs
                 heldout_pairs=heldout_pairs_of(self.heldout_rows),
-                budget=self.stage_budget, cache_dir=self.cache / "rewards", device=self.device, results_dir=self.results))
+                budget=self.reward_budget, cache_dir=self.cache / "rewards", device=self.device, results_dir=self.results))
         sizes = ModelSizes.of(start, reward, tokenizer) if budget.match != "examples" else None  # online cost models
         launch = self.launch
         plan = plan_training(budget, method, train_rows, self.heldout_rows, tokenizer, sizes=sizes,
@@ -554,7 +556,7 @@ class Sweep:
         if getattr(method, "needs_reward", False):  # the reward is part of what an online method's run is
             from harness.train.rewards import run_identity
 
-            reward = run_identity(cfg.reward, self.stage_budget)
+            reward = run_identity(cfg.reward, self.reward_budget)
         budget = self.seed_budget(seed)
         spec = RunSpec(family=cfg.model.family, setting=setting, start=start.identity, method=method_name,
                        method_class=type(method).__module__ + "." + type(method).__qualname__,

@@ -1,17 +1,20 @@
 """At most one memory-heavy training at a time on a machine: ``training_slot``.
 
-Fanned-out jobs on one machine (``fanout=true hydra/launcher=workers``) share its memory. Two PPO runs on Gemma 3
-270M side by side would not fit a 24 GiB machine: each holds a trained policy and value model and a frozen reference
-and reward model, 13.3 GB peak measured alone. A training whose estimated footprint exceeds a third of the machine's
-memory therefore holds an ``fcntl`` lock, ``.heavy-training-<host>.lock`` in the cache, while it trains; a second such
-training on the same machine waits for it (and says so) rather than both swapping or being killed. Lighter trainings
-never wait, and a training on a GPU is not gated (its memory is the device's).
+Fanned-out jobs on one machine (``fanout=true hydra/launcher=workers``) share its memory. Two PPO runs side by side
+do not fit a 24 GiB machine: each holds a trained policy and value model and a frozen reference and reward model,
+13.3 GB at peak measured alone on Gemma 3 270M, ~10.5 GB on SmolLM2-135M. A training whose estimated footprint
+exceeds a fifth of the machine's memory therefore holds an ``fcntl`` lock, ``.heavy-training-<host>.lock`` in the
+cache, while it trains; a second such training on the same machine waits for it (and says so) rather than both
+swapping or being killed. Lighter trainings never wait, and a training on a GPU is not gated (its memory is the
+device's).
 
 The estimate (``training_bytes``) is ours, no library offers one: 16 bytes per trained parameter (fp32 weights,
 gradient, two AdamW moments) and 4 per frozen parameter (fp32 weights), with a method's ``memory_models`` = (trained,
-frozen) models of the policy's size — (1, 1) unless the method says otherwise (PPO: (2, 2)). It leaves out
-activations and logits (the measured peaks run ~25 % above it); the third leaves room for them and for the lighter
-jobs beside the heavy one.
+frozen) models of the policy's size. Unless a method says otherwise that is (1, 0) — the pairwise methods' reference
+log-probs are computed once and cached, no reference model stays loaded — or (1, 2) for a method that needs a reward
+(reference and reward model); PPO says (2, 2). The estimate leaves out activations, logits and the process itself
+(measured peaks run 1.3-2x above it), hence the fifth: PPO on either embedded family is heavy (5.4 and 10.7 GB
+estimated on 25.3 GB), DPO on Gemma (4.3 GB) is not.
 """
 
 from __future__ import annotations
@@ -26,12 +29,13 @@ from pathlib import Path
 log = logging.getLogger("harness")
 
 TRAINED_BYTES, FROZEN_BYTES = 16, 4
-HEAVY_SHARE = 1 / 3
+HEAVY_SHARE = 1 / 5
 
 
 def training_bytes(method, policy_parameters: int) -> int:
     """Estimated memory of training ``method`` on a policy of ``policy_parameters`` (module docstring)."""
-    trained, frozen = getattr(method, "memory_models", (1, 1))
+    default = (1, 2) if getattr(method, "needs_reward", False) else (1, 0)
+    trained, frozen = getattr(method, "memory_models", default)
     return policy_parameters * (trained * TRAINED_BYTES + frozen * FROZEN_BYTES)
 
 

@@ -219,9 +219,25 @@ def run_identity(cfg, stage_budget) -> dict:
     from omegaconf import OmegaConf
 
     values = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else dict(cfg)
+    if values.get("pairs") is None:  # unset: the stage budget's (below); run ids stay those from before reward.pairs
+        values.pop("pairs", None)
     if values.get("kind") == "bradley-terry":
         values["budget"] = stage_budget.as_dict()
     return values
+
+
+def reward_budget(cfg, stage_budget):
+    """The budget a trained reward model trains under: ``stage_budget``, with ``reward.pairs`` training pairs when set
+    (null: the stage budget's own). A bad value is refused in one line."""
+    from dataclasses import replace
+
+    pairs = cfg.get("pairs") if cfg is not None else None
+    if pairs is None or cfg.get("kind") != "bradley-terry":
+        return stage_budget
+    if isinstance(pairs, bool) or not isinstance(pairs, int) or pairs < 1:
+        raise HarnessError(f"reward.pairs={pairs!r}: give a whole number of training pairs (>= 1) for the reward model, "
+                           f"or null for stage_budget.pairs ({stage_budget.pairs})")
+    return replace(stage_budget, pairs=pairs)
 
 
 def build_reward(cfg, context):
