@@ -148,9 +148,11 @@ def test_nothing_rederives_the_plan():
                 found = "truncate_rows"
             elif (isinstance(node, ast.Call) and ast.unparse(node.func).split(".")[-1] == "replace" and node.args
                   and ast.unparse(node.args[0]).endswith("budget")
-                  and {k.arg for k in node.keywords} not in ({"seed"}, {"lora"})):
+                  and {k.arg for k in node.keywords} not in ({"seed"}, {"lora"})
+                  and not (where == "harness/train/rewards.py" and {k.arg for k in node.keywords} == {"pairs"})):
                 # a seed is a replicate (seeds=[...]); LoRA switched on is how a method parametrizes its update
-                # (paft's two adapters), not what it trains on: neither is a rewrite of the plan
+                # (paft's two adapters), not what it trains on; reward.pairs is the config's own choice of the
+                # reward model's budget (rewards.reward_budget, before any plan): none is a rewrite of the plan
                 found = "replace(budget"
             else:
                 continue
