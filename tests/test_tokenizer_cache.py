@@ -89,3 +89,42 @@ def test_not_a_folder_goes_to_transformers(monkeypatch, tmp_path):
     with pytest.raises(Exception):
         load_tokenizer(tmp_path / "missing")
     assert calls == [tmp_path / "missing"]
+
+
+class Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("the vocabulary table was pickled")
+
+
+def gemma_like(folder, extra: str = "ab"):
+    """A slow-path tokenizer (Python ``_vocab`` and ``_merges`` tables, as Gemma 3's) saved to ``folder``."""
+    from transformers import GemmaTokenizer
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "▁": 4, "a": 5, "b": 6, extra: 7}
+    GemmaTokenizer(vocab=vocab, merges=[(extra[0], extra[1])]).save_pretrained(folder)
+    return folder
+
+
+def test_dataset_fingerprints_hash_the_vocabulary_tables_as_the_files_digest(tmp_path):
+    from datasets.fingerprint import Hasher
+
+    tokenizer_cache.clear()
+    first = load_tokenizer(gemma_like(tmp_path / "one"))
+    assert isinstance(vars(first).get("_vocab"), dict)  # the slow path this hook is for
+    # the shared table must not be pickled: with the hook, hashing never reaches this entry
+    vars(first)["_vocab"]["probe"] = Unpicklable()
+    digest = Hasher.hash(first)
+    second = load_tokenizer(tmp_path / "one")
+    assert Hasher.hash(second) == digest  # same files, same settings: same fingerprint
+    assert Hasher.hash({"processing_class": second}) == Hasher.hash({"processing_class": first})
+    second.padding_side = "left" if first.padding_side == "right" else "right"
+    assert Hasher.hash(second) != digest  # a setting outside the tables still counts
+    other = load_tokenizer(gemma_like(tmp_path / "two", extra="ba"))
+    assert Hasher.hash(other) != digest  # other files: another digest
+    # a tokenizer of that class the cache did not parse is hashed as datasets does, tables included
+    from transformers import GemmaTokenizer
+    outside = GemmaTokenizer.from_pretrained(tmp_path / "one")
+    vars(outside)["_vocab"]["probe"] = Unpicklable()
+    with pytest.raises(Exception):
+        Hasher.hash(outside)
+    tokenizer_cache.clear()
