@@ -12,6 +12,7 @@ SimPO — Simple Preference Optimization (Meng et al. 2024, arXiv:2405.14734), e
   itself. The SimPO authors tune the ratio γ/β instead of γ (official README: "easier to tune
   under different β"), so this adapter takes ``gamma_beta_ratio`` and passes γ = β·ratio.
 
+The trainer is TRL's with one override: only the positions scored get logits (``cpo_trainer_class``, same loss).
 TRL differences worth knowing: the NLL term is the mean over chosen-completion tokens (the paper's
 is per sequence); log-probabilities are summed for ``sigmoid`` and averaged for ``simpo``/``ipo``.
 ``trl.experimental`` is imported inside the methods so a TRL release that moves it touches this file.
@@ -47,20 +48,23 @@ class CPO:
         return CPOConfig(**arguments, beta=self.beta, loss_type=self.loss_type, cpo_alpha=self.cpo_alpha,
                          simpo_gamma=self.beta * self.gamma_beta_ratio, label_smoothing=self.label_smoothing)
 
-    def train(self, job: TrainingJob) -> TrainingOutcome:
+    def trainer(self, job: TrainingJob):
+        """TRL's CPOTrainer (with the compact LM head, ``cpo_trainer_class``) over the plan's pairs, ready to train."""
         from datasets import Dataset
         from harness.inputs.tokenizer_cache import load_tokenizer
-        from trl.experimental.cpo import CPOTrainer
+        from harness.train.trl_extensions import cpo_trainer_class
 
-        config = self.trl_config(job)
-        train = Dataset.from_list(to_conversational(job.plan.rows))
-        trainer = CPOTrainer(
+        return cpo_trainer_class()(
             model=str(job.start_checkpoint),
-            args=config,
-            train_dataset=train,
+            args=self.trl_config(job),
+            train_dataset=Dataset.from_list(to_conversational(job.plan.rows)),
             processing_class=load_tokenizer(job.start_checkpoint),
             peft_config=peft_config(job),
         )
+
+    def train(self, job: TrainingJob) -> TrainingOutcome:
+        trainer = self.trainer(job)
+        train = job.plan.rows
         trainer.train()
         passes = epochs_fraction(trainer, job)
         # chosen_input_ids / rejected_input_ids hold whole sequences (prompt included, truncated to

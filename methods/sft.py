@@ -1,6 +1,7 @@
 """SFT — supervised fine-tuning on the chosen responses, via TRL's SFTTrainer.
 
-Loss: L = −E[ log πθ(y_w|x) ], completion tokens only. Also the harness's stage for *derived*
+Loss: L = −E[ log πθ(y_w|x) ], completion tokens only. TRL's trainer with the compact LM head on the CPU
+(``harness.train.trl_extensions.HarnessSFTTrainer``: only the labelled positions are projected, same loss). Also the harness's stage for *derived*
 starting settings (e.g. ``sft`` = SFT on another setting's checkpoint).
 """
 
@@ -19,21 +20,26 @@ class SFT:
         self.learning_rate = learning_rate
 
 
-    def train(self, job: TrainingJob) -> TrainingOutcome:
+    def trainer(self, job: TrainingJob):
+        """TRL's SFTTrainer, scoring faster on the CPU (``HarnessSFTTrainer``), over the plan's rows, ready to train."""
         from datasets import Dataset
         from harness.inputs.tokenizer_cache import load_tokenizer
-        from trl import SFTConfig, SFTTrainer
+        from trl import SFTConfig
+
+        from harness.train.trl_extensions import HarnessSFTTrainer
 
         arguments = trl_arguments(job, learning_rate=self.learning_rate)
-        config = SFTConfig(**arguments, completion_only_loss=True)
-        train = Dataset.from_list(to_conversational(job.plan.rows))
-        trainer = SFTTrainer(
+        return HarnessSFTTrainer(
             model=str(job.start_checkpoint),
-            args=config,
-            train_dataset=train,
+            args=SFTConfig(**arguments, completion_only_loss=True),
+            train_dataset=Dataset.from_list(to_conversational(job.plan.rows)),
             processing_class=load_tokenizer(job.start_checkpoint),
             peft_config=peft_config(job),
         )
+
+    def train(self, job: TrainingJob) -> TrainingOutcome:
+        trainer = self.trainer(job)
+        train, config = job.plan.rows, trainer.args
         trainer.train()
         passes = epochs_fraction(trainer, job)
         lengths = sum(min(len(ids), config.max_length) for ids in trainer.train_dataset["input_ids"])

@@ -62,14 +62,27 @@ def test_fanout_hands_out_reward_model_builders_first_across_sweeps():
         ["sft:start", "instruct:ppo:0", "instruct:start", "instruct:dpo:0", "instruct:ppo:1", "instruct:dpo:1"],
         ["sft:ppo:0", "sft:dpo:0", "sft:ppo:1", "sft:dpo:1"]]  # the derived setting's units once its stage exists
     waves = ranked_unit_waves(sweep)
-    one, two = (SimpleNamespace(waves=[[(rank, [f"model={name}", f"unit={unit}"]) for rank, unit in wave]
-                                       for wave in waves]) for name in ("a", "b"))
-    merged = merged_waves([one, two])
-    named = [[job[0][-1] + ":" + job[1].split("=")[1] for job in wave] for wave in merged]
-    assert named[0][:4] == ["a:sft:start", "b:sft:start", "a:instruct:ppo:0", "b:instruct:ppo:0"]
-    assert named[0][4:] == ["a:" + u for u in unit_waves(sweep)[0][2:]] + ["b:" + u for u in unit_waves(sweep)[0][2:]]
-    assert named[1] == ["a:sft:ppo:0", "b:sft:ppo:0", "a:sft:dpo:0", "a:sft:ppo:1", "a:sft:dpo:1",
+
+    def fanned(name, weight):
+        return SimpleNamespace(waves=[[(rank, [f"model={name}", f"unit={unit}"]) for rank, unit in wave]
+                                      for wave in waves], weight=weight)
+
+    def named(merged):
+        return [[job[0][-1] + ":" + job[1].split("=")[1] for job in wave] for wave in merged]
+
+    rest = unit_waves(sweep)[0][2:]
+    # equal weights: sweep after sweep within a rank
+    equal = named(merged_waves([fanned("a", 1.0), fanned("b", 1.0)]))
+    assert equal[0][:4] == ["a:sft:start", "b:sft:start", "a:instruct:ppo:0", "b:instruct:ppo:0"]
+    assert equal[0][4:] == ["a:" + u for u in rest] + ["b:" + u for u in rest]
+    assert equal[1] == ["a:sft:ppo:0", "b:sft:ppo:0", "a:sft:dpo:0", "a:sft:ppo:1", "a:sft:dpo:1",
                         "b:sft:dpo:0", "b:sft:ppo:1", "b:sft:dpo:1"]
+    # a larger model's sweep first within each rank (longest processing time first): the short jobs end each wave
+    larger_b = named(merged_waves([fanned("a", 1.35e8), fanned("b", 2.68e8)]))
+    assert larger_b[0][:4] == ["b:sft:start", "a:sft:start", "b:instruct:ppo:0", "a:instruct:ppo:0"]
+    assert larger_b[0][4:] == ["b:" + u for u in rest] + ["a:" + u for u in rest]
+    assert larger_b[1] == ["b:sft:ppo:0", "a:sft:ppo:0", "b:sft:dpo:0", "b:sft:ppo:1", "b:sft:dpo:1",
+                           "a:sft:dpo:0", "a:sft:ppo:1", "a:sft:dpo:1"]
 
 
 def test_plan_prices_every_seed(tmp_path, cache_dir):

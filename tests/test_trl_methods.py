@@ -196,3 +196,85 @@ def test_training_changes_every_trainable_parameter(tmp_path, tiny_model, name):
     assert before.keys() == after.keys()
     unchanged = [key for key, value in before.items() if value.requires_grad and torch.equal(value, after[key])]
     assert not unchanged, f"{name}: parameters left unchanged by training: {unchanged}"
+
+
+# CPO and SimPO: the compact LM head ------------------------------------------------------------------------------
+
+def test_kept_positions_start_at_the_batchs_earliest_scored_label():
+    import torch
+
+    from harness.train.trl_extensions import kept_positions
+
+    labels = torch.tensor([[-100, -100, -100, 5, 6, -100],    # first scored label at 3: logits from position 2
+                           [-100, -100, -100, -100, 7, 8]])
+    assert kept_positions(labels) == 4  # positions 2..5
+    assert kept_positions(torch.full((2, 4), -100)) == 0
+    assert kept_positions(torch.tensor([[1, 2, 3]])) == 3  # every label scored: position 0 predicts label 1
+
+
+@pytest.mark.parametrize("name", ["cpo", "simpo"])
+def test_cpo_compact_lm_head_gives_trls_loss_and_gradients(tmp_path, tiny_model, name):
+    """The CPO trainer's forward asks only for the scored positions' logits (``cpo_trainer_class``): on one
+    micro-batch in fp32 the loss (preference term and, for CPO, the NLL term) and every gradient equal
+    TRL's own forward's up to float rounding, and the logits it computed cover fewer positions."""
+    import torch
+
+    from harness.train.trl_extensions import kept_positions
+
+    rows = [{"prompt": [{"role": "user", "content": f"Question {i}: " + "tell me more, " * (3 + i % 4)}],
+             "chosen": f"Answer {i}, gladly.", "rejected": f"No {i}."} for i in range(8)]  # prompts of many lengths
+    method = registry.instantiate("method", name, None, params_key="method_params")
+    job = make_job(tmp_path, tiny_model, rows, budget=micro_budget(pairs=8, batch_pairs=4, micro_batch_pairs=4))
+    results = []
+    for compact in (False, True):
+        trainer = method.trainer(job)
+        trainer.compact_lm_head = compact
+        trainer.model.float()
+        batch = next(iter(trainer.get_train_dataloader()))
+        trainer.model.train()
+        trainer.model.zero_grad()
+        chosen_logps, rejected_logps, chosen_logits, _, nll = trainer.concatenated_forward(trainer.model, batch)
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), chosen_logps.detach(), rejected_logps.detach(), nll.detach(),
+                        chosen_logits.shape[1], grads))
+    slow, fast = results
+    concatenated = trainer.concatenated_inputs(batch, is_encoder_decoder=False, padding_value=trainer.pad_token_id,
+                                               device=trainer.accelerator.device)
+    assert fast[4] == kept_positions(concatenated["concatenated_labels"]) < slow[4]
+    for index in range(4):
+        torch.testing.assert_close(fast[index], slow[index], rtol=1e-5, atol=1e-6)
+    assert slow[5].keys() == fast[5].keys() and slow[5]
+    for parameter in slow[5]:
+        torch.testing.assert_close(fast[5][parameter], slow[5][parameter], rtol=1e-4, atol=1e-6, msg=parameter)
+
+
+def test_sft_fast_scoring_gives_trls_loss_and_gradients(tmp_path, tiny_model):
+    """``HarnessSFTTrainer`` scores through the compact LM head and whole logits (harness.train.trl_extensions): on one
+    micro-batch in fp32 the SFT loss and every gradient equal TRL's own path's up to float rounding."""
+    import torch
+
+    from harness.train.trl_extensions import HarnessSFTTrainer
+
+    method = registry.instantiate("method", "sft", None, params_key="method_params")
+    job = make_job(tmp_path, tiny_model, PAIRS, micro_budget(pairs=8, batch_pairs=4, micro_batch_pairs=4), method)
+    results = []
+    for fast in (False, True):
+        trainer = method.trainer(job)
+        assert isinstance(trainer, HarnessSFTTrainer)
+        trainer.compact_lm_head = trainer.whole_logit_scoring = fast
+        trainer.model.float()
+        batch = next(iter(trainer.get_train_dataloader()))
+        assert (batch["labels"] == -100).any()  # prompt positions are not scored: the compact head skips them
+        trainer.model.train()
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads))
+    (slow_loss, slow_grads), (fast_loss, fast_grads) = results
+    assert slow_grads.keys() == fast_grads.keys() and slow_grads
+    torch.testing.assert_close(fast_loss, slow_loss, rtol=1e-5, atol=1e-6)
+    for name in slow_grads:
+        torch.testing.assert_close(fast_grads[name], slow_grads[name], rtol=1e-4, atol=1e-6, msg=name)
