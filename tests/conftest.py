@@ -162,3 +162,27 @@ def varied_tiny_model(tmp_path_factory, tiny_model) -> Path:
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def one_micro_batch_step(trainer) -> tuple:
+    """One training micro-batch of a TRL ``trainer`` in fp32: ``(batch, loss, {parameter: gradient})`` after
+    ``compute_loss`` and ``backward`` (no optimizer step)."""
+    trainer.model.float()
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.train()
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return batch, loss.detach(), grads
+
+
+def assert_same_loss_and_gradients(slow: tuple, fast: tuple) -> None:
+    """Two ``one_micro_batch_step`` results agree up to float rounding, on a non-empty set of gradients."""
+    import torch
+
+    (_, slow_loss, slow_grads), (_, fast_loss, fast_grads) = slow, fast
+    assert slow_grads.keys() == fast_grads.keys() and slow_grads
+    torch.testing.assert_close(fast_loss, slow_loss, rtol=1e-5, atol=1e-6)
+    for name in slow_grads:
+        torch.testing.assert_close(fast_grads[name], slow_grads[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -14,7 +14,7 @@ import pytest
 from omegaconf import OmegaConf
 
 import methods.kto as kto
-from conftest import DATA_MIRROR, REPO
+from conftest import DATA_MIRROR, REPO, assert_same_loss_and_gradients, one_micro_batch_step
 from harness.inputs.data import load_preference_rows, split_data
 from harness.protocols import TrainingJob
 from harness.run.registry import CONF_DIR
@@ -154,8 +154,6 @@ def test_kto_fast_scoring_gives_trls_loss_and_gradients(tmp_path, tiny_model):
     """``HarnessKTOTrainer`` scores its policy, KL and reference forwards through the compact LM head and whole logits
     (harness.train.trl_extensions): on one micro-batch in fp32 the KTO loss and every gradient equal TRL's own path's
     up to float rounding."""
-    import torch
-
     from harness.train.trl_extensions import HarnessKTOTrainer
 
     job = kto_job(tmp_path, tiny_model, train_rows("toy-preference"), SMOKE_SHAPE)
@@ -164,19 +162,8 @@ def test_kto_fast_scoring_gives_trls_loss_and_gradients(tmp_path, tiny_model):
         trainer = KTO().trainer(job)
         assert isinstance(trainer, HarnessKTOTrainer)
         trainer.compact_lm_head = trainer.whole_logit_scoring = fast
-        trainer.model.float()
-        batch = next(iter(trainer.get_train_dataloader()))
-        trainer.model.train()
-        trainer.model.zero_grad()
-        loss = trainer.compute_loss(trainer.model, batch)
-        loss.backward()
-        grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-        results.append((loss.detach(), grads))
-    (slow_loss, slow_grads), (fast_loss, fast_grads) = results
-    assert slow_grads.keys() == fast_grads.keys() and slow_grads
-    torch.testing.assert_close(fast_loss, slow_loss, rtol=1e-5, atol=1e-6)
-    for name in slow_grads:
-        torch.testing.assert_close(fast_grads[name], slow_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        results.append(one_micro_batch_step(trainer))
+    assert_same_loss_and_gradients(*results)
 
 
 def seeded_kto_jobs(tmp_path, model) -> dict[int, TrainingJob]:

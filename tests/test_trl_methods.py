@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import REPO, run_cli
+from conftest import REPO, assert_same_loss_and_gradients, one_micro_batch_step, run_cli
 from harness.run import registry
 from harness.train.budget import Budget
 from harness.protocols import TrainingJob
@@ -229,32 +229,22 @@ def test_cpo_compact_lm_head_gives_trls_loss_and_gradients(tmp_path, tiny_model,
     for compact in (False, True):
         trainer = method.trainer(job)
         trainer.compact_lm_head = compact
-        trainer.model.float()
-        batch = next(iter(trainer.get_train_dataloader()))
-        trainer.model.train()
-        trainer.model.zero_grad()
-        chosen_logps, rejected_logps, chosen_logits, _, nll = trainer.concatenated_forward(trainer.model, batch)
-        loss = trainer.compute_loss(trainer.model, batch)
-        loss.backward()
-        grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-        results.append((loss.detach(), chosen_logps.detach(), rejected_logps.detach(), nll.detach(),
-                        chosen_logits.shape[1], grads))
-    slow, fast = results
-    concatenated = trainer.concatenated_inputs(batch, is_encoder_decoder=False, padding_value=trainer.pad_token_id,
-                                               device=trainer.accelerator.device)
-    assert fast[4] == kept_positions(concatenated["concatenated_labels"]) < slow[4]
-    for index in range(4):
-        torch.testing.assert_close(fast[index], slow[index], rtol=1e-5, atol=1e-6)
-    assert slow[5].keys() == fast[5].keys() and slow[5]
-    for parameter in slow[5]:
-        torch.testing.assert_close(fast[5][parameter], slow[5][parameter], rtol=1e-4, atol=1e-6, msg=parameter)
+        step = one_micro_batch_step(trainer)
+        with torch.no_grad():
+            chosen_logps, rejected_logps, chosen_logits, _, nll = trainer.concatenated_forward(trainer.model, step[0])
+        results.append((step, (chosen_logps, rejected_logps, nll), chosen_logits.shape[1]))
+    (slow_step, slow_terms, slow_positions), (fast_step, fast_terms, fast_positions) = results
+    concatenated = trainer.concatenated_inputs(fast_step[0], is_encoder_decoder=False,
+                                               padding_value=trainer.pad_token_id, device=trainer.accelerator.device)
+    assert fast_positions == kept_positions(concatenated["concatenated_labels"]) < slow_positions
+    for slow, fast in zip(slow_terms, fast_terms):  # the log-probs of both sides and the NLL term
+        torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+    assert_same_loss_and_gradients(slow_step, fast_step)
 
 
 def test_sft_fast_scoring_gives_trls_loss_and_gradients(tmp_path, tiny_model):
     """``HarnessSFTTrainer`` scores through the compact LM head and whole logits (harness.train.trl_extensions): on one
     micro-batch in fp32 the SFT loss and every gradient equal TRL's own path's up to float rounding."""
-    import torch
-
     from harness.train.trl_extensions import HarnessSFTTrainer
 
     method = registry.instantiate("method", "sft", None, params_key="method_params")
@@ -264,17 +254,6 @@ def test_sft_fast_scoring_gives_trls_loss_and_gradients(tmp_path, tiny_model):
         trainer = method.trainer(job)
         assert isinstance(trainer, HarnessSFTTrainer)
         trainer.compact_lm_head = trainer.whole_logit_scoring = fast
-        trainer.model.float()
-        batch = next(iter(trainer.get_train_dataloader()))
-        assert (batch["labels"] == -100).any()  # prompt positions are not scored: the compact head skips them
-        trainer.model.train()
-        trainer.model.zero_grad()
-        loss = trainer.compute_loss(trainer.model, batch)
-        loss.backward()
-        grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-        results.append((loss.detach(), grads))
-    (slow_loss, slow_grads), (fast_loss, fast_grads) = results
-    assert slow_grads.keys() == fast_grads.keys() and slow_grads
-    torch.testing.assert_close(fast_loss, slow_loss, rtol=1e-5, atol=1e-6)
-    for name in slow_grads:
-        torch.testing.assert_close(fast_grads[name], slow_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        results.append(one_micro_batch_step(trainer))
+        assert (results[-1][0]["labels"] == -100).any()  # prompt positions are not scored: the compact head skips them
+    assert_same_loss_and_gradients(*results)
