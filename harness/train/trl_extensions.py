@@ -96,6 +96,7 @@ miss) for the method adapter's accounting: a hit costs no reference tokens.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import time
@@ -492,19 +493,14 @@ def kept_positions(labels: torch.Tensor) -> int:
     return labels.shape[1] - int(scored.nonzero()[0, 0])
 
 
-_CPO_TRAINER = None
-
-
+@functools.cache
 def cpo_trainer_class():
     """TRL's experimental ``CPOTrainer`` with the compact LM head (module docstring), built on first use (TRL's
     experimental package is imported only by the methods that need it)."""
-    global _CPO_TRAINER
-    if _CPO_TRAINER is not None:
-        return _CPO_TRAINER
     from trl.experimental.cpo import CPOTrainer
 
     class HarnessCPOTrainer(CPOTrainer):
-        compact_lm_head = True  # bench/ and tests turn it off to compare with TRL's own forward
+        compact_lm_head = True  # tests turn it off to compare with TRL's own forward
 
         def concatenated_forward(self, model, batch):
             if self.is_encoder_decoder or self.aux_loss_enabled or not self.compact_lm_head \
@@ -532,5 +528,4 @@ def cpo_trainer_class():
                                          is_encoder_decoder=False)
             return (logps[:len_chosen], logps[len_chosen:], logits[:len_chosen], logits[len_chosen:], nll_loss)
 
-    _CPO_TRAINER = HarnessCPOTrainer
-    return _CPO_TRAINER
+    return HarnessCPOTrainer
