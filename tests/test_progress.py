@@ -33,7 +33,7 @@ def test_heartbeat_names_the_stage_its_progress_and_elapsed_time(caplog):
 def test_sweep_output_has_heartbeats_and_no_library_bars(tmp_path, own_cache):
     result = run_cli("sweep", "model=tiny-random", "budget=micro", "budget@stage_budget=micro", "settings=[instruct]",
                      "methods=[dpo]", "tasks=[truthfulqa_mc]", "+task_params.truthfulqa_mc.limit=2",
-                     "heartbeat_seconds=1", f"paths.results={tmp_path}", "name=t", cache=own_cache)
+                     "heartbeat_seconds=0.05", f"paths.results={tmp_path}", "name=t", cache=own_cache)  # every stage outlasts 0.05 s
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
     beats = [line for line in output.splitlines() if " … " in line]
