@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import MODELS_CACHE, REPO, cli_env, run_cli_forked
+from harness.errors import HarnessError
 from harness.inputs.cache import read_builds
 from harness.records import read_records
 
@@ -209,3 +210,45 @@ def test_results_folders_from_several_machines_merge_newest_ok_first(tmp_path):
 def test_several_leaderboard_folders_need_into(tmp_path, cache_dir):
     result = run_cli_forked("leaderboard", str(tmp_path / "a"), str(tmp_path / "b"), cache=cache_dir)
     assert result.returncode == 2 and "--into" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+class _Recording:
+    """A stand-in for a Hydra launcher: records each ``launch`` call; every job returns COMPLETED but ``fail``'s."""
+
+    def __init__(self, fail: str | None = None):
+        self.calls, self.fail = [], fail
+
+    def launch(self, jobs, initial_job_idx):
+        from hydra.core.utils import JobReturn, JobStatus
+
+        self.calls.append(([job[-1] for job in jobs], initial_job_idx))
+        returns = []
+        for job in jobs:
+            result = JobReturn(status=JobStatus.FAILED if job[-1] == self.fail else JobStatus.COMPLETED)
+            result._return_value = RuntimeError("out of memory\nsecond line") if job[-1] == self.fail else None
+            returns.append(result)
+        return returns
+
+
+class JoblibLauncher(_Recording):  # named as hydra-joblib-launcher's: starts jobs in order on this machine
+    pass
+
+
+class SlurmLauncher(_Recording):  # named as submitit's: may start jobs in any order
+    pass
+
+
+WAVES = [[], [["a=1", "unit=sft:start"], ["a=1", "unit=instruct:dpo"]], [["a=1", "unit=sft:dpo"]]]
+
+
+def test_an_in_order_pool_gets_every_wave_in_one_launch_others_wave_by_wave():
+    from harness.run.fanout import launch_waves
+
+    pool, cluster = JoblibLauncher(), SlurmLauncher()
+    launch_waves(pool, WAVES)
+    launch_waves(cluster, WAVES)
+    assert pool.calls == [(["unit=sft:start", "unit=instruct:dpo", "unit=sft:dpo"], 0)]  # wave two after wave one
+    assert cluster.calls == [(["unit=sft:start", "unit=instruct:dpo"], 0), (["unit=sft:dpo"], 2)]
+    for launcher in (JoblibLauncher(fail="unit=sft:dpo"), SlurmLauncher(fail="unit=sft:dpo")):
+        with pytest.raises(HarnessError, match=r"^unit sft:dpo: RuntimeError: out of memory$"):
+            launch_waves(launcher, WAVES)

@@ -21,6 +21,7 @@ def test_the_mini_study_sweeps_both_families_over_every_setting_with_three_seeds
         assert list(cfg.seeds) == [0, 1, 2] and cfg.budget.match == "flops" and cfg.keep_checkpoints is False
         assert cfg.budget.learning_rates["all"] == 1e-4 and cfg.stage_budget.name == "small"
         assert cfg.eval_precision == "bf16" and cfg.task_params.heldout_preference.limit == 128
+        assert cfg.eval_batch_size == 32
         assert cfg.fanout is True  # two local workers of one thread each (README: CPU mini-study)
     offline = {"smollm2-135m": {"sft", "instruct"}, "gemma3-270m": {"pretrained", "sft"}}
     for family, settings in offline.items():  # every setting runs offline in one family or the other

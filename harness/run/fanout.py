@@ -12,7 +12,8 @@ the user's own ``-m`` lists) the parent process here
    unit of the other settings, then the derived settings' units; reward-model builders first in each
    (``ranked_unit_waves``);
 3. hands each wave to the configured launcher (Hydra's ``Launcher.launch``: joblib workers, submitit on SLURM or
-   local processes, Ray tasks) and waits for it;
+   local processes, Ray tasks) and waits for it (a pool that starts jobs in order gets all waves in one launch,
+   ``launch_waves``);
 4. builds the leaderboard from the records.
 
 A job (``run_unit_job``) validates its config, labels AI feedback if the sweep has any, and runs its one unit
@@ -175,9 +176,26 @@ def runs_elsewhere(config: DictConfig) -> bool:
                                                                      default=None))
 
 
+IN_ORDER_LAUNCHERS = ("JoblibLauncher", "BasicLauncher")  # this machine's pools: a job starts only when every job
+#                                                           before it has started
+
+
 def launch_waves(launcher, jobs: list[list[list[str]]]) -> None:
     """Launch each wave of job overrides through Hydra's ``launcher`` and wait for it; a job that failed or died ends
-    the sweep in one line (HarnessError) naming it and what to do."""
+    the sweep in one line (HarnessError) naming it and what to do.
+
+    A launcher that starts jobs in order on this machine (joblib workers, the basic launcher) gets every wave in one
+    launch, wave after wave: a job of wave two starts only once every job of wave one has, so no worker waits at a
+    wave's end for the slowest job of the wave (mini-study: ~1 min of a worker); one that reaches a stage still being
+    built waits on its lock (``build_once``) as it would have at the barrier. Others (SLURM arrays, Ray, submitit) may
+    start jobs in any order: a job of wave two holding a GPU while it waits for a stage queued behind it could stall
+    the sweep, so they launch wave by wave."""
+    if type(launcher).__name__ in IN_ORDER_LAUNCHERS:
+        jobs = [[job for wave in jobs for job in wave]]
+    _launch_each(launcher, jobs)
+
+
+def _launch_each(launcher, jobs: list[list[list[str]]]) -> None:
     from hydra.core.utils import JobStatus
 
     index = 0
