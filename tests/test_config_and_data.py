@@ -27,11 +27,16 @@ def test_default_sweep_composes_to_the_documented_defaults():
     assert list(cfg.settings) == ["instruct"]
     assert list(cfg.methods) == ["simpo", "cpo"]
     assert list(cfg.tasks) == ["heldout_preference", "truthfulqa_mc", "toxicity", "win_rate"]
-    assert cfg.budget.name == cfg.stage_budget.name == "small" and cfg.include_start is True
+    assert cfg.budget.name == "default" and cfg.stage_budget.name == "small" and cfg.include_start is True
+    # the default budget is small in twice the updates: same pairs, lengths and rate, batches of 4 pairs
+    budgets = (cfg.budget, cfg.stage_budget)
+    assert [(b.pairs, b.batch_pairs, b.max_prompt_tokens, b.max_completion_tokens) for b in budgets] == [
+        (256, 4, 64, 32), (256, 8, 64, 32)]
+    assert dict(cfg.stage_budget.learning_rates) == {"all": 1.0e-4}
     assert dict(cfg.budget.learning_rates) == {"all": 1.0e-4}
     assert cfg.model.checkpoints.instruct == "embedded:smollm2-135m-instruct"
     assert cfg.model.checkpoints.sft == "derived:sft:instruct"
-    assert cfg.name == "smollm2-135m-small"
+    assert cfg.name == "smollm2-135m-default"
 
 
 def test_sweep_cache_reaches_every_model_resolver(tmp_path, monkeypatch):

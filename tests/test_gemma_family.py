@@ -142,7 +142,7 @@ def test_gemma_turn_template_renders_gemmas_format_and_extends_its_prompt(tiny_m
 # the family config -----------------------------------------------------------------------------------------------
 def test_family_config_names_the_embedded_base_its_sft_stage_and_the_hub_instruct_model():
     cfg = compose_sweep("model=gemma3-270m")
-    assert cfg.model.family == "gemma3-270m" and cfg.name == "gemma3-270m-small"
+    assert cfg.model.family == "gemma3-270m" and cfg.name == "gemma3-270m-default"
     assert dict(cfg.model.checkpoints) == {"pretrained": "embedded:gemma3-270m", "sft": "derived:sft:pretrained",
                                            "instruct": "google/gemma-3-270m-it"}
     for setting, spec in cfg.model.checkpoints.items():
